@@ -1,0 +1,488 @@
+//! The Nexmark queries as Strom job programs, built with the DataStream API.
+//!
+//! One program, `nexmark`, takes `--query`, `--events` and `--seed`. Its
+//! source is parallel: subtask `s` of `p` generates events `s, s+p, ...`, so
+//! that event time advances alike on every subtask. Its answer sink sums
+//! each subtask's rows into the `rows` and `checksum` accumulators, which the
+//! JobManager merges (a wrapping sum, like the checksum itself).
+
+use std::time::Duration;
+
+use strom_core::function::{Collector, KeyedContext, KeyedProcessFunction, SinkFunction};
+use strom_core::operator::OperatorContext;
+use strom_core::program::{JobOutcome, Program};
+use strom_core::source::{Boundedness, Source, SourceOutput, SourceReader, SourceStatus};
+use strom_core::state::{KeyedStateStore, ValueState};
+use strom_core::{
+    AggregateFunction, DataStream, KeyedCoProcessFunction, ListState, StreamExecutionEnvironment,
+    TimeWindow, Timestamp, WatermarkStrategy, WindowAssigner,
+};
+
+use crate::nexmark::model::{
+    tumbling_window_start, Q5_WINDOW_SIZE_MS, Q5_WINDOW_SLIDE_MS, Q7_WINDOW_SIZE_MS,
+    Q8_WINDOW_SIZE_MS,
+};
+use crate::nexmark::{
+    Answer, AnswerRow, Auction, Bid, Event, Generator, GeneratorConfig, Person, Q1Row, Q2Row,
+    Q3Row, Q5Row, Q7Row, Q8Row, Query,
+};
+
+/// The Nexmark generator as a parallel, bounded source.
+#[derive(Clone, Copy, Debug)]
+pub struct NexmarkSource {
+    pub config: GeneratorConfig,
+}
+
+impl Source<Event> for NexmarkSource {
+    fn boundedness(&self) -> Boundedness {
+        Boundedness::Bounded
+    }
+
+    fn create_reader(&self, subtask_index: u32, parallelism: u32) -> Box<dyn SourceReader<Event>> {
+        Box::new(NexmarkReader {
+            generator: self.config.generator(),
+            next: u64::from(subtask_index),
+            step: u64::from(parallelism),
+            end: self.config.events,
+        })
+    }
+}
+
+struct NexmarkReader {
+    generator: Generator,
+    next: u64,
+    step: u64,
+    end: u64,
+}
+
+impl SourceReader<Event> for NexmarkReader {
+    fn poll_next(&mut self, output: &mut dyn SourceOutput<Event>, budget: usize) -> SourceStatus {
+        for _ in 0..budget {
+            if self.next >= self.end {
+                return SourceStatus::Finished;
+            }
+            let event = self.generator.event(self.next);
+            let timestamp = event.date_time() as Timestamp;
+            output.collect_with_timestamp(event, timestamp);
+            self.next += self.step;
+        }
+        if self.next >= self.end {
+            SourceStatus::Finished
+        } else {
+            SourceStatus::MoreAvailable
+        }
+    }
+}
+
+/// Sums the rows of one subtask into the job's answer accumulators.
+#[derive(Clone, Debug, Default)]
+pub struct AnswerSink {
+    answer: Answer,
+}
+
+/// Accumulator names of the answer.
+pub const ROWS_ACCUMULATOR: &str = "rows";
+pub const CHECKSUM_ACCUMULATOR: &str = "checksum";
+
+impl<R: AnswerRow> SinkFunction<R> for AnswerSink {
+    fn invoke(&mut self, row: R, _timestamp: Timestamp) {
+        self.answer.add_row(&row);
+    }
+
+    fn finish(&mut self, context: &OperatorContext) {
+        let mut accumulators = context.accumulators.borrow_mut();
+        accumulators.add(ROWS_ACCUMULATOR, self.answer.rows);
+        accumulators.add(CHECKSUM_ACCUMULATOR, self.answer.checksum);
+    }
+}
+
+fn events(env: &StreamExecutionEnvironment, config: GeneratorConfig) -> DataStream<Event> {
+    env.from_source(
+        NexmarkSource { config },
+        WatermarkStrategy::for_monotonous_timestamps(),
+        "Source: nexmark",
+    )
+}
+
+fn bids(events: DataStream<Event>) -> DataStream<Bid> {
+    events
+        .flat_map(|event, out: &mut dyn Collector<Bid>| {
+            if let Event::Bid(bid) = event {
+                out.collect(bid);
+            }
+        })
+        .name("bids")
+}
+
+fn persons(events: DataStream<Event>) -> DataStream<Person> {
+    events
+        .flat_map(|event, out: &mut dyn Collector<Person>| {
+            if let Event::Person(person) = event {
+                out.collect(person);
+            }
+        })
+        .name("persons")
+}
+
+fn auctions(events: DataStream<Event>) -> DataStream<Auction> {
+    events
+        .flat_map(|event, out: &mut dyn Collector<Auction>| {
+            if let Event::Auction(auction) = event {
+                out.collect(auction);
+            }
+        })
+        .name("auctions")
+}
+
+/// Builds query `query` over `config`'s events into `env`.
+pub fn build_query(env: &StreamExecutionEnvironment, query: Query, config: GeneratorConfig) {
+    let sink = AnswerSink::default();
+    let name = format!("answer sink {}", query.name());
+    match query {
+        Query::Q0 => {
+            bids(events(env, config)).add_sink(sink).name(&name);
+        }
+        Query::Q1 => {
+            bids(events(env, config))
+                .map(|bid| Q1Row::from_bid(&bid))
+                .name("q1 euro")
+                .add_sink(sink)
+                .name(&name);
+        }
+        Query::Q2 => {
+            bids(events(env, config))
+                .filter(Bid::is_q2_selected)
+                .name("q2 filter")
+                .map(|bid| Q2Row::from_bid(&bid))
+                .name("q2 project")
+                .add_sink(sink)
+                .name(&name);
+        }
+        Query::Q3 => {
+            let events = events(env, config);
+            let persons = persons(events.clone())
+                .filter(Person::is_q3_selected)
+                .name("q3 persons");
+            let auctions = auctions(events)
+                .filter(Auction::is_q3_selected)
+                .name("q3 auctions");
+            persons
+                .key_by(|person| person.id)
+                .connect(auctions.key_by(|auction| auction.seller))
+                .process(LocalItemSuggestion::default())
+                .name("q3 join")
+                .add_sink(sink)
+                .name(&name);
+        }
+        Query::Q5 => {
+            let size = Duration::from_millis(Q5_WINDOW_SIZE_MS);
+            let slide = Duration::from_millis(Q5_WINDOW_SLIDE_MS);
+            bids(events(env, config))
+                .key_by(|bid| bid.auction)
+                .window(WindowAssigner::sliding(size, slide))
+                .aggregate_with(
+                    Count,
+                    |auction: &u64,
+                     window: &TimeWindow,
+                     count: u64,
+                     out: &mut dyn Collector<Q5Row>| {
+                        out.collect(Q5Row {
+                            window_end: window.end as u64,
+                            auction: *auction,
+                            count,
+                        });
+                    },
+                )
+                .name("q5 bid counts")
+                .key_by(|row| row.window_end)
+                .process(TopPerWindow::new(|row: &Q5Row| row.count))
+                .name("q5 hot items")
+                .add_sink(sink)
+                .name(&name);
+        }
+        Query::Q7 => {
+            let size = Duration::from_millis(Q7_WINDOW_SIZE_MS);
+            bids(events(env, config))
+                .key_by(|bid| bid.auction)
+                .window(WindowAssigner::tumbling(size))
+                .aggregate_with(
+                    HighestBids,
+                    |_: &u64,
+                     window: &TimeWindow,
+                     bids: Vec<Bid>,
+                     out: &mut dyn Collector<Q7Row>| {
+                        for bid in bids {
+                            let row = Q7Row {
+                                window_end: window.end as u64,
+                                auction: bid.auction,
+                                bidder: bid.bidder,
+                                price: bid.price,
+                            };
+                            out.collect(row);
+                        }
+                    },
+                )
+                .name("q7 highest per auction")
+                .key_by(|row| row.window_end)
+                .process(TopPerWindow::new(|row: &Q7Row| row.price))
+                .name("q7 highest bid")
+                .add_sink(sink)
+                .name(&name);
+        }
+        Query::Q8 => {
+            let events = events(env, config);
+            let size = Q8_WINDOW_SIZE_MS;
+            persons(events.clone())
+                .join(auctions(events))
+                .where_key(|person| person.id)
+                .equal_to(|auction| auction.seller)
+                .window(WindowAssigner::tumbling(Duration::from_millis(size)))
+                .apply(move |person, auction| Q8Row {
+                    person_id: person.id,
+                    first_name: person.first_name,
+                    last_name: person.last_name,
+                    auction: auction.id,
+                    window_end: tumbling_window_start(person.date_time, size) + size,
+                })
+                .name("q8 new users")
+                .add_sink(sink)
+                .name(&name);
+        }
+    }
+}
+
+/// Counts the records of a window.
+#[derive(Clone, Copy, Debug)]
+pub struct Count;
+
+impl<T> AggregateFunction<T, u64, u64> for Count {
+    fn create_accumulator(&self) -> u64 {
+        0
+    }
+    fn add(&self, _value: T, accumulator: &mut u64) {
+        *accumulator += 1;
+    }
+    fn get_result(&self, accumulator: u64) -> u64 {
+        accumulator
+    }
+    fn merge(&self, first: u64, second: u64) -> u64 {
+        first + second
+    }
+}
+
+/// Keeps the bids with the highest price of a window.
+#[derive(Clone, Copy, Debug)]
+pub struct HighestBids;
+
+impl AggregateFunction<Bid, Vec<Bid>, Vec<Bid>> for HighestBids {
+    fn create_accumulator(&self) -> Vec<Bid> {
+        Vec::new()
+    }
+    fn add(&self, bid: Bid, highest: &mut Vec<Bid>) {
+        match highest.first().map(|first| first.price) {
+            Some(price) if bid.price < price => {}
+            Some(price) if bid.price == price => highest.push(bid),
+            _ => {
+                highest.clear();
+                highest.push(bid);
+            }
+        }
+    }
+    fn get_result(&self, highest: Vec<Bid>) -> Vec<Bid> {
+        highest
+    }
+    fn merge(&self, first: Vec<Bid>, second: Vec<Bid>) -> Vec<Bid> {
+        let mut merged = first;
+        for bid in second {
+            self.add(bid, &mut merged);
+        }
+        merged
+    }
+}
+
+/// Per window (the key), the rows whose measure equals the window's largest,
+/// emitted when the watermark passes the window: the second stage of q5 and
+/// q7. Rows arrive stamped with their window's last timestamp.
+#[derive(Clone)]
+pub struct TopPerWindow<R> {
+    measure: fn(&R) -> u64,
+    top: ValueState<(u64, Vec<R>)>,
+}
+
+impl<R> TopPerWindow<R> {
+    pub fn new(measure: fn(&R) -> u64) -> Self {
+        TopPerWindow {
+            measure,
+            top: ValueState::default(),
+        }
+    }
+}
+
+impl<R: Clone + Send + Sync + 'static> KeyedProcessFunction<u64, R, R> for TopPerWindow<R> {
+    fn open(&mut self, state: &mut KeyedStateStore<u64>) {
+        self.top = state.value_state("top");
+    }
+
+    fn process_element(
+        &mut self,
+        row: R,
+        context: &mut KeyedContext<'_, u64>,
+        _out: &mut dyn Collector<R>,
+    ) {
+        let measure = (self.measure)(&row);
+        let timestamp = context.timestamp();
+        match self.top.value_mut(context) {
+            Some((largest, rows)) => {
+                if measure > *largest {
+                    *largest = measure;
+                    rows.clear();
+                }
+                if measure == *largest {
+                    rows.push(row);
+                }
+            }
+            None => {
+                self.top.update(context, (measure, vec![row]));
+                context.register_event_time_timer(timestamp);
+            }
+        }
+    }
+
+    fn on_timer(
+        &mut self,
+        _timestamp: Timestamp,
+        context: &mut KeyedContext<'_, u64>,
+        out: &mut dyn Collector<R>,
+    ) {
+        if let Some((_, rows)) = self.top.clear(context) {
+            for row in rows {
+                out.collect(row);
+            }
+        }
+    }
+}
+
+/// q3: joins each selected person with the selected auctions they sell,
+/// whichever arrives first, each pair once. Person ids are unique, so a
+/// person is kept and auctions that came before their seller wait for it.
+#[derive(Clone, Default)]
+pub struct LocalItemSuggestion {
+    person: ValueState<Person>,
+    waiting_auctions: ListState<Auction>,
+}
+
+impl KeyedCoProcessFunction<u64, Person, Auction, Q3Row> for LocalItemSuggestion {
+    fn open(&mut self, state: &mut KeyedStateStore<u64>) {
+        self.person = state.value_state("person");
+        self.waiting_auctions = state.list_state("waiting-auctions");
+    }
+
+    fn process_element1(
+        &mut self,
+        person: Person,
+        context: &mut KeyedContext<'_, u64>,
+        out: &mut dyn Collector<Q3Row>,
+    ) {
+        for auction in self.waiting_auctions.take(context) {
+            out.collect(Q3Row::new(&person, &auction));
+        }
+        self.person.update(context, person);
+    }
+
+    fn process_element2(
+        &mut self,
+        auction: Auction,
+        context: &mut KeyedContext<'_, u64>,
+        out: &mut dyn Collector<Q3Row>,
+    ) {
+        match self.person.value(context) {
+            Some(person) => out.collect(Q3Row::new(person, &auction)),
+            None => self.waiting_auctions.add(context, auction),
+        }
+    }
+}
+
+fn nexmark_command() -> clap::Command {
+    clap::Command::new("nexmark")
+        .about("A Nexmark query over generated events; prints its answer and throughput")
+        .arg(
+            clap::Arg::new("query")
+                .long("query")
+                .required(true)
+                .value_parser(clap::builder::ValueParser::new(|value: &str| {
+                    value.parse::<Query>()
+                }))
+                .help("The query: q0, q1, q2, q3, q5, q7 or q8"),
+        )
+        .arg(
+            clap::Arg::new("events")
+                .long("events")
+                .default_value("1000000")
+                .value_parser(clap::value_parser!(u64))
+                .help("How many events to generate (persons, auctions and bids)"),
+        )
+        .arg(
+            clap::Arg::new("seed")
+                .long("seed")
+                .default_value("42")
+                .value_parser(clap::value_parser!(u64))
+                .help("The generator's seed"),
+        )
+}
+
+fn query_and_config(matches: &clap::ArgMatches) -> (Query, GeneratorConfig) {
+    let query = *matches
+        .get_one::<Query>("query")
+        .expect("--query is required");
+    let events = *matches
+        .get_one::<u64>("events")
+        .expect("--events has a default");
+    let seed = *matches
+        .get_one::<u64>("seed")
+        .expect("--seed has a default");
+    (query, GeneratorConfig { events, seed })
+}
+
+fn build_nexmark(
+    env: &StreamExecutionEnvironment,
+    matches: &clap::ArgMatches,
+) -> Result<(), String> {
+    let (query, config) = query_and_config(matches);
+    env.set_job_name(&format!("nexmark {}", query.name()));
+    build_query(env, query, config);
+    Ok(())
+}
+
+/// The answer of a finished nexmark job.
+pub fn answer_of(outcome: &JobOutcome) -> Answer {
+    Answer {
+        rows: outcome.accumulators.get(ROWS_ACCUMULATOR).unwrap_or(0),
+        checksum: outcome.accumulators.get(CHECKSUM_ACCUMULATOR).unwrap_or(0),
+    }
+}
+
+fn report_nexmark(matches: &clap::ArgMatches, outcome: &JobOutcome) -> Vec<String> {
+    let (query, config) = query_and_config(matches);
+    let seconds = outcome.duration.as_secs_f64().max(f64::MIN_POSITIVE);
+    let events_per_second = config.events as f64 / seconds;
+    vec![
+        answer_of(outcome).line(query),
+        format!(
+            "throughput: {:.0} events/s, {:.0} events/s per core ({} events in {:.3} s on {} cores)",
+            events_per_second,
+            events_per_second / f64::from(outcome.slots_used.max(1)),
+            config.events,
+            seconds,
+            outcome.slots_used
+        ),
+    ]
+}
+
+/// The `nexmark` job program.
+pub const NEXMARK_PROGRAM: Program = Program {
+    name: "nexmark",
+    about: "Nexmark queries q0, q1, q2, q3, q5, q7, q8 over generated events",
+    command: nexmark_command,
+    build: build_nexmark,
+    report: report_nexmark,
+};

@@ -1,0 +1,826 @@
+//! The StreamGraph (one node per operator) and the JobGraph (one vertex per
+//! chain of operators), with validation, chaining and the instantiation of a
+//! task from its vertex.
+//!
+//! Chaining rule (as Flink's): an edge `a -> b` is chained, so that `a` calls
+//! `b` directly inside one task, when
+//! 1. its partitioning is forward (explicit, or by default because both have
+//!    the same parallelism),
+//! 2. `b` is a one-input operator and this is its only input,
+//! 3. both are in the same slot sharing group,
+//! 4. neither opted out (`disable_chaining`) and `b` does not start a new
+//!    chain (`start_new_chain`).
+
+use std::any::{Any, TypeId};
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt;
+use std::marker::PhantomData;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use crate::accumulator::Accumulators;
+use crate::error::GraphError;
+use crate::key::{KeyGroupRange, DEFAULT_MAX_PARALLELISM, MAX_PARALLELISM_UPPER_BOUND};
+use crate::operator::{
+    ChannelSelector, Discard, FanOut, OperatorContext, Output, OutputQueue, RecordWriter,
+    SourceHead, TaskHead, Tracked,
+};
+use crate::record::Record;
+
+pub type NodeId = usize;
+
+/// A `Box<dyn Output<T>>` whose `T` is known only to the node that made it.
+pub(crate) type ErasedOutput = Box<dyn Any>;
+pub(crate) type ChainFactory =
+    Arc<dyn Fn(&OperatorContext, ErasedOutput) -> ErasedOutput + Send + Sync>;
+pub(crate) type HeadFactory =
+    Arc<dyn Fn(&OperatorContext, ErasedOutput) -> Box<dyn TaskHead> + Send + Sync>;
+pub(crate) type SourceFactory =
+    Arc<dyn Fn(&OperatorContext, ErasedOutput) -> Box<dyn SourceHead> + Send + Sync>;
+
+pub(crate) fn erase<T: 'static>(output: Box<dyn Output<T>>) -> ErasedOutput {
+    Box::new(output)
+}
+
+pub(crate) fn unerase<T: 'static>(output: ErasedOutput) -> Box<dyn Output<T>> {
+    *output.downcast::<Box<dyn Output<T>>>().unwrap_or_else(|_| {
+        panic!(
+            "output of the wrong record type: expected {}",
+            std::any::type_name::<T>()
+        )
+    })
+}
+
+/// How an operator's records are spread over the next operator's subtasks.
+#[derive(Clone)]
+pub enum Partitioning {
+    /// Subtask `i` to subtask `i` (equal parallelism); chainable.
+    Forward,
+    /// Round robin over all consumer subtasks.
+    Rebalance,
+    /// Every consumer subtask gets every record.
+    Broadcast,
+    /// By key group of the record's key (`key_by`).
+    Hash(Arc<dyn Any + Send + Sync>),
+}
+
+impl Partitioning {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Partitioning::Forward => "FORWARD",
+            Partitioning::Rebalance => "REBALANCE",
+            Partitioning::Broadcast => "BROADCAST",
+            Partitioning::Hash(_) => "HASH",
+        }
+    }
+}
+
+impl fmt::Debug for Partitioning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The record type of a stream, with what the graph needs to do with it
+/// without knowing it statically.
+pub(crate) trait StreamType: Send + Sync {
+    fn record_type_id(&self) -> TypeId;
+    fn type_name(&self) -> &'static str;
+    fn fan_out(&self, outputs: Vec<ErasedOutput>) -> ErasedOutput;
+    fn writer(
+        &self,
+        partitioning: &Partitioning,
+        channel_base: usize,
+        channel_count: usize,
+        max_parallelism: u32,
+        queue: OutputQueue,
+    ) -> ErasedOutput;
+    fn tracked(&self, index: usize, tracker: Rc<Cell<usize>>, inner: ErasedOutput) -> ErasedOutput;
+}
+
+pub(crate) struct TypedStream<T>(PhantomData<fn() -> T>);
+
+impl<T: Record> TypedStream<T> {
+    pub(crate) fn new() -> Arc<dyn StreamType> {
+        Arc::new(TypedStream::<T>(PhantomData))
+    }
+}
+
+impl<T: Record> StreamType for TypedStream<T> {
+    fn record_type_id(&self) -> TypeId {
+        TypeId::of::<T>()
+    }
+
+    fn type_name(&self) -> &'static str {
+        std::any::type_name::<T>()
+    }
+
+    fn fan_out(&self, outputs: Vec<ErasedOutput>) -> ErasedOutput {
+        let mut outputs: Vec<Box<dyn Output<T>>> = outputs.into_iter().map(unerase::<T>).collect();
+        match outputs.len() {
+            0 => erase::<T>(Box::new(Discard)),
+            1 => erase(outputs.pop().expect("one output")),
+            _ => erase::<T>(Box::new(FanOut { outputs })),
+        }
+    }
+
+    fn writer(
+        &self,
+        partitioning: &Partitioning,
+        channel_base: usize,
+        channel_count: usize,
+        max_parallelism: u32,
+        queue: OutputQueue,
+    ) -> ErasedOutput {
+        let selector = match partitioning {
+            Partitioning::Forward => ChannelSelector::Forward,
+            Partitioning::Rebalance => ChannelSelector::Rebalance { next: 0 },
+            Partitioning::Broadcast => ChannelSelector::Broadcast,
+            Partitioning::Hash(key_hash) => ChannelSelector::Hash {
+                key_hash: key_hash
+                    .clone()
+                    .downcast::<Arc<dyn Fn(&T) -> u64 + Send + Sync>>()
+                    .map(|boxed| (*boxed).clone())
+                    .unwrap_or_else(|_| panic!("key selector of the wrong record type")),
+                max_parallelism,
+            },
+        };
+        erase::<T>(Box::new(RecordWriter::new(
+            selector,
+            channel_base,
+            channel_count,
+            queue,
+        )))
+    }
+
+    fn tracked(&self, index: usize, tracker: Rc<Cell<usize>>, inner: ErasedOutput) -> ErasedOutput {
+        erase::<T>(Box::new(Tracked {
+            index,
+            tracker,
+            inner: unerase::<T>(inner),
+        }))
+    }
+}
+
+pub(crate) enum NodeKind {
+    Source(SourceFactory),
+    OneInput {
+        chained: ChainFactory,
+        head: HeadFactory,
+    },
+    TwoInput(HeadFactory),
+    Union(HeadFactory),
+}
+
+impl NodeKind {
+    fn input_count(&self) -> Option<usize> {
+        match self {
+            NodeKind::Source(_) => Some(0),
+            NodeKind::OneInput { .. } => Some(1),
+            NodeKind::TwoInput(_) => Some(2),
+            NodeKind::Union(_) => None,
+        }
+    }
+}
+
+/// Whether an operator may share a task with its neighbours.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChainingStrategy {
+    Always,
+    /// Starts a new chain but lets later operators chain to it.
+    Head,
+    /// Chains with nothing.
+    Never,
+}
+
+/// One operator of the StreamGraph.
+pub struct StreamNode {
+    pub id: NodeId,
+    pub name: String,
+    pub parallelism: Option<u32>,
+    pub slot_sharing_group: String,
+    pub chaining: ChainingStrategy,
+    pub(crate) kind: NodeKind,
+    pub(crate) output_type: Arc<dyn StreamType>,
+    /// The record type expected on each input (one for a union: all alike).
+    pub(crate) input_types: Vec<(TypeId, &'static str)>,
+}
+
+/// An edge of the StreamGraph.
+#[derive(Clone)]
+pub struct StreamEdge {
+    pub source: NodeId,
+    pub target: NodeId,
+    /// Which input of the target (0 or 1 for a two-input operator).
+    pub input: usize,
+    /// `None`: forward when the parallelism matches, otherwise rebalance.
+    pub partitioning: Option<Partitioning>,
+}
+
+/// The graph the DataStream API builds, one node per operator.
+pub struct StreamGraph {
+    pub job_name: String,
+    pub default_parallelism: u32,
+    pub max_parallelism: u32,
+    pub nodes: Vec<StreamNode>,
+    pub edges: Vec<StreamEdge>,
+    /// Errors found while building, reported when the job is submitted.
+    pub errors: Vec<GraphError>,
+}
+
+impl StreamGraph {
+    pub fn new() -> Self {
+        StreamGraph {
+            job_name: "strom job".to_string(),
+            default_parallelism: 1,
+            max_parallelism: DEFAULT_MAX_PARALLELISM,
+            nodes: Vec::new(),
+            edges: Vec::new(),
+            errors: Vec::new(),
+        }
+    }
+
+    pub(crate) fn add_node(
+        &mut self,
+        name: &str,
+        kind: NodeKind,
+        output_type: Arc<dyn StreamType>,
+        input_types: Vec<(TypeId, &'static str)>,
+    ) -> NodeId {
+        let id = self.nodes.len();
+        self.nodes.push(StreamNode {
+            id,
+            name: name.to_string(),
+            parallelism: None,
+            slot_sharing_group: "default".to_string(),
+            chaining: ChainingStrategy::Always,
+            kind,
+            output_type,
+            input_types,
+        });
+        id
+    }
+
+    /// Adds an edge between two existing operators. The DataStream API does
+    /// this for you; used directly, it is checked like any other edge when
+    /// the job is built (types, input counts, cycles).
+    pub fn add_edge(
+        &mut self,
+        source: NodeId,
+        target: NodeId,
+        input: usize,
+        partitioning: Option<Partitioning>,
+    ) {
+        self.edges.push(StreamEdge {
+            source,
+            target,
+            input,
+            partitioning,
+        });
+    }
+
+    fn parallelism_of(&self, node: NodeId) -> u32 {
+        self.nodes[node]
+            .parallelism
+            .unwrap_or(self.default_parallelism)
+    }
+
+    fn resolved_partitioning(&self, edge: &StreamEdge) -> Partitioning {
+        match &edge.partitioning {
+            Some(partitioning) => partitioning.clone(),
+            None if self.parallelism_of(edge.source) == self.parallelism_of(edge.target) => {
+                Partitioning::Forward
+            }
+            None => Partitioning::Rebalance,
+        }
+    }
+
+    /// Checks the graph and fuses it into a JobGraph.
+    pub fn build(self) -> Result<JobGraph, GraphError> {
+        if let Some(error) = self.errors.first() {
+            return Err(error.clone());
+        }
+        if self.max_parallelism == 0 || self.max_parallelism > MAX_PARALLELISM_UPPER_BOUND {
+            return Err(GraphError::MaxParallelism {
+                max_parallelism: self.max_parallelism,
+            });
+        }
+        for node in &self.nodes {
+            let parallelism = self.parallelism_of(node.id);
+            if parallelism == 0 || parallelism > self.max_parallelism {
+                return Err(GraphError::Parallelism {
+                    operator: node.name.clone(),
+                    parallelism,
+                    max_parallelism: self.max_parallelism,
+                });
+            }
+        }
+        for edge in &self.edges {
+            for node in [edge.source, edge.target] {
+                if node >= self.nodes.len() {
+                    return Err(GraphError::UnknownNode { node });
+                }
+            }
+            let source = &self.nodes[edge.source];
+            let target = &self.nodes[edge.target];
+            let expected = target
+                .input_types
+                .get(edge.input)
+                .or(target.input_types.first());
+            match expected {
+                Some((type_id, type_name)) if *type_id != source.output_type.record_type_id() => {
+                    return Err(GraphError::TypeMismatch {
+                        from: source.name.clone(),
+                        to: target.name.clone(),
+                        produced: source.output_type.type_name(),
+                        expected: type_name,
+                    });
+                }
+                Some(_) => {}
+                None => {
+                    return Err(GraphError::Inputs {
+                        operator: target.name.clone(),
+                        expected: 0,
+                        found: 1,
+                    });
+                }
+            }
+        }
+        for node in &self.nodes {
+            let inputs: Vec<&StreamEdge> = self
+                .edges
+                .iter()
+                .filter(|edge| edge.target == node.id)
+                .collect();
+            match node.kind.input_count() {
+                Some(2) => {
+                    let left = inputs.iter().filter(|edge| edge.input == 0).count();
+                    let right = inputs.iter().filter(|edge| edge.input == 1).count();
+                    if left != 1 || right != 1 {
+                        return Err(GraphError::Inputs {
+                            operator: node.name.clone(),
+                            expected: 2,
+                            found: inputs.len(),
+                        });
+                    }
+                }
+                Some(expected) if inputs.len() != expected => {
+                    return Err(GraphError::Inputs {
+                        operator: node.name.clone(),
+                        expected,
+                        found: inputs.len(),
+                    });
+                }
+                None if inputs.is_empty() => {
+                    return Err(GraphError::Inputs {
+                        operator: node.name.clone(),
+                        expected: 1,
+                        found: 0,
+                    });
+                }
+                _ => {}
+            }
+        }
+        if !self
+            .nodes
+            .iter()
+            .any(|node| matches!(node.kind, NodeKind::Source(_)))
+        {
+            return Err(GraphError::NoSource);
+        }
+        let order = self.topological_order()?;
+        for edge in &self.edges {
+            if let Partitioning::Forward = self.resolved_partitioning(edge) {
+                let (from, to) = (
+                    self.parallelism_of(edge.source),
+                    self.parallelism_of(edge.target),
+                );
+                if from != to {
+                    return Err(GraphError::ForwardParallelism {
+                        from: self.nodes[edge.source].name.clone(),
+                        to: self.nodes[edge.target].name.clone(),
+                        from_parallelism: from,
+                        to_parallelism: to,
+                    });
+                }
+            }
+        }
+        Ok(JobGraph::fuse(self, order))
+    }
+
+    /// Kahn's algorithm; what remains unsorted lies on or behind a cycle.
+    fn topological_order(&self) -> Result<Vec<NodeId>, GraphError> {
+        let mut in_degree = vec![0usize; self.nodes.len()];
+        for edge in &self.edges {
+            in_degree[edge.target] += 1;
+        }
+        let mut ready: VecDeque<NodeId> = (0..self.nodes.len())
+            .filter(|node| in_degree[*node] == 0)
+            .collect();
+        let mut order = Vec::with_capacity(self.nodes.len());
+        while let Some(node) = ready.pop_front() {
+            order.push(node);
+            for edge in self.edges.iter().filter(|edge| edge.source == node) {
+                in_degree[edge.target] -= 1;
+                if in_degree[edge.target] == 0 {
+                    ready.push_back(edge.target);
+                }
+            }
+        }
+        if order.len() == self.nodes.len() {
+            return Ok(order);
+        }
+        // Walk back along unsorted inputs until a node repeats: that is a cycle.
+        let start = (0..self.nodes.len())
+            .find(|node| in_degree[*node] > 0)
+            .expect("an unsorted node");
+        let mut path = vec![start];
+        loop {
+            let current = *path.last().expect("non-empty path");
+            let previous = self
+                .edges
+                .iter()
+                .find(|edge| edge.target == current && in_degree[edge.source] > 0)
+                .map(|edge| edge.source)
+                .expect("an unsorted node has an unsorted input");
+            if let Some(position) = path.iter().position(|node| *node == previous) {
+                let mut cycle: Vec<String> = path[position..]
+                    .iter()
+                    .rev()
+                    .map(|node| self.nodes[*node].name.clone())
+                    .collect();
+                cycle.push(cycle[0].clone());
+                return Err(GraphError::Cycle { operators: cycle });
+            }
+            path.push(previous);
+        }
+    }
+}
+
+/// One task of the JobGraph: a chain of operators.
+#[derive(Clone, Debug)]
+pub struct JobVertex {
+    pub id: usize,
+    pub name: String,
+    /// The chained operators, head first.
+    pub operators: Vec<NodeId>,
+    pub parallelism: u32,
+    pub slot_sharing_group: String,
+    pub is_source: bool,
+    pub input_edges: Vec<usize>,
+    pub output_edges: Vec<usize>,
+}
+
+/// An edge between two tasks: it carries records over channels.
+#[derive(Clone, Debug)]
+pub struct JobEdge {
+    pub id: usize,
+    pub source: usize,
+    pub target: usize,
+    pub source_node: NodeId,
+    pub target_node: NodeId,
+    pub input: usize,
+    pub partitioning: Partitioning,
+    /// The StreamGraph edge this job edge carries.
+    pub stream_edge: usize,
+}
+
+/// One channel of a task: which edge, and the subtask at its other end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChannelEnd {
+    pub edge: usize,
+    pub subtask: u32,
+}
+
+/// The logical graph of tasks that the JobManager schedules.
+pub struct JobGraph {
+    pub name: String,
+    pub max_parallelism: u32,
+    pub vertices: Vec<JobVertex>,
+    pub edges: Vec<JobEdge>,
+    stream: StreamGraph,
+    vertex_of_node: Vec<usize>,
+}
+
+impl JobGraph {
+    fn fuse(stream: StreamGraph, order: Vec<NodeId>) -> JobGraph {
+        let chainable = |edge: &StreamEdge| -> bool {
+            let source = &stream.nodes[edge.source];
+            let target = &stream.nodes[edge.target];
+            let single_input = stream
+                .edges
+                .iter()
+                .filter(|other| other.target == edge.target)
+                .count()
+                == 1;
+            matches!(stream.resolved_partitioning(edge), Partitioning::Forward)
+                && matches!(target.kind, NodeKind::OneInput { .. })
+                && single_input
+                && source.slot_sharing_group == target.slot_sharing_group
+                && source.chaining != ChainingStrategy::Never
+                && target.chaining == ChainingStrategy::Always
+        };
+        let mut vertex_of_node = vec![usize::MAX; stream.nodes.len()];
+        let mut vertices: Vec<JobVertex> = Vec::new();
+        for node in order {
+            let chained_input = stream
+                .edges
+                .iter()
+                .find(|edge| edge.target == node && chainable(edge));
+            match chained_input {
+                Some(edge) => {
+                    let vertex = vertex_of_node[edge.source];
+                    vertex_of_node[node] = vertex;
+                    vertices[vertex].operators.push(node);
+                }
+                None => {
+                    let id = vertices.len();
+                    vertex_of_node[node] = id;
+                    vertices.push(JobVertex {
+                        id,
+                        name: String::new(),
+                        operators: vec![node],
+                        parallelism: stream.parallelism_of(node),
+                        slot_sharing_group: stream.nodes[node].slot_sharing_group.clone(),
+                        is_source: matches!(stream.nodes[node].kind, NodeKind::Source(_)),
+                        input_edges: Vec::new(),
+                        output_edges: Vec::new(),
+                    });
+                }
+            }
+        }
+        let mut edges = Vec::new();
+        for (stream_edge, edge) in stream.edges.iter().enumerate() {
+            let (source, target) = (vertex_of_node[edge.source], vertex_of_node[edge.target]);
+            if source == target {
+                continue;
+            }
+            let id = edges.len();
+            vertices[source].output_edges.push(id);
+            vertices[target].input_edges.push(id);
+            edges.push(JobEdge {
+                id,
+                source,
+                target,
+                source_node: edge.source,
+                target_node: edge.target,
+                input: edge.input,
+                partitioning: stream.resolved_partitioning(edge),
+                stream_edge,
+            });
+        }
+        for vertex in &mut vertices {
+            let names: Vec<&str> = vertex
+                .operators
+                .iter()
+                .map(|node| stream.nodes[*node].name.as_str())
+                .collect();
+            vertex.name = names.join(" -> ");
+        }
+        JobGraph {
+            name: stream.job_name.clone(),
+            max_parallelism: stream.max_parallelism,
+            vertices,
+            edges,
+            stream,
+            vertex_of_node,
+        }
+    }
+
+    pub fn operator_name(&self, node: NodeId) -> &str {
+        &self.stream.nodes[node].name
+    }
+
+    pub fn vertex_of(&self, node: NodeId) -> usize {
+        self.vertex_of_node[node]
+    }
+
+    /// Slots needed with slot sharing: per group, its largest parallelism.
+    pub fn slots_required(&self) -> u32 {
+        let mut groups: BTreeMap<&str, u32> = BTreeMap::new();
+        for vertex in &self.vertices {
+            let entry = groups
+                .entry(vertex.slot_sharing_group.as_str())
+                .or_insert(0);
+            *entry = (*entry).max(vertex.parallelism);
+        }
+        groups.values().sum()
+    }
+
+    /// The slot of each subtask: subtask `i` of every vertex of a slot
+    /// sharing group goes to the group's `i`-th slot.
+    pub fn slot_of(&self, vertex: usize, subtask: u32) -> u32 {
+        let mut groups: Vec<(&str, u32)> = Vec::new();
+        for candidate in &self.vertices {
+            match groups
+                .iter_mut()
+                .find(|(name, _)| *name == candidate.slot_sharing_group)
+            {
+                Some((_, width)) => *width = (*width).max(candidate.parallelism),
+                None => groups.push((candidate.slot_sharing_group.as_str(), candidate.parallelism)),
+            }
+        }
+        let group = &self.vertices[vertex].slot_sharing_group;
+        let offset: u32 = groups
+            .iter()
+            .take_while(|(name, _)| name != group)
+            .map(|(_, width)| width)
+            .sum();
+        offset + subtask
+    }
+
+    /// The channels of an edge from one producer subtask: forward edges
+    /// have one, the others one per consumer subtask.
+    pub fn consumers_of(&self, edge: usize, producer: u32) -> Vec<u32> {
+        let edge = &self.edges[edge];
+        match edge.partitioning {
+            Partitioning::Forward => vec![producer],
+            _ => (0..self.vertices[edge.target].parallelism).collect(),
+        }
+    }
+
+    /// A subtask's output channels, in the order its writers index them.
+    pub fn output_channels(&self, vertex: usize, subtask: u32) -> Vec<ChannelEnd> {
+        let mut channels = Vec::new();
+        for edge in &self.vertices[vertex].output_edges {
+            for consumer in self.consumers_of(*edge, subtask) {
+                channels.push(ChannelEnd {
+                    edge: *edge,
+                    subtask: consumer,
+                });
+            }
+        }
+        channels
+    }
+
+    /// A subtask's input channels (with the logical input of each).
+    pub fn input_channels(&self, vertex: usize, subtask: u32) -> Vec<(ChannelEnd, usize)> {
+        let mut channels = Vec::new();
+        for edge_id in &self.vertices[vertex].input_edges {
+            let edge = &self.edges[*edge_id];
+            for producer in 0..self.vertices[edge.source].parallelism {
+                if self.consumers_of(*edge_id, producer).contains(&subtask) {
+                    channels.push((
+                        ChannelEnd {
+                            edge: *edge_id,
+                            subtask: producer,
+                        },
+                        edge.input,
+                    ));
+                }
+            }
+        }
+        channels
+    }
+
+    /// Builds the operators of one subtask. Its writers queue into `queue`,
+    /// indexing channels as [`JobGraph::output_channels`] lists them.
+    pub fn instantiate(&self, vertex_id: usize, subtask: u32, setup: &TaskSetup) -> TaskInstance {
+        let vertex = &self.vertices[vertex_id];
+        let mut channel_bases: BTreeMap<usize, usize> = BTreeMap::new();
+        let mut next_base = 0;
+        for edge in &vertex.output_edges {
+            channel_bases.insert(*edge, next_base);
+            next_base += self.consumers_of(*edge, subtask).len();
+        }
+        let mut built: BTreeMap<NodeId, ErasedOutput> = BTreeMap::new();
+        for (position, node_id) in vertex.operators.iter().enumerate().rev() {
+            let node = &self.stream.nodes[*node_id];
+            let mut outputs = Vec::new();
+            for (edge_index, edge) in self
+                .stream
+                .edges
+                .iter()
+                .enumerate()
+                .filter(|(_, edge)| edge.source == *node_id)
+            {
+                if let Some(input) = built
+                    .remove(&edge.target)
+                    .filter(|_| vertex.operators.contains(&edge.target))
+                {
+                    outputs.push(input);
+                    continue;
+                }
+                let job_edge = self
+                    .edges
+                    .iter()
+                    .find(|job_edge| job_edge.stream_edge == edge_index)
+                    .expect("every edge leaving a chain is a job edge");
+                outputs.push(node.output_type.writer(
+                    &job_edge.partitioning,
+                    channel_bases[&job_edge.id],
+                    self.consumers_of(job_edge.id, subtask).len(),
+                    self.max_parallelism,
+                    setup.queue.clone(),
+                ));
+            }
+            let downstream = node.output_type.fan_out(outputs);
+            let context = OperatorContext {
+                operator_name: node.name.clone(),
+                subtask_index: subtask,
+                parallelism: vertex.parallelism,
+                max_parallelism: self.max_parallelism,
+                key_groups: KeyGroupRange::for_subtask(
+                    self.max_parallelism,
+                    vertex.parallelism,
+                    subtask,
+                ),
+                accumulators: setup.accumulators.clone(),
+            };
+            if position == 0 {
+                return match &node.kind {
+                    NodeKind::Source(factory) => {
+                        TaskInstance::Source(factory(&context, downstream))
+                    }
+                    NodeKind::OneInput { head, .. } => {
+                        TaskInstance::Input(head(&context, downstream))
+                    }
+                    NodeKind::TwoInput(head) | NodeKind::Union(head) => {
+                        TaskInstance::Input(head(&context, downstream))
+                    }
+                };
+            }
+            let NodeKind::OneInput { chained, .. } = &node.kind else {
+                unreachable!("only one-input operators are chained behind a head")
+            };
+            let input = chained(&context, downstream);
+            // The chain is a tree: a chained operator's input type is the
+            // output type of the one operator feeding it.
+            let upstream = self
+                .stream
+                .edges
+                .iter()
+                .find(|edge| edge.target == *node_id)
+                .expect("a chained input")
+                .source;
+            let upstream_type = &self.stream.nodes[upstream].output_type;
+            built.insert(
+                *node_id,
+                upstream_type.tracked(position, setup.tracker.clone(), input),
+            );
+        }
+        unreachable!("a vertex has at least one operator")
+    }
+}
+
+/// What a task needs to be instantiated.
+pub struct TaskSetup {
+    pub queue: OutputQueue,
+    pub accumulators: Rc<RefCell<Accumulators>>,
+    /// Which operator of the chain runs (see [`JobGraph::instantiate`]).
+    pub tracker: Rc<Cell<usize>>,
+}
+
+impl TaskSetup {
+    pub fn new() -> Self {
+        TaskSetup {
+            queue: Rc::new(RefCell::new(VecDeque::new())),
+            accumulators: Rc::new(RefCell::new(Accumulators::default())),
+            tracker: Rc::new(Cell::new(0)),
+        }
+    }
+}
+
+/// The operators of one subtask, ready to be driven.
+pub enum TaskInstance {
+    Source(Box<dyn SourceHead>),
+    Input(Box<dyn TaskHead>),
+}
+
+impl fmt::Display for JobGraph {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "JobGraph '{}': {} vertices, max parallelism {}, {} slots with slot sharing",
+            self.name,
+            self.vertices.len(),
+            self.max_parallelism,
+            self.slots_required()
+        )?;
+        for vertex in &self.vertices {
+            writeln!(
+                f,
+                "  vertex {}: {} (parallelism {}, slot sharing group '{}')",
+                vertex.id, vertex.name, vertex.parallelism, vertex.slot_sharing_group
+            )?;
+            for (position, node) in vertex.operators.iter().enumerate() {
+                let role = if position == 0 { "head" } else { "chained" };
+                writeln!(f, "    {role}: {}", self.stream.nodes[*node].name)?;
+            }
+        }
+        for edge in &self.edges {
+            writeln!(
+                f,
+                "  edge: vertex {} ({}) -> vertex {} ({}) input {}: {}",
+                edge.source,
+                self.stream.nodes[edge.source_node].name,
+                edge.target,
+                self.stream.nodes[edge.target_node].name,
+                edge.input,
+                edge.partitioning.name()
+            )?;
+        }
+        Ok(())
+    }
+}

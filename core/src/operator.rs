@@ -1,0 +1,675 @@
+//! Operators and the pieces a task is made of.
+//!
+//! A task is a chain of operators: each implements [`Output`] for its input
+//! type and owns the [`Output`] of the next one, so a record moves down the
+//! chain by direct calls. At the end of a chain a [`RecordWriter`] batches
+//! records per channel into rkyv buffers and queues them, with watermarks and
+//! end-of-input in order, for the runtime to send. The runtime drives a task
+//! through its head: a [`SourceHead`] it polls, or a [`TaskHead`] it feeds
+//! with the buffers and watermarks of its input channels.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::marker::PhantomData;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::accumulator::Accumulators;
+use crate::function::{
+    KeyedCoProcessFunction, KeyedContext, KeyedProcessFunction, SinkFunction, TimestampedCollector,
+};
+use crate::key::{key_group_of_hash, subtask_for_key_group, Key, KeyGroupRange};
+use crate::record::{Record, StreamElement, StreamRecord};
+use crate::source::{SourceOutput, SourceReader, SourceStatus};
+use crate::state::{KeyedStateStore, TimerService};
+use crate::time::{Timestamp, WatermarkStrategy, MAX_WATERMARK, MIN_WATERMARK, NO_TIMESTAMP};
+
+/// The most records a writer gathers into one buffer per channel.
+pub const BATCH_RECORDS_MAX: usize = 1024;
+
+/// The receiving end of an operator: records, event time and the end.
+pub trait Output<T> {
+    fn push(&mut self, record: T, timestamp: Timestamp);
+    /// Event time reached `watermark`: fire what is due, then forward it.
+    fn watermark(&mut self, watermark: Timestamp);
+    /// The input turned idle or active.
+    fn idle(&mut self, idle: bool);
+    /// Ship whatever is buffered (the task has no more input ready).
+    fn flush(&mut self);
+    /// The input has ended (after the final watermark).
+    fn end_of_input(&mut self);
+}
+
+/// What an operator knows of where it runs.
+#[derive(Clone)]
+pub struct OperatorContext {
+    pub operator_name: String,
+    pub subtask_index: u32,
+    pub parallelism: u32,
+    pub max_parallelism: u32,
+    pub key_groups: KeyGroupRange,
+    pub accumulators: Rc<RefCell<Accumulators>>,
+}
+
+/// Elements a task has produced and not yet handed to its channels, tagged
+/// with the index of the output channel. The runtime drains it, waiting
+/// where a channel is full, so backpressure reaches the task between batches.
+pub type OutputQueue = Rc<RefCell<VecDeque<(usize, StreamElement)>>>;
+
+/// The head of a task whose input comes from channels.
+pub trait TaskHead {
+    /// A buffer of records from a channel of logical input `input`.
+    fn on_buffer(&mut self, input: usize, bytes: &[u8]) -> Result<(), String>;
+    fn on_watermark(&mut self, watermark: Timestamp);
+    fn on_idle(&mut self, idle: bool);
+    fn flush(&mut self);
+    fn end_of_input(&mut self);
+}
+
+/// The head of a task that starts with a source.
+pub trait SourceHead {
+    /// Emits up to about `budget` records.
+    fn poll(&mut self, budget: usize) -> SourceStatus;
+    fn flush(&mut self);
+    /// Sends the final watermark and end-of-input down the chain.
+    fn end_of_input(&mut self);
+}
+
+macro_rules! forward_control {
+    () => {
+        fn watermark(&mut self, watermark: Timestamp) {
+            self.next.watermark(watermark);
+        }
+        fn idle(&mut self, idle: bool) {
+            self.next.idle(idle);
+        }
+        fn flush(&mut self) {
+            self.next.flush();
+        }
+        fn end_of_input(&mut self) {
+            self.next.end_of_input();
+        }
+    };
+}
+
+pub(crate) struct MapOperator<I, O, F> {
+    pub(crate) function: Arc<F>,
+    pub(crate) next: Box<dyn Output<O>>,
+    pub(crate) _input: PhantomData<fn(I)>,
+}
+
+impl<I, O, F: Fn(I) -> O> Output<I> for MapOperator<I, O, F> {
+    fn push(&mut self, record: I, timestamp: Timestamp) {
+        let mapped = (self.function)(record);
+        self.next.push(mapped, timestamp);
+    }
+    forward_control!();
+}
+
+pub(crate) struct FilterOperator<T, F> {
+    pub(crate) function: Arc<F>,
+    pub(crate) next: Box<dyn Output<T>>,
+}
+
+impl<T, F: Fn(&T) -> bool> Output<T> for FilterOperator<T, F> {
+    fn push(&mut self, record: T, timestamp: Timestamp) {
+        if (self.function)(&record) {
+            self.next.push(record, timestamp);
+        }
+    }
+    forward_control!();
+}
+
+pub(crate) struct FlatMapOperator<I, O, F> {
+    pub(crate) function: Arc<F>,
+    pub(crate) next: Box<dyn Output<O>>,
+    pub(crate) _input: PhantomData<fn(I)>,
+}
+
+impl<I, O, F: Fn(I, &mut dyn crate::function::Collector<O>)> Output<I>
+    for FlatMapOperator<I, O, F>
+{
+    fn push(&mut self, record: I, timestamp: Timestamp) {
+        let mut collector = TimestampedCollector {
+            output: &mut *self.next,
+            timestamp,
+        };
+        (self.function)(record, &mut collector);
+    }
+    forward_control!();
+}
+
+pub(crate) struct SinkOperator<T, S> {
+    pub(crate) sink: S,
+    pub(crate) context: OperatorContext,
+    pub(crate) _input: PhantomData<fn(T)>,
+}
+
+impl<T, S: SinkFunction<T>> Output<T> for SinkOperator<T, S> {
+    fn push(&mut self, record: T, timestamp: Timestamp) {
+        self.sink.invoke(record, timestamp);
+    }
+    fn watermark(&mut self, _watermark: Timestamp) {}
+    fn idle(&mut self, _idle: bool) {}
+    fn flush(&mut self) {}
+    fn end_of_input(&mut self) {
+        self.sink.finish(&self.context);
+    }
+}
+
+/// Hands every record to several outputs (a stream consumed twice).
+pub(crate) struct FanOut<T> {
+    pub(crate) outputs: Vec<Box<dyn Output<T>>>,
+}
+
+impl<T: Clone> Output<T> for FanOut<T> {
+    fn push(&mut self, record: T, timestamp: Timestamp) {
+        if let Some((last, rest)) = self.outputs.split_last_mut() {
+            for output in rest {
+                output.push(record.clone(), timestamp);
+            }
+            last.push(record, timestamp);
+        }
+    }
+    fn watermark(&mut self, watermark: Timestamp) {
+        self.outputs
+            .iter_mut()
+            .for_each(|output| output.watermark(watermark));
+    }
+    fn idle(&mut self, idle: bool) {
+        self.outputs.iter_mut().for_each(|output| output.idle(idle));
+    }
+    fn flush(&mut self) {
+        self.outputs.iter_mut().for_each(|output| output.flush());
+    }
+    fn end_of_input(&mut self) {
+        self.outputs
+            .iter_mut()
+            .for_each(|output| output.end_of_input());
+    }
+}
+
+/// Records which operator of the chain is running, so that a panic can be
+/// attributed to it: the index is set on entry and restored on return, so
+/// after an unwind it names the innermost operator that did not return.
+pub(crate) struct Tracked<T> {
+    pub(crate) index: usize,
+    pub(crate) tracker: Rc<Cell<usize>>,
+    pub(crate) inner: Box<dyn Output<T>>,
+}
+
+impl<T> Tracked<T> {
+    fn enter<R>(&mut self, call: impl FnOnce(&mut dyn Output<T>) -> R) -> R {
+        let previous = self.tracker.replace(self.index);
+        let result = call(&mut *self.inner);
+        self.tracker.set(previous);
+        result
+    }
+}
+
+impl<T> Output<T> for Tracked<T> {
+    fn push(&mut self, record: T, timestamp: Timestamp) {
+        self.enter(|inner| inner.push(record, timestamp));
+    }
+    fn watermark(&mut self, watermark: Timestamp) {
+        self.enter(|inner| inner.watermark(watermark));
+    }
+    fn idle(&mut self, idle: bool) {
+        self.enter(|inner| inner.idle(idle));
+    }
+    fn flush(&mut self) {
+        self.enter(|inner| inner.flush());
+    }
+    fn end_of_input(&mut self) {
+        self.enter(|inner| inner.end_of_input());
+    }
+}
+
+/// How a writer picks the channel of a record.
+pub(crate) enum ChannelSelector<T> {
+    /// One channel: the consumer subtask with the producer's index.
+    Forward,
+    /// Round robin over the consumers.
+    Rebalance { next: usize },
+    /// Every consumer gets every record.
+    Broadcast,
+    /// The consumer that owns the key group of the record's key.
+    Hash {
+        key_hash: Arc<dyn Fn(&T) -> u64 + Send + Sync>,
+        max_parallelism: u32,
+    },
+}
+
+/// Batches records per channel into rkyv buffers and queues them.
+pub(crate) struct RecordWriter<T> {
+    pub(crate) selector: ChannelSelector<T>,
+    /// Index of this writer's first channel in the task's output queue.
+    pub(crate) channel_base: usize,
+    pub(crate) buffers: Vec<Vec<StreamRecord<T>>>,
+    pub(crate) queue: OutputQueue,
+}
+
+impl<T: Record> RecordWriter<T> {
+    pub(crate) fn new(
+        selector: ChannelSelector<T>,
+        channel_base: usize,
+        channel_count: usize,
+        queue: OutputQueue,
+    ) -> Self {
+        RecordWriter {
+            selector,
+            channel_base,
+            buffers: (0..channel_count)
+                .map(|_| Vec::with_capacity(BATCH_RECORDS_MAX))
+                .collect(),
+            queue,
+        }
+    }
+
+    fn append(&mut self, channel: usize, record: T, timestamp: Timestamp) {
+        let buffer = &mut self.buffers[channel];
+        buffer.push(StreamRecord {
+            timestamp,
+            value: record,
+        });
+        if buffer.len() >= BATCH_RECORDS_MAX {
+            self.ship(channel);
+        }
+    }
+
+    fn ship(&mut self, channel: usize) {
+        let buffer = &mut self.buffers[channel];
+        if buffer.is_empty() {
+            return;
+        }
+        // Encoding into an AlignedVec cannot fail for our record types short
+        // of running out of memory, which aborts anyway.
+        let bytes = T::encode(buffer).expect("encoding records into a buffer");
+        buffer.clear();
+        self.queue
+            .borrow_mut()
+            .push_back((self.channel_base + channel, StreamElement::Records(bytes)));
+    }
+
+    fn ship_all(&mut self) {
+        for channel in 0..self.buffers.len() {
+            self.ship(channel);
+        }
+    }
+
+    fn broadcast_event(&mut self, event: impl Fn() -> StreamElement) {
+        self.ship_all();
+        let mut queue = self.queue.borrow_mut();
+        for channel in 0..self.buffers.len() {
+            queue.push_back((self.channel_base + channel, event()));
+        }
+    }
+}
+
+impl<T: Record> Output<T> for RecordWriter<T> {
+    fn push(&mut self, record: T, timestamp: Timestamp) {
+        let channel_count = self.buffers.len();
+        match &mut self.selector {
+            ChannelSelector::Forward => self.append(0, record, timestamp),
+            ChannelSelector::Rebalance { next } => {
+                let channel = *next;
+                *next = (channel + 1) % channel_count;
+                self.append(channel, record, timestamp);
+            }
+            ChannelSelector::Broadcast => {
+                for channel in 0..channel_count - 1 {
+                    self.append(channel, record.clone(), timestamp);
+                }
+                self.append(channel_count - 1, record, timestamp);
+            }
+            ChannelSelector::Hash {
+                key_hash,
+                max_parallelism,
+            } => {
+                let key_group = key_group_of_hash(key_hash(&record), *max_parallelism);
+                let channel =
+                    subtask_for_key_group(key_group, *max_parallelism, channel_count as u32)
+                        as usize;
+                self.append(channel, record, timestamp);
+            }
+        }
+    }
+
+    fn watermark(&mut self, watermark: Timestamp) {
+        self.broadcast_event(|| StreamElement::Watermark(watermark));
+    }
+
+    fn idle(&mut self, idle: bool) {
+        self.broadcast_event(|| StreamElement::Idle(idle));
+    }
+
+    fn flush(&mut self) {
+        self.ship_all();
+    }
+
+    fn end_of_input(&mut self) {
+        self.broadcast_event(|| StreamElement::EndOfInput);
+    }
+}
+
+/// Drops everything (an operator whose output nobody consumes).
+pub(crate) struct Discard;
+
+impl<T> Output<T> for Discard {
+    fn push(&mut self, _record: T, _timestamp: Timestamp) {}
+    fn watermark(&mut self, _watermark: Timestamp) {}
+    fn idle(&mut self, _idle: bool) {}
+    fn flush(&mut self) {}
+    fn end_of_input(&mut self) {}
+}
+
+/// The head of a one-input task (or a union): decodes buffers into records
+/// for the chain.
+pub(crate) struct DecodingHead<T> {
+    pub(crate) next: Box<dyn Output<T>>,
+}
+
+impl<T: Record> TaskHead for DecodingHead<T> {
+    fn on_buffer(&mut self, _input: usize, bytes: &[u8]) -> Result<(), String> {
+        let next = &mut self.next;
+        T::decode(bytes, &mut |record, timestamp| next.push(record, timestamp))
+    }
+    fn on_watermark(&mut self, watermark: Timestamp) {
+        self.next.watermark(watermark);
+    }
+    fn on_idle(&mut self, idle: bool) {
+        self.next.idle(idle);
+    }
+    fn flush(&mut self) {
+        self.next.flush();
+    }
+    fn end_of_input(&mut self) {
+        self.next.end_of_input();
+    }
+}
+
+/// Turns a source reader into the head of a task: assigns timestamps,
+/// generates watermarks after every poll, and marks the subtask idle.
+pub(crate) struct SourceTask<T> {
+    pub(crate) reader: Box<dyn SourceReader<T>>,
+    pub(crate) output: SourceCollector<T>,
+    pub(crate) strategy: WatermarkStrategy<T>,
+    pub(crate) emitted_watermark: Timestamp,
+    pub(crate) idle: bool,
+    pub(crate) last_record_at: Instant,
+}
+
+pub(crate) struct SourceCollector<T> {
+    pub(crate) next: Box<dyn Output<T>>,
+    pub(crate) assigner: Option<Arc<dyn Fn(&T) -> Timestamp + Send + Sync>>,
+    pub(crate) max_timestamp: Timestamp,
+    pub(crate) emitted: u64,
+}
+
+impl<T> SourceOutput<T> for SourceCollector<T> {
+    fn collect(&mut self, record: T) {
+        let timestamp = match &self.assigner {
+            Some(assigner) => assigner(&record),
+            None => NO_TIMESTAMP,
+        };
+        self.collect_with_timestamp(record, timestamp);
+    }
+
+    fn collect_with_timestamp(&mut self, record: T, timestamp: Timestamp) {
+        if timestamp > self.max_timestamp {
+            self.max_timestamp = timestamp;
+        }
+        self.emitted += 1;
+        self.next.push(record, timestamp);
+    }
+}
+
+impl<T> SourceTask<T> {
+    pub(crate) fn new(
+        reader: Box<dyn SourceReader<T>>,
+        next: Box<dyn Output<T>>,
+        strategy: WatermarkStrategy<T>,
+    ) -> Self {
+        SourceTask {
+            reader,
+            output: SourceCollector {
+                next,
+                assigner: strategy.timestamp_assigner.clone(),
+                max_timestamp: MIN_WATERMARK,
+                emitted: 0,
+            },
+            strategy,
+            emitted_watermark: MIN_WATERMARK,
+            idle: false,
+            last_record_at: Instant::now(),
+        }
+    }
+}
+
+impl<T> SourceHead for SourceTask<T> {
+    fn poll(&mut self, budget: usize) -> SourceStatus {
+        let before = self.output.emitted;
+        let status = self.reader.poll_next(&mut self.output, budget);
+        let produced = self.output.emitted > before;
+        if produced {
+            self.last_record_at = Instant::now();
+            if self.idle {
+                self.idle = false;
+                self.output.next.idle(false);
+            }
+        }
+        if self.strategy.generates_watermarks && self.output.max_timestamp > MIN_WATERMARK {
+            let watermark = self
+                .output
+                .max_timestamp
+                .saturating_sub(self.strategy.out_of_orderness_ms)
+                .saturating_sub(1);
+            if watermark > self.emitted_watermark {
+                self.emitted_watermark = watermark;
+                self.output.next.watermark(watermark);
+            }
+        }
+        if !produced && !self.idle && status == SourceStatus::NothingAvailable {
+            let timeout = self.strategy.idleness.unwrap_or(Duration::MAX);
+            if self.last_record_at.elapsed() >= timeout {
+                self.idle = true;
+                self.output.next.idle(true);
+            }
+        }
+        status
+    }
+
+    fn flush(&mut self) {
+        self.output.next.flush();
+    }
+
+    fn end_of_input(&mut self) {
+        if self.idle {
+            self.output.next.idle(false);
+        }
+        self.output.next.watermark(MAX_WATERMARK);
+        self.output.next.end_of_input();
+    }
+}
+
+/// Runs a [`KeyedProcessFunction`].
+pub(crate) struct KeyedProcessOperator<K, I, O, F> {
+    pub(crate) key_selector: Arc<dyn Fn(&I) -> K + Send + Sync>,
+    pub(crate) function: F,
+    pub(crate) store: KeyedStateStore<K>,
+    pub(crate) timers: TimerService<K, ()>,
+    pub(crate) watermark: Timestamp,
+    pub(crate) next: Box<dyn Output<O>>,
+}
+
+impl<K: Key, I, O, F: KeyedProcessFunction<K, I, O>> KeyedProcessOperator<K, I, O, F> {
+    pub(crate) fn new(
+        key_selector: Arc<dyn Fn(&I) -> K + Send + Sync>,
+        mut function: F,
+        context: &OperatorContext,
+        next: Box<dyn Output<O>>,
+    ) -> Self {
+        let mut store = KeyedStateStore::new(context.key_groups, context.max_parallelism);
+        function.open(&mut store);
+        KeyedProcessOperator {
+            key_selector,
+            function,
+            store,
+            timers: TimerService::new(true),
+            watermark: MIN_WATERMARK,
+            next,
+        }
+    }
+}
+
+impl<K: Key, I, O, F: KeyedProcessFunction<K, I, O>> Output<I>
+    for KeyedProcessOperator<K, I, O, F>
+{
+    fn push(&mut self, record: I, timestamp: Timestamp) {
+        let key = (self.key_selector)(&record);
+        let group_index = self.store.group_index(&key);
+        let mut context = KeyedContext {
+            key: &key,
+            group_index,
+            timestamp,
+            watermark: self.watermark,
+            store: &mut self.store,
+            timers: &mut self.timers,
+        };
+        let mut out = TimestampedCollector {
+            output: &mut *self.next,
+            timestamp,
+        };
+        self.function
+            .process_element(record, &mut context, &mut out);
+    }
+
+    fn watermark(&mut self, watermark: Timestamp) {
+        self.watermark = watermark;
+        while let Some((timestamp, key, ())) = self.timers.pop_ready(watermark) {
+            let group_index = self.store.group_index(&key);
+            let mut context = KeyedContext {
+                key: &key,
+                group_index,
+                timestamp,
+                watermark,
+                store: &mut self.store,
+                timers: &mut self.timers,
+            };
+            let mut out = TimestampedCollector {
+                output: &mut *self.next,
+                timestamp,
+            };
+            self.function.on_timer(timestamp, &mut context, &mut out);
+        }
+        self.next.watermark(watermark);
+    }
+
+    fn idle(&mut self, idle: bool) {
+        self.next.idle(idle);
+    }
+    fn flush(&mut self) {
+        self.next.flush();
+    }
+    fn end_of_input(&mut self) {
+        self.next.end_of_input();
+    }
+}
+
+/// Runs a [`KeyedCoProcessFunction`] as the head of a two-input task.
+pub(crate) struct KeyedCoProcessHead<K, I1, I2, O, F> {
+    pub(crate) key_selector1: Arc<dyn Fn(&I1) -> K + Send + Sync>,
+    pub(crate) key_selector2: Arc<dyn Fn(&I2) -> K + Send + Sync>,
+    pub(crate) function: F,
+    pub(crate) store: KeyedStateStore<K>,
+    pub(crate) timers: TimerService<K, ()>,
+    pub(crate) watermark: Timestamp,
+    pub(crate) next: Box<dyn Output<O>>,
+}
+
+impl<K, I1, I2, O, F> TaskHead for KeyedCoProcessHead<K, I1, I2, O, F>
+where
+    K: Key,
+    I1: Record,
+    I2: Record,
+    F: KeyedCoProcessFunction<K, I1, I2, O>,
+{
+    fn on_buffer(&mut self, input: usize, bytes: &[u8]) -> Result<(), String> {
+        let watermark = self.watermark;
+        let store = &mut self.store;
+        let timers = &mut self.timers;
+        let function = &mut self.function;
+        let next = &mut self.next;
+        if input == 0 {
+            let selector = &self.key_selector1;
+            I1::decode(bytes, &mut |record, timestamp| {
+                let key = selector(&record);
+                let group_index = store.group_index(&key);
+                let mut context = KeyedContext {
+                    key: &key,
+                    group_index,
+                    timestamp,
+                    watermark,
+                    store,
+                    timers,
+                };
+                let mut out = TimestampedCollector {
+                    output: &mut **next,
+                    timestamp,
+                };
+                function.process_element1(record, &mut context, &mut out);
+            })
+        } else {
+            let selector = &self.key_selector2;
+            I2::decode(bytes, &mut |record, timestamp| {
+                let key = selector(&record);
+                let group_index = store.group_index(&key);
+                let mut context = KeyedContext {
+                    key: &key,
+                    group_index,
+                    timestamp,
+                    watermark,
+                    store,
+                    timers,
+                };
+                let mut out = TimestampedCollector {
+                    output: &mut **next,
+                    timestamp,
+                };
+                function.process_element2(record, &mut context, &mut out);
+            })
+        }
+    }
+
+    fn on_watermark(&mut self, watermark: Timestamp) {
+        self.watermark = watermark;
+        while let Some((timestamp, key, ())) = self.timers.pop_ready(watermark) {
+            let group_index = self.store.group_index(&key);
+            let mut context = KeyedContext {
+                key: &key,
+                group_index,
+                timestamp,
+                watermark,
+                store: &mut self.store,
+                timers: &mut self.timers,
+            };
+            let mut out = TimestampedCollector {
+                output: &mut *self.next,
+                timestamp,
+            };
+            self.function.on_timer(timestamp, &mut context, &mut out);
+        }
+        self.next.watermark(watermark);
+    }
+
+    fn on_idle(&mut self, idle: bool) {
+        self.next.idle(idle);
+    }
+    fn flush(&mut self) {
+        self.next.flush();
+    }
+    fn end_of_input(&mut self) {
+        self.next.end_of_input();
+    }
+}

@@ -1,0 +1,811 @@
+//! The DataStream API, in Flink's spirit.
+//!
+//! ```text
+//! let env = StreamExecutionEnvironment::new();
+//! env.from_source(source, WatermarkStrategy::for_monotonous_timestamps().with_timestamp_assigner(...), "events")
+//!     .filter(|event| ...)
+//!     .key_by(|bid| bid.auction)
+//!     .window(WindowAssigner::sliding(size, slide))
+//!     .aggregate_with(Count, |auction, window, count, out| out.collect(...))
+//!     .add_sink(sink);
+//! let job_graph = env.build()?;
+//! ```
+//!
+//! Every call adds an operator to the environment's StreamGraph; nothing
+//! runs until the graph is built and submitted. Functions must be `Send +
+//! Sync` (every subtask shares them) and records must be [`Record`]s.
+
+use std::any::TypeId;
+use std::cell::RefCell;
+use std::marker::PhantomData;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::error::GraphError;
+use crate::function::{Collector, KeyedCoProcessFunction, KeyedProcessFunction, SinkFunction};
+use crate::graph::{
+    erase, unerase, ChainFactory, ChainingStrategy, HeadFactory, JobGraph, NodeId, NodeKind,
+    Partitioning, SourceFactory, StreamGraph, TypedStream,
+};
+use crate::key::{key_hash, Key};
+use crate::operator::{
+    DecodingHead, FilterOperator, FlatMapOperator, KeyedCoProcessHead, KeyedProcessOperator,
+    MapOperator, Output, SinkOperator, SourceTask,
+};
+use crate::record::Record;
+use crate::source::{CollectionSource, Source};
+use crate::state::TimerService;
+use crate::time::{Timestamp, WatermarkStrategy, MIN_WATERMARK};
+use crate::window::{
+    AggregateFunction, TimeWindow, WindowAggregation, WindowAssigner, WindowJoinHead,
+    WindowOperator,
+};
+
+/// Where a job is built: holds the StreamGraph and the job's defaults.
+#[derive(Clone)]
+pub struct StreamExecutionEnvironment {
+    graph: Rc<RefCell<StreamGraph>>,
+}
+
+impl Default for StreamExecutionEnvironment {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn type_of<T: 'static>() -> (TypeId, &'static str) {
+    (TypeId::of::<T>(), std::any::type_name::<T>())
+}
+
+impl StreamExecutionEnvironment {
+    pub fn new() -> Self {
+        StreamExecutionEnvironment {
+            graph: Rc::new(RefCell::new(StreamGraph::new())),
+        }
+    }
+
+    pub fn set_job_name(&self, name: &str) -> &Self {
+        self.graph.borrow_mut().job_name = name.to_string();
+        self
+    }
+
+    /// The parallelism of operators that do not set their own.
+    pub fn set_parallelism(&self, parallelism: u32) -> &Self {
+        self.graph.borrow_mut().default_parallelism = parallelism;
+        self
+    }
+
+    pub fn parallelism(&self) -> u32 {
+        self.graph.borrow().default_parallelism
+    }
+
+    /// The number of key groups (default 128): the upper bound of any
+    /// operator's parallelism, fixed for the life of the job's state.
+    pub fn set_max_parallelism(&self, max_parallelism: u32) -> &Self {
+        self.graph.borrow_mut().max_parallelism = max_parallelism;
+        self
+    }
+
+    pub fn max_parallelism(&self) -> u32 {
+        self.graph.borrow().max_parallelism
+    }
+
+    /// Adds a source; `strategy` assigns timestamps and watermarks.
+    pub fn from_source<T: Record, S: Source<T>>(
+        &self,
+        source: S,
+        strategy: WatermarkStrategy<T>,
+        name: &str,
+    ) -> DataStream<T> {
+        let source = Arc::new(source);
+        let factory: SourceFactory = Arc::new(move |context, output| {
+            let reader = source.create_reader(context.subtask_index, context.parallelism);
+            Box::new(SourceTask::new(
+                reader,
+                unerase::<T>(output),
+                strategy.clone(),
+            ))
+        });
+        let node = self.graph.borrow_mut().add_node(
+            name,
+            NodeKind::Source(factory),
+            TypedStream::<T>::new(),
+            Vec::new(),
+        );
+        DataStream::new(self.clone(), node)
+    }
+
+    /// A bounded source over `records`, without event time.
+    pub fn from_collection<T: Record + Sync>(&self, records: Vec<T>) -> DataStream<T> {
+        self.from_source(
+            CollectionSource::new(records),
+            WatermarkStrategy::no_watermarks(),
+            "Collection Source",
+        )
+    }
+
+    /// Adds an edge between two operators by id: the low-level graph API. It
+    /// is checked like any other edge when the job is built.
+    pub fn add_edge(&self, source: NodeId, target: NodeId, input: usize) {
+        self.graph
+            .borrow_mut()
+            .add_edge(source, target, input, None);
+    }
+
+    /// Validates the graph and fuses chains: the JobGraph to submit.
+    pub fn build(&self) -> Result<JobGraph, GraphError> {
+        let graph = std::mem::replace(&mut *self.graph.borrow_mut(), StreamGraph::new());
+        graph.build()
+    }
+
+    fn record_error(&self, error: GraphError) {
+        self.graph.borrow_mut().errors.push(error);
+    }
+
+    fn add_one_input<I: Record, O: Record>(
+        &self,
+        input: NodeId,
+        partitioning: Option<Partitioning>,
+        name: &str,
+        make: impl Fn(&crate::operator::OperatorContext, Box<dyn Output<O>>) -> Box<dyn Output<I>>
+            + Send
+            + Sync
+            + 'static,
+    ) -> NodeId {
+        let make = Arc::new(make);
+        let chained: ChainFactory = {
+            let make = make.clone();
+            Arc::new(move |context, output| erase::<I>(make(context, unerase::<O>(output))))
+        };
+        let head: HeadFactory = Arc::new(move |context, output| {
+            Box::new(DecodingHead::<I> {
+                next: make(context, unerase::<O>(output)),
+            })
+        });
+        let mut graph = self.graph.borrow_mut();
+        let node = graph.add_node(
+            name,
+            NodeKind::OneInput { chained, head },
+            TypedStream::<O>::new(),
+            vec![type_of::<I>()],
+        );
+        graph.add_edge(input, node, 0, partitioning);
+        node
+    }
+}
+
+/// A stream of records of type `T`.
+pub struct DataStream<T> {
+    env: StreamExecutionEnvironment,
+    node: NodeId,
+    partitioning: Option<Partitioning>,
+    _type: PhantomData<fn() -> T>,
+}
+
+impl<T> Clone for DataStream<T> {
+    fn clone(&self) -> Self {
+        DataStream {
+            env: self.env.clone(),
+            node: self.node,
+            partitioning: self.partitioning.clone(),
+            _type: PhantomData,
+        }
+    }
+}
+
+impl<T: Record> DataStream<T> {
+    fn new(env: StreamExecutionEnvironment, node: NodeId) -> Self {
+        DataStream {
+            env,
+            node,
+            partitioning: None,
+            _type: PhantomData,
+        }
+    }
+
+    /// The id of the operator that produces this stream.
+    pub fn node_id(&self) -> NodeId {
+        self.node
+    }
+
+    pub fn environment(&self) -> &StreamExecutionEnvironment {
+        &self.env
+    }
+
+    fn modify(self, change: impl FnOnce(&mut crate::graph::StreamNode)) -> Self {
+        change(&mut self.env.graph.borrow_mut().nodes[self.node]);
+        self
+    }
+
+    /// Names the operator that produces this stream.
+    pub fn name(self, name: &str) -> Self {
+        self.modify(|node| node.name = name.to_string())
+    }
+
+    pub fn set_parallelism(self, parallelism: u32) -> Self {
+        self.modify(|node| node.parallelism = Some(parallelism))
+    }
+
+    /// The operator runs in a task of its own.
+    pub fn disable_chaining(self) -> Self {
+        self.modify(|node| node.chaining = ChainingStrategy::Never)
+    }
+
+    /// The operator starts a new chain; later operators may chain to it.
+    pub fn start_new_chain(self) -> Self {
+        self.modify(|node| node.chaining = ChainingStrategy::Head)
+    }
+
+    /// Puts the operator in a slot sharing group of its own name: its
+    /// subtasks take slots apart from the default group's.
+    pub fn slot_sharing_group(self, group: &str) -> Self {
+        self.modify(|node| node.slot_sharing_group = group.to_string())
+    }
+
+    fn with_partitioning(mut self, partitioning: Partitioning) -> Self {
+        self.partitioning = Some(partitioning);
+        self
+    }
+
+    /// Sends subtask `i`'s records to subtask `i` of the next operator.
+    pub fn forward(self) -> Self {
+        self.with_partitioning(Partitioning::Forward)
+    }
+
+    /// Spreads records round robin over the next operator's subtasks.
+    pub fn rebalance(self) -> Self {
+        self.with_partitioning(Partitioning::Rebalance)
+    }
+
+    /// Sends every record to every subtask of the next operator.
+    pub fn broadcast(self) -> Self {
+        self.with_partitioning(Partitioning::Broadcast)
+    }
+
+    pub fn map<O: Record>(
+        self,
+        function: impl Fn(T) -> O + Send + Sync + 'static,
+    ) -> DataStream<O> {
+        let function = Arc::new(function);
+        let node = self.env.add_one_input::<T, O>(
+            self.node,
+            self.partitioning.clone(),
+            "Map",
+            move |_, next| {
+                Box::new(MapOperator {
+                    function: function.clone(),
+                    next,
+                    _input: PhantomData,
+                })
+            },
+        );
+        DataStream::new(self.env, node)
+    }
+
+    pub fn filter(self, predicate: impl Fn(&T) -> bool + Send + Sync + 'static) -> DataStream<T> {
+        let function = Arc::new(predicate);
+        let node = self.env.add_one_input::<T, T>(
+            self.node,
+            self.partitioning.clone(),
+            "Filter",
+            move |_, next| {
+                Box::new(FilterOperator {
+                    function: function.clone(),
+                    next,
+                })
+            },
+        );
+        DataStream::new(self.env, node)
+    }
+
+    pub fn flat_map<O: Record>(
+        self,
+        function: impl Fn(T, &mut dyn Collector<O>) + Send + Sync + 'static,
+    ) -> DataStream<O> {
+        let function = Arc::new(function);
+        let node = self.env.add_one_input::<T, O>(
+            self.node,
+            self.partitioning.clone(),
+            "Flat Map",
+            move |_, next| {
+                Box::new(FlatMapOperator {
+                    function: function.clone(),
+                    next,
+                    _input: PhantomData,
+                })
+            },
+        );
+        DataStream::new(self.env, node)
+    }
+
+    /// Partitions the stream by key: records with equal keys go to the same
+    /// subtask, by key group.
+    pub fn key_by<K: Key>(
+        self,
+        key_selector: impl Fn(&T) -> K + Send + Sync + 'static,
+    ) -> KeyedStream<K, T> {
+        let key_selector: Arc<dyn Fn(&T) -> K + Send + Sync> = Arc::new(key_selector);
+        let hash_selector = key_selector.clone();
+        let key_hash_of: Arc<dyn Fn(&T) -> u64 + Send + Sync> =
+            Arc::new(move |record| key_hash(&hash_selector(record)));
+        KeyedStream {
+            stream: self.with_partitioning(Partitioning::Hash(Arc::new(key_hash_of))),
+            key_selector,
+        }
+    }
+
+    /// Merges streams of the same type into one.
+    pub fn union(self, others: Vec<DataStream<T>>) -> DataStream<T> {
+        let head: HeadFactory = Arc::new(|_, output| {
+            Box::new(DecodingHead::<T> {
+                next: unerase::<T>(output),
+            })
+        });
+        let node = self.env.graph.borrow_mut().add_node(
+            "Union",
+            NodeKind::Union(head),
+            TypedStream::<T>::new(),
+            vec![type_of::<T>()],
+        );
+        for stream in std::iter::once(&self).chain(others.iter()) {
+            self.env
+                .graph
+                .borrow_mut()
+                .add_edge(stream.node, node, 0, stream.partitioning.clone());
+        }
+        DataStream::new(self.env, node)
+    }
+
+    /// Joins this stream with another within windows (Flink's window join).
+    pub fn join<R: Record>(self, other: DataStream<R>) -> JoinedStreams<T, R> {
+        JoinedStreams {
+            left: self,
+            right: other,
+        }
+    }
+
+    /// Ends the stream in a sink.
+    pub fn add_sink(self, sink: impl SinkFunction<T>) -> DataStream<()> {
+        let node = self.env.add_one_input::<T, ()>(
+            self.node,
+            self.partitioning.clone(),
+            "Sink",
+            move |context, _| {
+                let mut sink = sink.clone();
+                sink.open(context);
+                Box::new(SinkOperator {
+                    sink,
+                    context: context.clone(),
+                    _input: PhantomData,
+                })
+            },
+        );
+        DataStream::new(self.env, node)
+    }
+
+    /// Prints every record to standard output (`subtask> record`).
+    pub fn print(self) -> DataStream<()>
+    where
+        T: std::fmt::Debug,
+    {
+        self.add_sink(PrintSink { subtask: 0 })
+            .name("Print to Std. Out")
+    }
+}
+
+#[derive(Clone)]
+struct PrintSink {
+    subtask: u32,
+}
+
+impl<T: std::fmt::Debug> SinkFunction<T> for PrintSink {
+    fn open(&mut self, context: &crate::operator::OperatorContext) {
+        self.subtask = context.subtask_index;
+    }
+
+    fn invoke(&mut self, value: T, _timestamp: Timestamp) {
+        println!("{}> {value:?}", self.subtask + 1);
+    }
+}
+
+/// A stream partitioned by key.
+pub struct KeyedStream<K, T> {
+    stream: DataStream<T>,
+    key_selector: Arc<dyn Fn(&T) -> K + Send + Sync>,
+}
+
+impl<K: Key, T: Record> KeyedStream<K, T> {
+    /// Applies a keyed process function (keyed state, event-time timers).
+    pub fn process<O: Record>(self, function: impl KeyedProcessFunction<K, T, O>) -> DataStream<O> {
+        let selector = self.key_selector.clone();
+        let env = self.stream.env.clone();
+        let node = env.add_one_input::<T, O>(
+            self.stream.node,
+            self.stream.partitioning.clone(),
+            "KeyedProcess",
+            move |context, next| {
+                Box::new(KeyedProcessOperator::new(
+                    selector.clone(),
+                    function.clone(),
+                    context,
+                    next,
+                ))
+            },
+        );
+        DataStream::new(env, node)
+    }
+
+    /// A rolling reduce: emits the running reduction per key.
+    pub fn reduce(self, reduce: impl Fn(&T, T) -> T + Send + Sync + 'static) -> DataStream<T> {
+        self.process(RollingReduce {
+            reduce: Arc::new(reduce),
+            state: Default::default(),
+        })
+        .name("Keyed Reduce")
+    }
+
+    /// Groups each key's records into event-time windows.
+    pub fn window(self, assigner: WindowAssigner) -> WindowedStream<K, T> {
+        WindowedStream {
+            keyed: self,
+            assigner,
+            allowed_lateness: 0,
+        }
+    }
+
+    /// Connects two keyed streams for a keyed co-process function.
+    pub fn connect<T2: Record>(self, other: KeyedStream<K, T2>) -> ConnectedStreams<K, T, T2> {
+        ConnectedStreams {
+            left: self,
+            right: other,
+        }
+    }
+}
+
+struct RollingReduce<T> {
+    reduce: Arc<dyn Fn(&T, T) -> T + Send + Sync>,
+    state: crate::state::ValueState<T>,
+}
+
+impl<T> Clone for RollingReduce<T> {
+    fn clone(&self) -> Self {
+        RollingReduce {
+            reduce: self.reduce.clone(),
+            state: self.state.clone(),
+        }
+    }
+}
+
+impl<K: Key, T: Record> KeyedProcessFunction<K, T, T> for RollingReduce<T> {
+    fn open(&mut self, state: &mut crate::state::KeyedStateStore<K>) {
+        self.state = state.value_state("reduce");
+    }
+
+    fn process_element(
+        &mut self,
+        value: T,
+        context: &mut crate::function::KeyedContext<'_, K>,
+        out: &mut dyn Collector<T>,
+    ) {
+        let reduced = match self.state.clear(context) {
+            Some(current) => (self.reduce)(&current, value),
+            None => value,
+        };
+        self.state.update(context, reduced.clone());
+        out.collect(reduced);
+    }
+}
+
+/// A keyed stream grouped into windows.
+pub struct WindowedStream<K, T> {
+    keyed: KeyedStream<K, T>,
+    assigner: WindowAssigner,
+    allowed_lateness: i64,
+}
+
+impl<K: Key, T: Record> WindowedStream<K, T> {
+    /// Keeps windows this long after they fired; records for them fire the
+    /// window again. 0 (the default) drops late records.
+    pub fn allowed_lateness(mut self, lateness: Duration) -> Self {
+        self.allowed_lateness = lateness.as_millis() as i64;
+        self
+    }
+
+    /// Aggregates each window and hands the result, with key and window, to
+    /// `window_function`.
+    pub fn aggregate_with<A, R, O, F, W>(self, aggregate: F, window_function: W) -> DataStream<O>
+    where
+        A: Clone + 'static,
+        R: 'static,
+        O: Record,
+        F: AggregateFunction<T, A, R>,
+        W: Fn(&K, &TimeWindow, R, &mut dyn Collector<O>) + Send + Sync + 'static,
+    {
+        let WindowedStream {
+            keyed,
+            assigner,
+            allowed_lateness,
+        } = self;
+        let selector = keyed.key_selector.clone();
+        let env = keyed.stream.env.clone();
+        let window_function = Arc::new(window_function);
+        let node = env.add_one_input::<T, O>(
+            keyed.stream.node,
+            keyed.stream.partitioning.clone(),
+            "Window",
+            move |context, next| {
+                let aggregation = WindowAggregation {
+                    aggregate: aggregate.clone(),
+                    window_function: window_function.clone(),
+                    _types: PhantomData,
+                };
+                Box::new(WindowOperator::new(
+                    selector.clone(),
+                    assigner,
+                    allowed_lateness,
+                    aggregation,
+                    context,
+                    next,
+                ))
+            },
+        );
+        DataStream::new(env, node)
+    }
+
+    /// Aggregates each window; emits the aggregate's result.
+    pub fn aggregate<A, R, F>(self, aggregate: F) -> DataStream<R>
+    where
+        A: Clone + 'static,
+        R: Record,
+        F: AggregateFunction<T, A, R>,
+    {
+        self.aggregate_with(
+            aggregate,
+            |_: &K, _: &TimeWindow, result: R, out: &mut dyn Collector<R>| out.collect(result),
+        )
+    }
+
+    /// Reduces each window's records to one.
+    pub fn reduce(self, reduce: impl Fn(T, T) -> T + Send + Sync + 'static) -> DataStream<T> {
+        self.aggregate(ReduceAggregate {
+            reduce: Arc::new(reduce),
+        })
+    }
+
+    /// Hands all of a window's records, with key and window, to `function`
+    /// (Flink's `ProcessWindowFunction`).
+    pub fn process<O: Record>(
+        self,
+        function: impl Fn(&K, &TimeWindow, Vec<T>, &mut dyn Collector<O>) + Send + Sync + 'static,
+    ) -> DataStream<O> {
+        self.aggregate_with(CollectAggregate, function)
+    }
+}
+
+struct ReduceAggregate<T> {
+    reduce: Arc<dyn Fn(T, T) -> T + Send + Sync>,
+}
+
+impl<T> Clone for ReduceAggregate<T> {
+    fn clone(&self) -> Self {
+        ReduceAggregate {
+            reduce: self.reduce.clone(),
+        }
+    }
+}
+
+impl<T: Clone + 'static> AggregateFunction<T, Option<T>, T> for ReduceAggregate<T> {
+    fn create_accumulator(&self) -> Option<T> {
+        None
+    }
+    fn add(&self, value: T, accumulator: &mut Option<T>) {
+        *accumulator = Some(match accumulator.take() {
+            Some(current) => (self.reduce)(current, value),
+            None => value,
+        });
+    }
+    fn get_result(&self, accumulator: Option<T>) -> T {
+        accumulator.expect("a window fires only once it holds a record")
+    }
+    fn merge(&self, first: Option<T>, second: Option<T>) -> Option<T> {
+        match (first, second) {
+            (Some(first), Some(second)) => Some((self.reduce)(first, second)),
+            (first, second) => first.or(second),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct CollectAggregate;
+
+impl<T: Clone + 'static> AggregateFunction<T, Vec<T>, Vec<T>> for CollectAggregate {
+    fn create_accumulator(&self) -> Vec<T> {
+        Vec::new()
+    }
+    fn add(&self, value: T, accumulator: &mut Vec<T>) {
+        accumulator.push(value);
+    }
+    fn get_result(&self, accumulator: Vec<T>) -> Vec<T> {
+        accumulator
+    }
+    fn merge(&self, mut first: Vec<T>, second: Vec<T>) -> Vec<T> {
+        first.extend(second);
+        first
+    }
+}
+
+/// Two keyed streams with one keyed state.
+pub struct ConnectedStreams<K, T1, T2> {
+    left: KeyedStream<K, T1>,
+    right: KeyedStream<K, T2>,
+}
+
+impl<K: Key, T1: Record, T2: Record> ConnectedStreams<K, T1, T2> {
+    pub fn process<O: Record>(
+        self,
+        function: impl KeyedCoProcessFunction<K, T1, T2, O>,
+    ) -> DataStream<O> {
+        let env = self.left.stream.env.clone();
+        let (selector1, selector2) = (
+            self.left.key_selector.clone(),
+            self.right.key_selector.clone(),
+        );
+        let head: HeadFactory = Arc::new(move |context, output| {
+            let mut function = function.clone();
+            let mut store =
+                crate::state::KeyedStateStore::new(context.key_groups, context.max_parallelism);
+            function.open(&mut store);
+            Box::new(KeyedCoProcessHead {
+                key_selector1: selector1.clone(),
+                key_selector2: selector2.clone(),
+                function,
+                store,
+                timers: TimerService::new(true),
+                watermark: MIN_WATERMARK,
+                next: unerase::<O>(output),
+            })
+        });
+        let node = env.graph.borrow_mut().add_node(
+            "KeyedCoProcess",
+            NodeKind::TwoInput(head),
+            TypedStream::<O>::new(),
+            vec![type_of::<T1>(), type_of::<T2>()],
+        );
+        let mut graph = env.graph.borrow_mut();
+        graph.add_edge(
+            self.left.stream.node,
+            node,
+            0,
+            self.left.stream.partitioning.clone(),
+        );
+        graph.add_edge(
+            self.right.stream.node,
+            node,
+            1,
+            self.right.stream.partitioning.clone(),
+        );
+        drop(graph);
+        DataStream::new(env, node)
+    }
+}
+
+/// `left.join(right)`: choose the keys next.
+pub struct JoinedStreams<L, R> {
+    left: DataStream<L>,
+    right: DataStream<R>,
+}
+
+impl<L: Record, R: Record> JoinedStreams<L, R> {
+    pub fn where_key<K: Key>(
+        self,
+        left_key: impl Fn(&L) -> K + Send + Sync + 'static,
+    ) -> JoinWhere<K, L, R> {
+        JoinWhere {
+            joined: self,
+            left_key: Arc::new(left_key),
+        }
+    }
+}
+
+/// `left.join(right).where_key(...)`: the right key next.
+pub struct JoinWhere<K, L, R> {
+    joined: JoinedStreams<L, R>,
+    left_key: Arc<dyn Fn(&L) -> K + Send + Sync>,
+}
+
+impl<K: Key, L: Record, R: Record> JoinWhere<K, L, R> {
+    pub fn equal_to(
+        self,
+        right_key: impl Fn(&R) -> K + Send + Sync + 'static,
+    ) -> JoinEqual<K, L, R> {
+        JoinEqual {
+            joined: self.joined,
+            left_key: self.left_key,
+            right_key: Arc::new(right_key),
+        }
+    }
+}
+
+/// `left.join(right).where_key(...).equal_to(...)`: the window next.
+pub struct JoinEqual<K, L, R> {
+    joined: JoinedStreams<L, R>,
+    left_key: Arc<dyn Fn(&L) -> K + Send + Sync>,
+    right_key: Arc<dyn Fn(&R) -> K + Send + Sync>,
+}
+
+impl<K: Key, L: Record, R: Record> JoinEqual<K, L, R> {
+    pub fn window(self, assigner: WindowAssigner) -> WindowedJoin<K, L, R> {
+        WindowedJoin {
+            join: self,
+            assigner,
+        }
+    }
+}
+
+/// A window join ready for its join function.
+pub struct WindowedJoin<K, L, R> {
+    join: JoinEqual<K, L, R>,
+    assigner: WindowAssigner,
+}
+
+impl<K: Key, L: Record, R: Record> WindowedJoin<K, L, R> {
+    /// Emits `function(left, right)` for every pair with equal keys in the
+    /// same window, when the window fires.
+    pub fn apply<O: Record>(
+        self,
+        function: impl Fn(L, R) -> O + Send + Sync + 'static,
+    ) -> DataStream<O> {
+        let JoinEqual {
+            joined,
+            left_key,
+            right_key,
+        } = self.join;
+        let env = joined.left.env.clone();
+        let assigner = self.assigner;
+        if assigner.is_merging() {
+            env.record_error(GraphError::Invalid {
+                operator: "Window Join".to_string(),
+                reason: "session windows cannot be used in a window join; use tumbling or sliding windows".to_string(),
+            });
+        }
+        let function = Arc::new(function);
+        let hash_left = left_key.clone();
+        let hash_right = right_key.clone();
+        let left_hash: Arc<dyn Fn(&L) -> u64 + Send + Sync> =
+            Arc::new(move |record| key_hash(&hash_left(record)));
+        let right_hash: Arc<dyn Fn(&R) -> u64 + Send + Sync> =
+            Arc::new(move |record| key_hash(&hash_right(record)));
+        let head: HeadFactory = Arc::new(move |context, output| {
+            Box::new(WindowJoinHead::new(
+                left_key.clone(),
+                right_key.clone(),
+                assigner,
+                function.clone(),
+                context,
+                unerase::<O>(output),
+            ))
+        });
+        let node = env.graph.borrow_mut().add_node(
+            "Window Join",
+            NodeKind::TwoInput(head),
+            TypedStream::<O>::new(),
+            vec![type_of::<L>(), type_of::<R>()],
+        );
+        let mut graph = env.graph.borrow_mut();
+        graph.add_edge(
+            joined.left.node,
+            node,
+            0,
+            Some(Partitioning::Hash(Arc::new(left_hash))),
+        );
+        graph.add_edge(
+            joined.right.node,
+            node,
+            1,
+            Some(Partitioning::Hash(Arc::new(right_hash))),
+        );
+        drop(graph);
+        DataStream::new(env, node)
+    }
+}

@@ -1,0 +1,205 @@
+//! Event time: timestamps, watermark strategies and the watermark valve.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Event time in milliseconds since the epoch.
+pub type Timestamp = i64;
+/// The timestamp of a record that has none.
+pub const NO_TIMESTAMP: Timestamp = i64::MIN;
+/// The watermark before any progress.
+pub const MIN_WATERMARK: Timestamp = i64::MIN;
+/// The watermark at the end of a finite input: every window closes.
+pub const MAX_WATERMARK: Timestamp = i64::MAX;
+
+/// How a source assigns timestamps and watermarks, as Flink's
+/// `WatermarkStrategy`.
+pub struct WatermarkStrategy<T> {
+    pub(crate) timestamp_assigner: Option<Arc<dyn Fn(&T) -> Timestamp + Send + Sync>>,
+    pub(crate) out_of_orderness_ms: i64,
+    pub(crate) idleness: Option<Duration>,
+    pub(crate) generates_watermarks: bool,
+}
+
+impl<T> Clone for WatermarkStrategy<T> {
+    fn clone(&self) -> Self {
+        WatermarkStrategy {
+            timestamp_assigner: self.timestamp_assigner.clone(),
+            out_of_orderness_ms: self.out_of_orderness_ms,
+            idleness: self.idleness,
+            generates_watermarks: self.generates_watermarks,
+        }
+    }
+}
+
+impl<T> WatermarkStrategy<T> {
+    /// Timestamps never decrease within a source subtask; the watermark is
+    /// the largest timestamp seen minus one.
+    pub fn for_monotonous_timestamps() -> Self {
+        Self::for_bounded_out_of_orderness(Duration::ZERO)
+    }
+
+    /// Records may arrive up to `bound` late; the watermark is the largest
+    /// timestamp seen minus `bound` minus one.
+    pub fn for_bounded_out_of_orderness(bound: Duration) -> Self {
+        WatermarkStrategy {
+            timestamp_assigner: None,
+            out_of_orderness_ms: bound.as_millis() as i64,
+            idleness: None,
+            generates_watermarks: true,
+        }
+    }
+
+    /// No watermarks at all (processing-time only pipelines).
+    pub fn no_watermarks() -> Self {
+        WatermarkStrategy {
+            timestamp_assigner: None,
+            out_of_orderness_ms: 0,
+            idleness: None,
+            generates_watermarks: false,
+        }
+    }
+
+    /// Takes each record's event time from the record.
+    pub fn with_timestamp_assigner(
+        mut self,
+        assigner: impl Fn(&T) -> Timestamp + Send + Sync + 'static,
+    ) -> Self {
+        self.timestamp_assigner = Some(Arc::new(assigner));
+        self
+    }
+
+    /// Marks a source subtask idle after `timeout` without records, so that
+    /// downstream watermarks advance without it.
+    pub fn with_idleness(mut self, timeout: Duration) -> Self {
+        self.idleness = Some(timeout);
+        self
+    }
+}
+
+/// Tracks the watermarks and idleness of a task's input channels and yields
+/// the task's watermark: the minimum over the active channels.
+///
+/// Protocol:
+/// 1. every channel starts active at `MIN_WATERMARK`;
+/// 2. a channel's watermark only moves forward (a smaller one is ignored);
+/// 3. an idle channel does not hold the minimum back; when every channel is
+///    idle the task is idle and its watermark stays where it is;
+/// 4. the output watermark only moves forward, and is reported once per
+///    change.
+#[derive(Clone, Debug)]
+pub struct WatermarkValve {
+    channels: Vec<ChannelWatermark>,
+    output: Timestamp,
+    output_idle: bool,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct ChannelWatermark {
+    watermark: Timestamp,
+    idle: bool,
+}
+
+/// What a channel event changed for the task.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ValveOutput {
+    pub watermark: Option<Timestamp>,
+    pub idle: Option<bool>,
+}
+
+impl WatermarkValve {
+    pub fn new(channel_count: usize) -> Self {
+        WatermarkValve {
+            channels: vec![
+                ChannelWatermark {
+                    watermark: MIN_WATERMARK,
+                    idle: false
+                };
+                channel_count
+            ],
+            output: MIN_WATERMARK,
+            output_idle: false,
+        }
+    }
+
+    pub fn watermark(&self) -> Timestamp {
+        self.output
+    }
+
+    pub fn on_watermark(&mut self, channel: usize, watermark: Timestamp) -> ValveOutput {
+        let state = &mut self.channels[channel];
+        let mut output = ValveOutput::default();
+        if state.idle {
+            state.idle = false;
+            if self.output_idle {
+                self.output_idle = false;
+                output.idle = Some(false);
+            }
+        }
+        if watermark > state.watermark {
+            state.watermark = watermark;
+        }
+        output.watermark = self.advance();
+        output
+    }
+
+    pub fn on_idle(&mut self, channel: usize, idle: bool) -> ValveOutput {
+        self.channels[channel].idle = idle;
+        let all_idle = self.channels.iter().all(|channel| channel.idle);
+        let mut output = ValveOutput::default();
+        if all_idle != self.output_idle {
+            self.output_idle = all_idle;
+            output.idle = Some(all_idle);
+        }
+        if !all_idle {
+            output.watermark = self.advance();
+        }
+        output
+    }
+
+    fn advance(&mut self) -> Option<Timestamp> {
+        let minimum = self
+            .channels
+            .iter()
+            .filter(|channel| !channel.idle)
+            .map(|channel| channel.watermark)
+            .min()?;
+        if minimum > self.output {
+            self.output = minimum;
+            Some(minimum)
+        } else {
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_watermark_is_the_minimum_over_active_channels() {
+        let mut valve = WatermarkValve::new(2);
+        assert_eq!(valve.on_watermark(0, 10).watermark, None);
+        assert_eq!(valve.on_watermark(1, 5).watermark, Some(5));
+        assert_eq!(valve.on_watermark(1, 20).watermark, Some(10));
+        assert_eq!(
+            valve.on_watermark(0, 8).watermark,
+            None,
+            "a channel never goes back"
+        );
+    }
+
+    #[test]
+    fn an_idle_channel_does_not_hold_the_watermark_back() {
+        let mut valve = WatermarkValve::new(2);
+        valve.on_watermark(0, 100);
+        let output = valve.on_idle(1, true);
+        assert_eq!(output.watermark, Some(100));
+        assert_eq!(output.idle, None);
+        assert_eq!(valve.on_idle(0, true).idle, Some(true));
+        let output = valve.on_watermark(1, 50);
+        assert_eq!(output.idle, Some(false));
+        assert_eq!(output.watermark, None, "the output never goes back");
+    }
+}

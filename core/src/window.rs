@@ -1,0 +1,628 @@
+//! Event-time windows: assigners, window functions, the window operator and
+//! the window join.
+//!
+//! Protocol of the window operator, per record with timestamp `ts`:
+//! 1. the assigner gives the windows that hold `ts`;
+//! 2. a window is late when `window.max_timestamp() + allowed_lateness <=
+//!    watermark`; a late window drops the record (allowed lateness is 0 by
+//!    default, as in Flink);
+//! 3. the record is added to the window's accumulator in keyed state; a new
+//!    `(key, window)` registers one timer at `window.max_timestamp()` (and,
+//!    with allowed lateness, one for clean-up at `max_timestamp() +
+//!    lateness`);
+//! 4. session windows first merge every window of the key that overlaps the
+//!    new one, moving their accumulators and timers to the merged window;
+//! 5. when the watermark reaches a window's timer the window fires: its
+//!    result is emitted with timestamp `window.max_timestamp()`, and its state
+//!    is removed when the clean-up time is reached.
+//! Every window of a finite input fires, because the input ends with the
+//! watermark `MAX_WATERMARK`.
+
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::function::{Collector, TimestampedCollector};
+use crate::key::Key;
+use crate::operator::{OperatorContext, Output, TaskHead};
+use crate::record::Record;
+use crate::state::{KeyedStateStore, TimerService};
+use crate::time::{Timestamp, MIN_WATERMARK, NO_TIMESTAMP};
+
+/// A window of event time `[start, end)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TimeWindow {
+    pub start: Timestamp,
+    pub end: Timestamp,
+}
+
+impl TimeWindow {
+    /// The largest timestamp that belongs to the window.
+    pub fn max_timestamp(&self) -> Timestamp {
+        self.end - 1
+    }
+
+    fn intersects(&self, other: &TimeWindow) -> bool {
+        self.start <= other.end && self.end >= other.start
+    }
+
+    fn cover(&self, other: &TimeWindow) -> TimeWindow {
+        TimeWindow {
+            start: self.start.min(other.start),
+            end: self.end.max(other.end),
+        }
+    }
+}
+
+/// Which windows a record belongs to, as Flink's event-time window assigners.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WindowAssigner {
+    Tumbling { size: i64, offset: i64 },
+    Sliding { size: i64, slide: i64, offset: i64 },
+    Session { gap: i64 },
+}
+
+fn milliseconds(duration: Duration) -> i64 {
+    let value = duration.as_millis() as i64;
+    assert!(
+        value > 0,
+        "a window size, slide or gap must be at least 1 ms"
+    );
+    value
+}
+
+impl WindowAssigner {
+    /// `TumblingEventTimeWindows.of(size)`.
+    pub fn tumbling(size: Duration) -> Self {
+        WindowAssigner::Tumbling {
+            size: milliseconds(size),
+            offset: 0,
+        }
+    }
+
+    /// `SlidingEventTimeWindows.of(size, slide)`.
+    pub fn sliding(size: Duration, slide: Duration) -> Self {
+        WindowAssigner::Sliding {
+            size: milliseconds(size),
+            slide: milliseconds(slide),
+            offset: 0,
+        }
+    }
+
+    /// `EventTimeSessionWindows.withGap(gap)`.
+    pub fn session(gap: Duration) -> Self {
+        WindowAssigner::Session {
+            gap: milliseconds(gap),
+        }
+    }
+
+    pub fn is_merging(&self) -> bool {
+        matches!(self, WindowAssigner::Session { .. })
+    }
+
+    /// Appends the windows that hold `timestamp` to `windows`.
+    pub fn assign(&self, timestamp: Timestamp, windows: &mut Vec<TimeWindow>) {
+        match *self {
+            WindowAssigner::Tumbling { size, offset } => {
+                let start = timestamp - (timestamp - offset).rem_euclid(size);
+                windows.push(TimeWindow {
+                    start,
+                    end: start + size,
+                });
+            }
+            WindowAssigner::Sliding {
+                size,
+                slide,
+                offset,
+            } => {
+                let last_start = timestamp - (timestamp - offset).rem_euclid(slide);
+                let mut start = last_start;
+                while start > timestamp - size {
+                    windows.push(TimeWindow {
+                        start,
+                        end: start + size,
+                    });
+                    start -= slide;
+                }
+            }
+            WindowAssigner::Session { gap } => {
+                windows.push(TimeWindow {
+                    start: timestamp,
+                    end: timestamp + gap,
+                });
+            }
+        }
+    }
+}
+
+/// Incremental aggregation of a window, as Flink's `AggregateFunction`.
+pub trait AggregateFunction<I, A, R>: Clone + Send + Sync + 'static {
+    fn create_accumulator(&self) -> A;
+    fn add(&self, value: I, accumulator: &mut A);
+    fn get_result(&self, accumulator: A) -> R;
+    /// Merges two accumulators (session windows).
+    fn merge(&self, first: A, second: A) -> A;
+}
+
+/// What the window operator does with a window's contents: an aggregate
+/// function followed by a window function.
+pub(crate) struct WindowAggregation<K, I, A, R, O, F, W> {
+    pub(crate) aggregate: F,
+    pub(crate) window_function: Arc<W>,
+    pub(crate) _types: PhantomData<fn(K, I, A, R, O)>,
+}
+
+impl<K, I, A, R, O, F, W> WindowAggregation<K, I, A, R, O, F, W>
+where
+    F: AggregateFunction<I, A, R>,
+    W: Fn(&K, &TimeWindow, R, &mut dyn Collector<O>),
+{
+    fn emit(&self, key: &K, window: &TimeWindow, accumulator: A, out: &mut dyn Collector<O>) {
+        let result = self.aggregate.get_result(accumulator);
+        (self.window_function)(key, window, result, out);
+    }
+}
+
+type WindowContents<A> = Vec<(TimeWindow, A)>;
+
+/// The keyed window operator (one input, chainable).
+pub(crate) struct WindowOperator<K, I, A, R, O, F, W> {
+    pub(crate) key_selector: Arc<dyn Fn(&I) -> K + Send + Sync>,
+    pub(crate) assigner: WindowAssigner,
+    pub(crate) allowed_lateness: i64,
+    pub(crate) aggregation: WindowAggregation<K, I, A, R, O, F, W>,
+    pub(crate) store: KeyedStateStore<K>,
+    pub(crate) table: usize,
+    pub(crate) timers: TimerService<K, TimeWindow>,
+    pub(crate) watermark: Timestamp,
+    pub(crate) scratch: Vec<TimeWindow>,
+    pub(crate) next: Box<dyn Output<O>>,
+    pub(crate) operator_name: String,
+}
+
+impl<K, I, A, R, O, F, W> WindowOperator<K, I, A, R, O, F, W>
+where
+    K: Key,
+    I: Clone,
+    A: Clone + 'static,
+    F: AggregateFunction<I, A, R>,
+    W: Fn(&K, &TimeWindow, R, &mut dyn Collector<O>),
+{
+    pub(crate) fn new(
+        key_selector: Arc<dyn Fn(&I) -> K + Send + Sync>,
+        assigner: WindowAssigner,
+        allowed_lateness: i64,
+        aggregation: WindowAggregation<K, I, A, R, O, F, W>,
+        context: &OperatorContext,
+        next: Box<dyn Output<O>>,
+    ) -> Self {
+        let mut store = KeyedStateStore::new(context.key_groups, context.max_parallelism);
+        let table = store.table_index::<WindowContents<A>>("window-contents");
+        WindowOperator {
+            key_selector,
+            assigner,
+            allowed_lateness,
+            aggregation,
+            store,
+            table,
+            timers: TimerService::new(false),
+            watermark: MIN_WATERMARK,
+            scratch: Vec::new(),
+            next,
+            operator_name: context.operator_name.clone(),
+        }
+    }
+
+    fn is_late(&self, window: &TimeWindow) -> bool {
+        window.max_timestamp().saturating_add(self.allowed_lateness) <= self.watermark
+    }
+
+    fn register(&mut self, key: &K, window: &TimeWindow) {
+        self.timers.register(key, window, window.max_timestamp());
+        if self.allowed_lateness > 0 {
+            self.timers.register(
+                key,
+                window,
+                window.max_timestamp().saturating_add(self.allowed_lateness),
+            );
+        }
+    }
+
+    fn unregister(&mut self, key: &K, window: &TimeWindow) {
+        self.timers.delete(key, window, window.max_timestamp());
+        if self.allowed_lateness > 0 {
+            self.timers.delete(
+                key,
+                window,
+                window.max_timestamp().saturating_add(self.allowed_lateness),
+            );
+        }
+    }
+
+    fn add_to_window(&mut self, key: &K, group: usize, window: TimeWindow, record: I) {
+        let entries = self
+            .store
+            .table_mut::<WindowContents<A>>(self.table)
+            .get_or_insert_with(group, key, Vec::new);
+        match entries.iter_mut().find(|(existing, _)| *existing == window) {
+            Some((_, accumulator)) => self.aggregation.aggregate.add(record, accumulator),
+            None => {
+                let mut accumulator = self.aggregation.aggregate.create_accumulator();
+                self.aggregation.aggregate.add(record, &mut accumulator);
+                entries.push((window, accumulator));
+                self.register(key, &window);
+            }
+        }
+        if window.max_timestamp() <= self.watermark {
+            // Late but within the allowed lateness: fire again at once.
+            self.fire(key, group, window, false);
+        }
+    }
+
+    fn add_to_session(&mut self, key: &K, group: usize, window: TimeWindow, record: I) {
+        let entries = self
+            .store
+            .table_mut::<WindowContents<A>>(self.table)
+            .get_or_insert_with(group, key, Vec::new);
+        let mut merged_window = window;
+        let mut merged: Option<A> = None;
+        let mut removed = Vec::new();
+        let mut index = 0;
+        while index < entries.len() {
+            if entries[index].0.intersects(&merged_window) {
+                let (existing, accumulator) = entries.swap_remove(index);
+                merged_window = merged_window.cover(&existing);
+                merged = Some(match merged {
+                    Some(current) => self.aggregation.aggregate.merge(current, accumulator),
+                    None => accumulator,
+                });
+                removed.push(existing);
+                // Growing the window may now reach entries already passed.
+                index = 0;
+            } else {
+                index += 1;
+            }
+        }
+        let mut accumulator =
+            merged.unwrap_or_else(|| self.aggregation.aggregate.create_accumulator());
+        self.aggregation.aggregate.add(record, &mut accumulator);
+        entries.push((merged_window, accumulator));
+        for old in removed {
+            self.unregister(key, &old);
+        }
+        self.register(key, &merged_window);
+        if merged_window.max_timestamp() <= self.watermark {
+            self.fire(key, group, merged_window, false);
+        }
+    }
+
+    /// Emits the window's result; with `purge`, removes its state.
+    fn fire(&mut self, key: &K, group: usize, window: TimeWindow, purge: bool) {
+        let table = self.store.table_mut::<WindowContents<A>>(self.table);
+        let Some(entries) = table.get_mut(group, key) else {
+            return;
+        };
+        let Some(position) = entries.iter().position(|(existing, _)| *existing == window) else {
+            return;
+        };
+        let accumulator = if purge {
+            let (_, accumulator) = entries.swap_remove(position);
+            if entries.is_empty() {
+                table.remove(group, key);
+            }
+            accumulator
+        } else {
+            entries[position].1.clone()
+        };
+        let mut out = TimestampedCollector {
+            output: &mut *self.next,
+            timestamp: window.max_timestamp(),
+        };
+        self.aggregation.emit(key, &window, accumulator, &mut out);
+    }
+
+    fn purge(&mut self, key: &K, group: usize, window: TimeWindow) {
+        let table = self.store.table_mut::<WindowContents<A>>(self.table);
+        if let Some(entries) = table.get_mut(group, key) {
+            entries.retain(|(existing, _)| *existing != window);
+            if entries.is_empty() {
+                table.remove(group, key);
+            }
+        }
+    }
+}
+
+impl<K, I, A, R, O, F, W> Output<I> for WindowOperator<K, I, A, R, O, F, W>
+where
+    K: Key,
+    I: Clone,
+    A: Clone + 'static,
+    F: AggregateFunction<I, A, R>,
+    W: Fn(&K, &TimeWindow, R, &mut dyn Collector<O>),
+{
+    fn push(&mut self, record: I, timestamp: Timestamp) {
+        assert!(
+            timestamp != NO_TIMESTAMP,
+            "window operator '{}' received a record without a timestamp: give the source a WatermarkStrategy with a timestamp assigner",
+            self.operator_name
+        );
+        let key = (self.key_selector)(&record);
+        let group = self.store.group_index(&key);
+        let mut windows = std::mem::take(&mut self.scratch);
+        windows.clear();
+        self.assigner.assign(timestamp, &mut windows);
+        windows.retain(|window| !self.is_late(window));
+        let merging = self.assigner.is_merging();
+        if let Some((last, rest)) = windows.split_last() {
+            for window in rest {
+                self.add_to_window(&key, group, *window, record.clone());
+            }
+            if merging {
+                self.add_to_session(&key, group, *last, record);
+            } else {
+                self.add_to_window(&key, group, *last, record);
+            }
+        }
+        self.scratch = windows;
+    }
+
+    fn watermark(&mut self, watermark: Timestamp) {
+        self.watermark = watermark;
+        while let Some((timestamp, key, window)) = self.timers.pop_ready(watermark) {
+            let group = self.store.group_index(&key);
+            let cleanup_time = window.max_timestamp().saturating_add(self.allowed_lateness);
+            if timestamp == window.max_timestamp() {
+                self.fire(&key, group, window, cleanup_time == timestamp);
+            } else if timestamp == cleanup_time {
+                self.purge(&key, group, window);
+            }
+        }
+        self.next.watermark(watermark);
+    }
+
+    fn idle(&mut self, idle: bool) {
+        self.next.idle(idle);
+    }
+    fn flush(&mut self) {
+        self.next.flush();
+    }
+    fn end_of_input(&mut self) {
+        self.next.end_of_input();
+    }
+}
+
+/// The window join: per key and window, every pair of a left and a right
+/// record, emitted when the window fires (Flink's
+/// `join(...).where(...).equalTo(...).window(...).apply(...)`).
+pub(crate) struct WindowJoinHead<K, L, R, O, J> {
+    pub(crate) left_key: Arc<dyn Fn(&L) -> K + Send + Sync>,
+    pub(crate) right_key: Arc<dyn Fn(&R) -> K + Send + Sync>,
+    pub(crate) assigner: WindowAssigner,
+    pub(crate) join: Arc<J>,
+    pub(crate) store: KeyedStateStore<K>,
+    pub(crate) table: usize,
+    pub(crate) timers: TimerService<K, TimeWindow>,
+    pub(crate) watermark: Timestamp,
+    pub(crate) next: Box<dyn Output<O>>,
+    pub(crate) operator_name: String,
+}
+
+type JoinContents<L, R> = Vec<(TimeWindow, Vec<L>, Vec<R>)>;
+
+impl<K, L, R, O, J> WindowJoinHead<K, L, R, O, J>
+where
+    K: Key,
+    L: Record,
+    R: Record,
+    J: Fn(L, R) -> O,
+{
+    pub(crate) fn new(
+        left_key: Arc<dyn Fn(&L) -> K + Send + Sync>,
+        right_key: Arc<dyn Fn(&R) -> K + Send + Sync>,
+        assigner: WindowAssigner,
+        join: Arc<J>,
+        context: &OperatorContext,
+        next: Box<dyn Output<O>>,
+    ) -> Self {
+        let mut store = KeyedStateStore::new(context.key_groups, context.max_parallelism);
+        let table = store.table_index::<JoinContents<L, R>>("join-contents");
+        WindowJoinHead {
+            left_key,
+            right_key,
+            assigner,
+            join,
+            store,
+            table,
+            timers: TimerService::new(false),
+            watermark: MIN_WATERMARK,
+            next,
+            operator_name: context.operator_name.clone(),
+        }
+    }
+}
+
+fn add_to_join<K: Key, L: 'static, R: 'static, T: Clone>(
+    store: &mut KeyedStateStore<K>,
+    table: usize,
+    timers: &mut TimerService<K, TimeWindow>,
+    assigner: &WindowAssigner,
+    watermark: Timestamp,
+    key: K,
+    timestamp: Timestamp,
+    record: T,
+    side: impl Fn(&mut (TimeWindow, Vec<L>, Vec<R>), T),
+) {
+    let group = store.group_index(&key);
+    let mut windows = Vec::new();
+    assigner.assign(timestamp, &mut windows);
+    for window in windows {
+        if window.max_timestamp() <= watermark {
+            continue;
+        }
+        let entries = store
+            .table_mut::<JoinContents<L, R>>(table)
+            .get_or_insert_with(group, &key, Vec::new);
+        let position = match entries
+            .iter()
+            .position(|(existing, _, _)| *existing == window)
+        {
+            Some(position) => position,
+            None => {
+                entries.push((window, Vec::new(), Vec::new()));
+                timers.register(&key, &window, window.max_timestamp());
+                entries.len() - 1
+            }
+        };
+        side(&mut entries[position], record.clone());
+    }
+}
+
+impl<K, L, R, O, J> TaskHead for WindowJoinHead<K, L, R, O, J>
+where
+    K: Key,
+    L: Record,
+    R: Record,
+    J: Fn(L, R) -> O,
+{
+    fn on_buffer(&mut self, input: usize, bytes: &[u8]) -> Result<(), String> {
+        let operator_name = &self.operator_name;
+        let check = |timestamp: Timestamp| {
+            assert!(
+                timestamp != NO_TIMESTAMP,
+                "window join '{operator_name}' received a record without a timestamp: give the source a WatermarkStrategy with a timestamp assigner"
+            );
+        };
+        let (store, table, timers, assigner, watermark) = (
+            &mut self.store,
+            self.table,
+            &mut self.timers,
+            &self.assigner,
+            self.watermark,
+        );
+        if input == 0 {
+            let key_of = &self.left_key;
+            L::decode(bytes, &mut |record, timestamp| {
+                check(timestamp);
+                let key = key_of(&record);
+                add_to_join::<K, L, R, L>(
+                    store,
+                    table,
+                    timers,
+                    assigner,
+                    watermark,
+                    key,
+                    timestamp,
+                    record,
+                    |entry, record| entry.1.push(record),
+                );
+            })
+        } else {
+            let key_of = &self.right_key;
+            R::decode(bytes, &mut |record, timestamp| {
+                check(timestamp);
+                let key = key_of(&record);
+                add_to_join::<K, L, R, R>(
+                    store,
+                    table,
+                    timers,
+                    assigner,
+                    watermark,
+                    key,
+                    timestamp,
+                    record,
+                    |entry, record| entry.2.push(record),
+                );
+            })
+        }
+    }
+
+    fn on_watermark(&mut self, watermark: Timestamp) {
+        self.watermark = watermark;
+        while let Some((timestamp, key, window)) = self.timers.pop_ready(watermark) {
+            let group = self.store.group_index(&key);
+            let table = self.store.table_mut::<JoinContents<L, R>>(self.table);
+            let Some(entries) = table.get_mut(group, &key) else {
+                continue;
+            };
+            let Some(position) = entries
+                .iter()
+                .position(|(existing, _, _)| *existing == window)
+            else {
+                continue;
+            };
+            let (_, lefts, rights) = entries.swap_remove(position);
+            if entries.is_empty() {
+                table.remove(group, &key);
+            }
+            for left in &lefts {
+                for right in &rights {
+                    self.next
+                        .push((self.join)(left.clone(), right.clone()), timestamp);
+                }
+            }
+        }
+        self.next.watermark(watermark);
+    }
+
+    fn on_idle(&mut self, idle: bool) {
+        self.next.idle(idle);
+    }
+    fn flush(&mut self) {
+        self.next.flush();
+    }
+    fn end_of_input(&mut self) {
+        self.next.end_of_input();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assigned(assigner: WindowAssigner, timestamp: Timestamp) -> Vec<TimeWindow> {
+        let mut windows = Vec::new();
+        assigner.assign(timestamp, &mut windows);
+        windows.sort();
+        windows
+    }
+
+    #[test]
+    fn tumbling_and_sliding_windows_follow_the_spec() {
+        let tumbling = WindowAssigner::tumbling(Duration::from_millis(10_000));
+        assert_eq!(
+            assigned(tumbling, 12_345),
+            vec![TimeWindow {
+                start: 10_000,
+                end: 20_000
+            }]
+        );
+        let sliding =
+            WindowAssigner::sliding(Duration::from_millis(10_000), Duration::from_millis(2_000));
+        let windows = assigned(sliding, 12_345);
+        assert_eq!(windows.len(), 5);
+        assert_eq!(
+            windows[0],
+            TimeWindow {
+                start: 4_000,
+                end: 14_000
+            }
+        );
+        assert_eq!(
+            windows[4],
+            TimeWindow {
+                start: 12_000,
+                end: 22_000
+            }
+        );
+        assert!(windows
+            .iter()
+            .all(|window| window.start <= 12_345 && 12_345 < window.end));
+        assert_eq!(
+            assigned(tumbling, -1),
+            vec![TimeWindow {
+                start: -10_000,
+                end: 0
+            }]
+        );
+    }
+}

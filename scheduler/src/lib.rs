@@ -1,0 +1,26 @@
+//! strom-scheduler: the runtime.
+//!
+//! - [`jobmanager`]: the JobManager (Dispatcher, ResourceManager and a
+//!   JobMaster per job): takes job submissions, checks them, asks for slots,
+//!   deploys subtasks, and turns task reports into the job's result.
+//! - [`taskmanager`]: the TaskManager: its slots are glommio executors
+//!   pinned one per core; it deploys subtasks into them and wires their
+//!   channels.
+//! - [`task`]: the task loop that drives a subtask's operators.
+//! - [`local`]: the local mini-cluster, a JobManager and a TaskManager in one
+//!   process, as Flink's MiniCluster.
+//!
+//! JobManager and TaskManager only talk through the messages of
+//! [`messages`], so that the standalone cluster changes the transport, not
+//! the protocol. Depends on strom-core (jobs), strom-net (channels) and, for
+//! checkpoints later, strom-state.
+#![forbid(unsafe_code)]
+
+pub mod jobmanager;
+pub mod local;
+pub mod messages;
+pub mod task;
+pub mod taskmanager;
+
+pub use local::{LocalCluster, LocalClusterConfig};
+pub use messages::{JobId, JobResult};

@@ -1,0 +1,104 @@
+//! The local mini-cluster: a JobManager and one TaskManager in this
+//! process, talking through the same messages as a standalone cluster.
+
+use std::sync::mpsc::{self, Sender};
+use std::thread::JoinHandle;
+
+use strom_core::{JobArgs, Program};
+
+use crate::jobmanager::JobManager;
+use crate::messages::{JobResult, ToJobManager, ToTaskManager};
+use crate::taskmanager::TaskManager;
+
+/// How to size the mini-cluster.
+#[derive(Clone, Debug)]
+pub struct LocalClusterConfig {
+    /// Slots of the one TaskManager (one pinned executor each).
+    pub slot_count: u32,
+}
+
+pub struct LocalCluster {
+    job_manager: Sender<ToJobManager>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl LocalCluster {
+    /// Starts the JobManager and the TaskManager, which registers its slots.
+    pub fn start(
+        programs: Vec<Program>,
+        config: LocalClusterConfig,
+    ) -> Result<LocalCluster, String> {
+        let (job_manager_sender, job_manager_inbox) = mpsc::channel();
+        let (task_manager_sender, task_manager_inbox) = mpsc::channel();
+        let task_manager = TaskManager::start(
+            0,
+            programs.clone(),
+            config.slot_count,
+            job_manager_sender.clone(),
+            task_manager_sender.clone(),
+        )?;
+        let slot_count = task_manager.slot_count();
+        let job_manager = JobManager::new(programs);
+        let threads = vec![
+            std::thread::Builder::new()
+                .name("strom-jobmanager".to_string())
+                .spawn(move || job_manager.run(job_manager_inbox))
+                .map_err(|error| format!("cannot start the JobManager thread: {error}"))?,
+            std::thread::Builder::new()
+                .name("strom-taskmanager".to_string())
+                .spawn(move || task_manager.run(task_manager_inbox))
+                .map_err(|error| format!("cannot start the TaskManager thread: {error}"))?,
+        ];
+        job_manager_sender
+            .send(ToJobManager::RegisterTaskManager {
+                task_manager: 0,
+                slot_count,
+                sender: task_manager_sender,
+            })
+            .map_err(|_| "the JobManager stopped".to_string())?;
+        Ok(LocalCluster {
+            job_manager: job_manager_sender,
+            threads,
+        })
+    }
+
+    /// Submits a job and waits for its end.
+    pub fn execute(&self, program: &str, args: JobArgs) -> Result<JobResult, String> {
+        let (reply, result) = mpsc::channel();
+        self.job_manager
+            .send(ToJobManager::SubmitJob {
+                program: program.to_string(),
+                args,
+                reply,
+            })
+            .map_err(|_| "the JobManager stopped".to_string())?;
+        result
+            .recv()
+            .map_err(|_| "the JobManager stopped before the job ended".to_string())?
+    }
+
+    /// Stops the TaskManager (and its slots) and the JobManager.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        let _ = self.job_manager.send(ToJobManager::Shutdown);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Unused by the local cluster itself; kept so the message type is used
+/// the same way in every transport.
+#[allow(dead_code)]
+fn _assert_messages_are_send(message: ToTaskManager) -> impl Send {
+    message
+}

@@ -1,0 +1,274 @@
+//! The TaskManager: slots as pinned glommio executors, deployment of
+//! subtasks into them, and the channels between them.
+
+use std::collections::HashMap;
+use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::Arc;
+use std::time::Duration;
+
+use glommio::{LocalExecutorBuilder, Placement};
+use strom_core::{JobGraph, Program};
+use strom_net::channel::{channel, ChannelReceiver, ChannelSender};
+
+use crate::messages::{JobId, ToJobManager, ToTaskManager};
+use crate::task::{run_task, TaskDeployment};
+
+/// How often an idle slot looks for commands. Commands (deploy, cancel) are
+/// rare, so a millisecond costs nothing and keeps slots free of locks.
+const SLOT_COMMAND_POLL_INTERVAL: Duration = Duration::from_millis(1);
+/// A task may run this long before it must let the slot's other tasks run.
+const SLOT_PREEMPT_INTERVAL: Duration = Duration::from_millis(2);
+/// Memory each slot's io_uring may lock for registered buffers; small, so
+/// that a default locked-memory limit of 8 MiB holds a few slots.
+const SLOT_IO_MEMORY_BYTES: usize = 512 * 1024;
+
+enum SlotCommand {
+    Deploy {
+        job: JobId,
+        graph: Arc<JobGraph>,
+        tasks: Vec<TaskDeployment>,
+    },
+    Cancel {
+        job: JobId,
+    },
+    Shutdown,
+}
+
+struct Slot {
+    commands: Sender<SlotCommand>,
+    thread: glommio::ExecutorJoinHandle<()>,
+}
+
+pub struct TaskManager {
+    id: usize,
+    programs: Vec<Program>,
+    slots: Vec<Slot>,
+    job_manager: Sender<ToJobManager>,
+    inbox_sender: Sender<ToTaskManager>,
+}
+
+/// The CPUs this process may run on, from `/proc/self/status`.
+pub fn allowed_cpus() -> Vec<usize> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let list = status
+        .lines()
+        .find_map(|line| line.strip_prefix("Cpus_allowed_list:"))
+        .map(str::trim)
+        .unwrap_or("");
+    let mut cpus = Vec::new();
+    for part in list.split(',').filter(|part| !part.is_empty()) {
+        let mut bounds = part
+            .split('-')
+            .filter_map(|bound| bound.trim().parse::<usize>().ok());
+        if let Some(first) = bounds.next() {
+            let last = bounds.next().unwrap_or(first);
+            cpus.extend(first..=last);
+        }
+    }
+    if cpus.is_empty() {
+        let count = std::thread::available_parallelism()
+            .map(|count| count.get())
+            .unwrap_or(1);
+        cpus.extend(0..count);
+    }
+    cpus
+}
+
+impl TaskManager {
+    /// Starts `slot_count` slots, slot `i` pinned to the `i`-th allowed CPU
+    /// (round robin when there are more slots than CPUs).
+    pub fn start(
+        id: usize,
+        programs: Vec<Program>,
+        slot_count: u32,
+        job_manager: Sender<ToJobManager>,
+        inbox_sender: Sender<ToTaskManager>,
+    ) -> Result<TaskManager, String> {
+        let cpus = allowed_cpus();
+        let mut slots = Vec::new();
+        for index in 0..slot_count as usize {
+            let cpu = cpus[index % cpus.len()];
+            let (commands, command_inbox) = mpsc::channel();
+            let thread = LocalExecutorBuilder::new(Placement::Fixed(cpu))
+                .name(&format!("strom-slot-{index}"))
+                .io_memory(SLOT_IO_MEMORY_BYTES)
+                .preempt_timer(SLOT_PREEMPT_INTERVAL)
+                .spawn(move || slot_main(command_inbox))
+                .map_err(|error| format!("cannot start slot {index} on CPU {cpu}: {error}"))?;
+            slots.push(Slot { commands, thread });
+        }
+        Ok(TaskManager {
+            id,
+            programs,
+            slots,
+            job_manager,
+            inbox_sender,
+        })
+    }
+
+    pub fn slot_count(&self) -> u32 {
+        self.slots.len() as u32
+    }
+
+    /// Handles messages until `Shutdown`, then stops the slots.
+    pub fn run(self, inbox: Receiver<ToTaskManager>) {
+        while let Ok(message) = inbox.recv() {
+            match message {
+                ToTaskManager::DeployJob {
+                    job,
+                    program,
+                    args,
+                    slots,
+                } => {
+                    if let Err(error) = self.deploy(job, &program, &args, &slots) {
+                        let _ = self.job_manager.send(ToJobManager::TaskFailed {
+                            job,
+                            vertex: 0,
+                            subtask: 0,
+                            error,
+                        });
+                    }
+                }
+                ToTaskManager::CancelJob { job } => {
+                    for slot in &self.slots {
+                        let _ = slot.commands.send(SlotCommand::Cancel { job });
+                    }
+                }
+                ToTaskManager::Report(report) => {
+                    let _ = self.job_manager.send(report);
+                }
+                ToTaskManager::Shutdown => break,
+            }
+        }
+        for slot in &self.slots {
+            let _ = slot.commands.send(SlotCommand::Shutdown);
+        }
+        for slot in self.slots {
+            let _ = slot.thread.join();
+        }
+        let _ = self.id;
+    }
+
+    fn deploy(
+        &self,
+        job: JobId,
+        program_name: &str,
+        args: &strom_core::JobArgs,
+        slots: &[Vec<u32>],
+    ) -> Result<(), String> {
+        let program = self
+            .programs
+            .iter()
+            .find(|program| program.name == program_name)
+            .ok_or_else(|| {
+                format!(
+                    "TaskManager {} does not know program '{program_name}'",
+                    self.id
+                )
+            })?;
+        let graph = Arc::new(program.job_graph(args)?);
+        // One channel per (edge, producer, consumer) pair.
+        let mut senders: HashMap<(usize, u32, u32), ChannelSender> = HashMap::new();
+        let mut receivers: HashMap<(usize, u32, u32), ChannelReceiver> = HashMap::new();
+        for edge in &graph.edges {
+            for producer in 0..graph.vertices[edge.source].parallelism {
+                for consumer in graph.consumers_of(edge.id, producer) {
+                    let (sender, receiver) = channel();
+                    senders.insert((edge.id, producer, consumer), sender);
+                    receivers.insert((edge.id, producer, consumer), receiver);
+                }
+            }
+        }
+        let mut per_slot: Vec<Vec<TaskDeployment>> =
+            (0..self.slots.len()).map(|_| Vec::new()).collect();
+        for vertex in &graph.vertices {
+            for subtask in 0..vertex.parallelism {
+                let outputs = graph
+                    .output_channels(vertex.id, subtask)
+                    .into_iter()
+                    .map(|end| {
+                        senders
+                            .remove(&(end.edge, subtask, end.subtask))
+                            .expect("a sender per channel")
+                    })
+                    .collect();
+                let inputs = graph
+                    .input_channels(vertex.id, subtask)
+                    .into_iter()
+                    .map(|(end, input)| {
+                        (
+                            receivers
+                                .remove(&(end.edge, end.subtask, subtask))
+                                .expect("a receiver per channel"),
+                            input,
+                        )
+                    })
+                    .collect();
+                let slot = slots[vertex.id][subtask as usize] as usize;
+                if slot >= self.slots.len() {
+                    return Err(format!(
+                        "subtask assigned to slot {slot}, but TaskManager {} has {}",
+                        self.id,
+                        self.slots.len()
+                    ));
+                }
+                per_slot[slot].push(TaskDeployment {
+                    job,
+                    vertex: vertex.id,
+                    subtask,
+                    inputs,
+                    outputs,
+                    reports: self.inbox_sender.clone(),
+                });
+            }
+        }
+        for (slot, tasks) in self.slots.iter().zip(per_slot) {
+            if !tasks.is_empty() {
+                slot.commands
+                    .send(SlotCommand::Deploy {
+                        job,
+                        graph: graph.clone(),
+                        tasks,
+                    })
+                    .map_err(|_| "a slot has stopped".to_string())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The life of a slot: run the subtasks deployed into it; cancelling a job
+/// drops its subtasks, which closes their channels so that their peers in
+/// other slots stop too.
+async fn slot_main(commands: Receiver<SlotCommand>) {
+    let mut running: HashMap<JobId, Vec<glommio::task::JoinHandle<()>>> = HashMap::new();
+    loop {
+        match commands.try_recv() {
+            Ok(SlotCommand::Deploy { job, graph, tasks }) => {
+                let handles = tasks
+                    .into_iter()
+                    .map(|deployment| {
+                        glommio::spawn_local(run_task(graph.clone(), deployment)).detach()
+                    })
+                    .collect::<Vec<_>>();
+                running.entry(job).or_default().extend(handles);
+            }
+            Ok(SlotCommand::Cancel { job }) => {
+                // Cancelling a finished task does nothing, so the JobManager
+                // sends this for every job that ends, to release the handles.
+                for handle in running.remove(&job).unwrap_or_default() {
+                    handle.cancel();
+                }
+            }
+            Ok(SlotCommand::Shutdown) | Err(TryRecvError::Disconnected) => {
+                for handle in running.into_values().flatten() {
+                    handle.cancel();
+                }
+                return;
+            }
+            Err(TryRecvError::Empty) => {
+                glommio::timer::sleep(SLOT_COMMAND_POLL_INTERVAL).await;
+            }
+        }
+    }
+}
