@@ -418,6 +418,7 @@ fn nexmark_command() -> clap::Command {
             clap::Arg::new("events")
                 .long("events")
                 .default_value("1000000")
+                .allow_negative_numbers(true)
                 .value_parser(clap::value_parser!(u64))
                 .help("How many events to generate (persons, auctions and bids)"),
         )
@@ -425,6 +426,7 @@ fn nexmark_command() -> clap::Command {
             clap::Arg::new("seed")
                 .long("seed")
                 .default_value("42")
+                .allow_negative_numbers(true)
                 .value_parser(clap::value_parser!(u64))
                 .help("The generator's seed"),
         )

@@ -102,7 +102,7 @@ pub(crate) trait StreamType: Send + Sync {
 pub(crate) struct TypedStream<T>(PhantomData<fn() -> T>);
 
 impl<T: Record> TypedStream<T> {
-    pub(crate) fn new() -> Arc<dyn StreamType> {
+    pub(crate) fn shared() -> Arc<dyn StreamType> {
         Arc::new(TypedStream::<T>(PhantomData))
     }
 }

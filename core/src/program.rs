@@ -83,10 +83,16 @@ impl Program {
     }
 }
 
-/// The first line of a (clap) error message, without its `error: ` prefix.
+/// A (clap) error message on one line: its first paragraph, lines joined,
+/// without the `error: ` prefix and the usage that follows.
 pub fn first_line(message: &str) -> String {
-    let line = message.lines().next().unwrap_or(message);
-    line.strip_prefix("error: ").unwrap_or(line).to_string()
+    let paragraph: Vec<&str> = message
+        .lines()
+        .take_while(|line| !line.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    let line = paragraph.join(" ");
+    line.strip_prefix("error: ").unwrap_or(&line).to_string()
 }
 
 /// Adds the options every job takes: `--parallelism`, `--max-parallelism`
@@ -98,6 +104,7 @@ pub fn with_job_options(command: clap::Command) -> clap::Command {
                 .long("parallelism")
                 .short('p')
                 .default_value("1")
+                .allow_negative_numbers(true)
                 .value_parser(clap::value_parser!(u32).range(1..))
                 .help("The default parallelism of the job's operators"),
         )

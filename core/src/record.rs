@@ -42,7 +42,9 @@ pub enum StreamElement {
 /// What the engine needs of a record type. Implemented for every `Clone +
 /// Send + 'static` type that derives rkyv's traits; users never implement it.
 pub trait Record: Clone + Send + 'static {
-    /// Archives `records` into a new buffer.
+    /// Archives `records` into a new buffer. (A `Vec`, not a slice: the
+    /// archived root is an `ArchivedVec`.)
+    #[allow(clippy::ptr_arg)]
     fn encode(records: &Vec<StreamRecord<Self>>) -> Result<AlignedVec, String>;
     /// Validates `bytes` and hands every record, deserialized, to `each`.
     fn decode(bytes: &[u8], each: &mut dyn FnMut(Self, Timestamp)) -> Result<(), String>;
@@ -55,6 +57,7 @@ where
     T::Archived: for<'a> CheckBytes<HighValidator<'a, RkyvError>>,
     T::Archived: Deserialize<T, HighDeserializer<RkyvError>>,
 {
+    #[allow(clippy::ptr_arg)]
     fn encode(records: &Vec<StreamRecord<Self>>) -> Result<AlignedVec, String> {
         rkyv::to_bytes::<RkyvError>(records).map_err(|error| error.to_string())
     }

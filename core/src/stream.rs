@@ -110,7 +110,7 @@ impl StreamExecutionEnvironment {
         let node = self.graph.borrow_mut().add_node(
             name,
             NodeKind::Source(factory),
-            TypedStream::<T>::new(),
+            TypedStream::<T>::shared(),
             Vec::new(),
         );
         DataStream::new(self.clone(), node)
@@ -167,7 +167,7 @@ impl StreamExecutionEnvironment {
         let node = graph.add_node(
             name,
             NodeKind::OneInput { chained, head },
-            TypedStream::<O>::new(),
+            TypedStream::<O>::shared(),
             vec![type_of::<I>()],
         );
         graph.add_edge(input, node, 0, partitioning);
@@ -345,7 +345,7 @@ impl<T: Record> DataStream<T> {
         let node = self.env.graph.borrow_mut().add_node(
             "Union",
             NodeKind::Union(head),
-            TypedStream::<T>::new(),
+            TypedStream::<T>::shared(),
             vec![type_of::<T>()],
         );
         for stream in std::iter::once(&self).chain(others.iter()) {
@@ -669,7 +669,7 @@ impl<K: Key, T1: Record, T2: Record> ConnectedStreams<K, T1, T2> {
         let node = env.graph.borrow_mut().add_node(
             "KeyedCoProcess",
             NodeKind::TwoInput(head),
-            TypedStream::<O>::new(),
+            TypedStream::<O>::shared(),
             vec![type_of::<T1>(), type_of::<T2>()],
         );
         let mut graph = env.graph.borrow_mut();
@@ -789,7 +789,7 @@ impl<K: Key, L: Record, R: Record> WindowedJoin<K, L, R> {
         let node = env.graph.borrow_mut().add_node(
             "Window Join",
             NodeKind::TwoInput(head),
-            TypedStream::<O>::new(),
+            TypedStream::<O>::shared(),
             vec![type_of::<L>(), type_of::<R>()],
         );
         let mut graph = env.graph.borrow_mut();

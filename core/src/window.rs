@@ -15,6 +15,7 @@
 //! 5. when the watermark reaches a window's timer the window fires: its
 //!    result is emitted with timestamp `window.max_timestamp()`, and its state
 //!    is removed when the clean-up time is reached.
+//!
 //! Every window of a finite input fires, because the input ends with the
 //! watermark `MAX_WATERMARK`.
 
