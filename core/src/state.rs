@@ -9,14 +9,23 @@
 //! through the [`KeyedContext`](crate::function::KeyedContext).
 
 use std::any::Any;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
+use std::collections::HashMap as StdHashMap;
 use std::hash::Hash;
 use std::marker::PhantomData;
 use std::sync::Arc;
 
+use rustc_hash::{FxHashMap, FxHashSet};
+
 use crate::function::KeyedContext;
 use crate::key::{key_group_of, Key, KeyGroupRange};
 use crate::time::Timestamp;
+
+/// The hash maps of keyed state and timers. Keys come from inside the job,
+/// and hashing them is the hottest work of a keyed operator, so state uses
+/// the fast FxHash rather than the DoS-resistant default.
+type HashMap<K, V> = FxHashMap<K, V>;
+type HashSet<K> = FxHashSet<K>;
 
 /// One state: per owned key group, the value of every key.
 pub struct StateTable<K, V> {
@@ -26,7 +35,7 @@ pub struct StateTable<K, V> {
 impl<K: Key, V> StateTable<K, V> {
     fn new(key_group_count: usize) -> Self {
         StateTable {
-            groups: (0..key_group_count).map(|_| HashMap::new()).collect(),
+            groups: (0..key_group_count).map(|_| HashMap::default()).collect(),
         }
     }
 
@@ -47,10 +56,11 @@ impl<K: Key, V> StateTable<K, V> {
         default: impl FnOnce() -> V,
     ) -> &mut V {
         let group = &mut self.groups[group_index];
-        if !group.contains_key(key) {
-            group.insert(key.clone(), default());
+        if group.contains_key(key) {
+            group.get_mut(key).expect("the entry is present")
+        } else {
+            group.entry(key.clone()).or_insert_with(default)
         }
-        group.get_mut(key).expect("the entry was just inserted")
     }
 
     pub fn insert(&mut self, group_index: usize, key: &K, value: V) {
@@ -158,7 +168,8 @@ impl<K: Key> KeyedStateStore<K> {
         name: &str,
     ) -> MapState<MK, MV> {
         MapState {
-            index: self.table_index::<HashMap<MK, MV>>(name),
+            // The type its accessors read the table as.
+            index: self.table_index::<StdHashMap<MK, MV>>(name),
             _value: PhantomData,
         }
     }
@@ -293,7 +304,7 @@ impl<MK: Hash + Eq + 'static, MV: 'static> MapState<MK, MV> {
     ) -> Option<&'c MV> {
         let (store, group, key) = context.state_scope();
         store
-            .table::<HashMap<MK, MV>>(self.index)
+            .table::<StdHashMap<MK, MV>>(self.index)
             .get(group, key)
             .and_then(|map| map.get(map_key))
     }
@@ -301,15 +312,15 @@ impl<MK: Hash + Eq + 'static, MV: 'static> MapState<MK, MV> {
     pub fn put<K: Key>(&self, context: &mut KeyedContext<'_, K>, map_key: MK, value: MV) {
         let (store, group, key) = context.state_scope_mut();
         store
-            .table_mut::<HashMap<MK, MV>>(self.index)
-            .get_or_insert_with(group, key, HashMap::new)
+            .table_mut::<StdHashMap<MK, MV>>(self.index)
+            .get_or_insert_with(group, key, StdHashMap::new)
             .insert(map_key, value);
     }
 
     pub fn remove<K: Key>(&self, context: &mut KeyedContext<'_, K>, map_key: &MK) -> Option<MV> {
         let (store, group, key) = context.state_scope_mut();
         store
-            .table_mut::<HashMap<MK, MV>>(self.index)
+            .table_mut::<StdHashMap<MK, MV>>(self.index)
             .get_mut(group, key)
             .and_then(|map| map.remove(map_key))
     }
@@ -320,7 +331,7 @@ impl<MK: Hash + Eq + 'static, MV: 'static> MapState<MK, MV> {
     ) -> impl Iterator<Item = (&'c MK, &'c MV)> {
         let (store, group, key) = context.state_scope();
         store
-            .table::<HashMap<MK, MV>>(self.index)
+            .table::<StdHashMap<MK, MV>>(self.index)
             .get(group, key)
             .into_iter()
             .flat_map(|map| map.iter())
@@ -329,7 +340,7 @@ impl<MK: Hash + Eq + 'static, MV: 'static> MapState<MK, MV> {
     pub fn clear<K: Key>(&self, context: &mut KeyedContext<'_, K>) {
         let (store, group, key) = context.state_scope_mut();
         store
-            .table_mut::<HashMap<MK, MV>>(self.index)
+            .table_mut::<StdHashMap<MK, MV>>(self.index)
             .remove(group, key);
     }
 }
@@ -376,7 +387,7 @@ impl<K: Key, N: Hash + Eq + Clone> TimerService<K, N> {
     pub fn new(deduplicate: bool) -> Self {
         TimerService {
             queue: BTreeMap::new(),
-            registered: HashSet::new(),
+            registered: HashSet::default(),
             deduplicate,
         }
     }
@@ -487,5 +498,37 @@ mod tests {
         for key in 0..1000u64 {
             store.group_index(&key);
         }
+    }
+
+    #[test]
+    fn every_kind_of_state_reads_back_what_it_wrote() {
+        let range = KeyGroupRange::for_subtask(128, 1, 0);
+        let mut store = KeyedStateStore::<u64>::new(range, 128);
+        let value = store.value_state::<u64>("value");
+        let list = store.list_state::<u64>("list");
+        let map = store.map_state::<u64, String>("map");
+        let reducing = store.reducing_state::<u64>("sum", |sum, value| sum + value);
+        let mut timers = TimerService::<u64, ()>::new(true);
+        let key = 7u64;
+        let group_index = store.group_index(&key);
+        let mut context = KeyedContext {
+            key: &key,
+            group_index,
+            timestamp: 0,
+            watermark: 0,
+            store: &mut store,
+            timers: &mut timers,
+        };
+        value.update(&mut context, 1);
+        list.add(&mut context, 2);
+        list.add(&mut context, 3);
+        map.put(&mut context, 4, "four".to_string());
+        reducing.add(&mut context, 5);
+        reducing.add(&mut context, 6);
+        assert_eq!(value.value(&context), Some(&1));
+        assert_eq!(list.get(&context), [2, 3]);
+        assert_eq!(map.get(&context, &4).map(String::as_str), Some("four"));
+        assert_eq!(map.entries(&context).count(), 1);
+        assert_eq!(reducing.get(&context), Some(&11));
     }
 }

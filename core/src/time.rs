@@ -84,7 +84,9 @@ impl<T> WatermarkStrategy<T> {
 /// 1. every channel starts active at `MIN_WATERMARK`;
 /// 2. a channel's watermark only moves forward (a smaller one is ignored);
 /// 3. an idle channel does not hold the minimum back; when every channel is
-///    idle the task is idle and its watermark stays where it is;
+///    idle the task is idle, and if the channel that went idle last held
+///    the minimum back, the largest watermark of any channel is flushed
+///    (none will advance any more; as Flink's `StatusWatermarkValve`);
 /// 4. the output watermark only moves forward, and is reported once per
 ///    change.
 #[derive(Clone, Debug)]
@@ -144,6 +146,7 @@ impl WatermarkValve {
     }
 
     pub fn on_idle(&mut self, channel: usize, idle: bool) -> ValveOutput {
+        let turned_idle = idle && !self.channels[channel].idle;
         self.channels[channel].idle = idle;
         let all_idle = self.channels.iter().all(|channel| channel.idle);
         let mut output = ValveOutput::default();
@@ -153,8 +156,23 @@ impl WatermarkValve {
         }
         if !all_idle {
             output.watermark = self.advance();
+        } else if turned_idle && self.channels[channel].watermark == self.output {
+            // The last active channel held the minimum back: without it
+            // the others' watermarks would stay unused for as long as the
+            // task is idle.
+            output.watermark = self.flush_largest();
         }
         output
+    }
+
+    fn flush_largest(&mut self) -> Option<Timestamp> {
+        let largest = self.channels.iter().map(|channel| channel.watermark).max()?;
+        if largest > self.output {
+            self.output = largest;
+            Some(largest)
+        } else {
+            None
+        }
     }
 
     fn advance(&mut self) -> Option<Timestamp> {
@@ -201,5 +219,32 @@ mod tests {
         let output = valve.on_watermark(1, 50);
         assert_eq!(output.idle, Some(false));
         assert_eq!(output.watermark, None, "the output never goes back");
+    }
+
+    #[test]
+    fn when_every_channel_turns_idle_the_largest_watermark_is_flushed() {
+        // The channel with data turns idle first: the other still holds
+        // the minimum at MIN_WATERMARK.
+        let mut valve = WatermarkValve::new(2);
+        assert_eq!(valve.on_watermark(0, 100).watermark, None);
+        assert_eq!(valve.on_idle(0, true), ValveOutput::default());
+        let output = valve.on_idle(1, true);
+        assert_eq!(output.idle, Some(true));
+        assert_eq!(output.watermark, Some(100));
+        // Turning idle again changes nothing; a channel that comes back
+        // holds the minimum again from where it was.
+        assert_eq!(valve.on_idle(1, true), ValveOutput::default());
+        let output = valve.on_idle(1, false);
+        assert_eq!(output, ValveOutput { watermark: None, idle: Some(false) });
+        assert_eq!(valve.on_watermark(1, 150).watermark, Some(150));
+
+        // The other order: the channel without data turns idle first.
+        let mut valve = WatermarkValve::new(2);
+        valve.on_watermark(0, 100);
+        assert_eq!(valve.on_idle(1, true).watermark, Some(100));
+        assert_eq!(
+            valve.on_idle(0, true),
+            ValveOutput { watermark: None, idle: Some(true) }
+        );
     }
 }

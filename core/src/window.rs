@@ -5,11 +5,13 @@
 //! 1. the assigner gives the windows that hold `ts`;
 //! 2. a window is late when `window.max_timestamp() + allowed_lateness <=
 //!    watermark`; a late window drops the record (allowed lateness is 0 by
-//!    default, as in Flink);
+//!    default, as in Flink); a session window is judged once merged with
+//!    the sessions it touches;
 //! 3. the record is added to the window's accumulator in keyed state; a new
 //!    `(key, window)` registers one timer at `window.max_timestamp()` (and,
 //!    with allowed lateness, one for clean-up at `max_timestamp() +
-//!    lateness`);
+//!    lateness`); a window the watermark has already passed (late, within
+//!    the allowed lateness) gets no firing timer: it fires at once instead;
 //! 4. session windows first merge every window of the key that overlaps the
 //!    new one, moving their accumulators and timers to the merged window;
 //! 5. when the watermark reaches a window's timer the window fires: its
@@ -177,6 +179,7 @@ pub(crate) struct WindowOperator<K, I, A, R, O, F, W> {
     pub(crate) timers: TimerService<K, TimeWindow>,
     pub(crate) watermark: Timestamp,
     pub(crate) scratch: Vec<TimeWindow>,
+    pub(crate) new_windows: Vec<TimeWindow>,
     pub(crate) next: Box<dyn Output<O>>,
     pub(crate) operator_name: String,
 }
@@ -209,6 +212,7 @@ where
             timers: TimerService::new(false),
             watermark: MIN_WATERMARK,
             scratch: Vec::new(),
+            new_windows: Vec::new(),
             next,
             operator_name: context.operator_name.clone(),
         }
@@ -219,7 +223,12 @@ where
     }
 
     fn register(&mut self, key: &K, window: &TimeWindow) {
-        self.timers.register(key, window, window.max_timestamp());
+        // As Flink's EventTimeTrigger: a window the watermark has already
+        // passed (late, within the allowed lateness) fires at once where its
+        // record is added, so a timer would fire it a second time.
+        if window.max_timestamp() > self.watermark {
+            self.timers.register(key, window, window.max_timestamp());
+        }
         if self.allowed_lateness > 0 {
             self.timers.register(
                 key,
@@ -240,27 +249,70 @@ where
         }
     }
 
-    fn add_to_window(&mut self, key: &K, group: usize, window: TimeWindow, record: I) {
-        let entries = self
-            .store
-            .table_mut::<WindowContents<A>>(self.table)
-            .get_or_insert_with(group, key, Vec::new);
-        match entries.iter_mut().find(|(existing, _)| *existing == window) {
-            Some((_, accumulator)) => self.aggregation.aggregate.add(record, accumulator),
-            None => {
-                let mut accumulator = self.aggregation.aggregate.create_accumulator();
-                self.aggregation.aggregate.add(record, &mut accumulator);
-                entries.push((window, accumulator));
-                self.register(key, &window);
+    /// Adds the record to each of `windows` (non-merging assigners), with
+    /// one state lookup for the key.
+    fn add_to_windows(&mut self, key: &K, group: usize, windows: &[TimeWindow], record: I) {
+        let entries = self.store.table_mut::<WindowContents<A>>(self.table).get_or_insert_with(group, key, Vec::new);
+        let mut new_windows = std::mem::take(&mut self.new_windows);
+        let mut fire_now = false;
+        if let Some((last, rest)) = windows.split_last() {
+            let mut add = |window: &TimeWindow, record: I| {
+                match entries.iter_mut().find(|(existing, _)| existing == window) {
+                    Some((_, accumulator)) => self.aggregation.aggregate.add(record, accumulator),
+                    None => {
+                        let mut accumulator = self.aggregation.aggregate.create_accumulator();
+                        self.aggregation.aggregate.add(record, &mut accumulator);
+                        entries.push((*window, accumulator));
+                        new_windows.push(*window);
+                    }
+                }
+                fire_now |= window.max_timestamp() <= self.watermark;
+            };
+            for window in rest {
+                add(window, record.clone());
             }
+            add(last, record);
         }
-        if window.max_timestamp() <= self.watermark {
+        for window in new_windows.drain(..) {
+            self.register(key, &window);
+        }
+        self.new_windows = new_windows;
+        if fire_now {
             // Late but within the allowed lateness: fire again at once.
-            self.fire(key, group, window, false);
+            for window in windows {
+                if window.max_timestamp() <= self.watermark {
+                    self.fire(key, group, *window, false);
+                }
+            }
         }
     }
 
     fn add_to_session(&mut self, key: &K, group: usize, window: TimeWindow, record: I) {
+        // As in Flink, a session is late only once merged: a record behind
+        // the watermark may still extend a session the watermark has not
+        // passed.
+        if let Some(entries) = self
+            .store
+            .table::<WindowContents<A>>(self.table)
+            .get(group, key)
+        {
+            let mut covered = window;
+            let mut grown = true;
+            while grown {
+                grown = false;
+                for (existing, _) in entries {
+                    if existing.intersects(&covered) && covered.cover(existing) != covered {
+                        covered = covered.cover(existing);
+                        grown = true;
+                    }
+                }
+            }
+            if self.is_late(&covered) {
+                return;
+            }
+        } else if self.is_late(&window) {
+            return;
+        }
         let entries = self
             .store
             .table_mut::<WindowContents<A>>(self.table)
@@ -352,17 +404,13 @@ where
         let mut windows = std::mem::take(&mut self.scratch);
         windows.clear();
         self.assigner.assign(timestamp, &mut windows);
-        windows.retain(|window| !self.is_late(window));
-        let merging = self.assigner.is_merging();
-        if let Some((last, rest)) = windows.split_last() {
-            for window in rest {
-                self.add_to_window(&key, group, *window, record.clone());
+        if self.assigner.is_merging() {
+            if let Some(window) = windows.first() {
+                self.add_to_session(&key, group, *window, record);
             }
-            if merging {
-                self.add_to_session(&key, group, *last, record);
-            } else {
-                self.add_to_window(&key, group, *last, record);
-            }
+        } else {
+            windows.retain(|window| !self.is_late(window));
+            self.add_to_windows(&key, group, &windows, record);
         }
         self.scratch = windows;
     }
@@ -625,5 +673,101 @@ mod tests {
                 end: 0
             }]
         );
+    }
+
+    /// Collects what a window operator emits: (result, timestamp).
+    struct Emitted(std::rc::Rc<std::cell::RefCell<Vec<(u64, Timestamp)>>>);
+
+    impl Output<u64> for Emitted {
+        fn push(&mut self, record: u64, timestamp: Timestamp) {
+            self.0.borrow_mut().push((record, timestamp));
+        }
+        fn watermark(&mut self, _watermark: Timestamp) {}
+        fn idle(&mut self, _idle: bool) {}
+        fn flush(&mut self) {}
+        fn end_of_input(&mut self) {}
+    }
+
+    #[derive(Clone)]
+    struct Sum;
+
+    impl AggregateFunction<u64, u64, u64> for Sum {
+        fn create_accumulator(&self) -> u64 {
+            0
+        }
+        fn add(&self, value: u64, sum: &mut u64) {
+            *sum += value;
+        }
+        fn get_result(&self, sum: u64) -> u64 {
+            sum
+        }
+        fn merge(&self, first: u64, second: u64) -> u64 {
+            first + second
+        }
+    }
+
+    type Emissions = std::rc::Rc<std::cell::RefCell<Vec<(u64, Timestamp)>>>;
+
+    /// A window operator that sums `u64` records of one key into `emitted`.
+    fn summing_operator(
+        assigner: WindowAssigner,
+        allowed_lateness: i64,
+        emitted: &Emissions,
+    ) -> impl Output<u64> {
+        let context = OperatorContext {
+            operator_name: "window".to_string(),
+            subtask_index: 0,
+            parallelism: 1,
+            max_parallelism: 128,
+            key_groups: crate::key::KeyGroupRange::for_subtask(128, 1, 0),
+            accumulators: Default::default(),
+        };
+        WindowOperator::new(
+            Arc::new(|_: &u64| 0u64),
+            assigner,
+            allowed_lateness,
+            WindowAggregation {
+                aggregate: Sum,
+                window_function: Arc::new(
+                    |_: &u64, _: &TimeWindow, sum: u64, out: &mut dyn Collector<u64>| {
+                        out.collect(sum)
+                    },
+                ),
+                _types: PhantomData,
+            },
+            &context,
+            Box::new(Emitted(emitted.clone())),
+        )
+    }
+
+    #[test]
+    fn a_late_record_within_the_allowed_lateness_fires_its_window_once() {
+        let emitted = Emissions::default();
+        let tumbling = WindowAssigner::tumbling(Duration::from_millis(100));
+        let mut operator = summing_operator(tumbling, 100, &emitted);
+        operator.watermark(149);
+        // [0, 100) never held a record: late, within the lateness.
+        operator.push(5, 50);
+        assert_eq!(*emitted.borrow(), [(5, 99)]);
+        operator.watermark(150);
+        assert_eq!(*emitted.borrow(), [(5, 99)], "fired a second time");
+        operator.push(7, 60);
+        operator.watermark(crate::time::MAX_WATERMARK);
+        assert_eq!(*emitted.borrow(), [(5, 99), (12, 99)]);
+    }
+
+    #[test]
+    fn a_late_record_that_extends_a_session_the_watermark_has_not_passed_joins_it() {
+        let emitted = Emissions::default();
+        let session = WindowAssigner::session(Duration::from_millis(30));
+        let mut operator = summing_operator(session, 0, &emitted);
+        operator.push(1, 100);
+        operator.watermark(99);
+        // [70, 100) alone is late, but it touches [100, 130).
+        operator.push(2, 70);
+        // [30, 60) is late and touches no session.
+        operator.push(4, 30);
+        operator.watermark(crate::time::MAX_WATERMARK);
+        assert_eq!(*emitted.borrow(), [(3, 129)]);
     }
 }

@@ -206,6 +206,15 @@ impl TaskRun<'_> {
     }
 
     fn apply(&self, head: &mut dyn TaskHead, output: ValveOutput) -> Result<(), Stop> {
+        // Turning idle, the watermark the valve flushes goes first, as in
+        // Flink, so that what it fires, and the watermark itself, reach the
+        // consumers while this task still counts as active for them.
+        if output.idle == Some(true) {
+            if let Some(watermark) = output.watermark {
+                self.guarded(|| head.on_watermark(watermark))?;
+            }
+            return self.guarded(|| head.on_idle(true));
+        }
         if let Some(idle) = output.idle {
             self.guarded(|| head.on_idle(idle))?;
         }

@@ -21,6 +21,8 @@ const SLOT_PREEMPT_INTERVAL: Duration = Duration::from_millis(2);
 /// Memory each slot's io_uring may lock for registered buffers; small, so
 /// that a default locked-memory limit of 8 MiB holds a few slots.
 const SLOT_IO_MEMORY_BYTES: usize = 512 * 1024;
+/// How long a slot may take to start its executor.
+const SLOT_START_TIMEOUT: Duration = Duration::from_secs(10);
 
 enum SlotCommand {
     Deploy {
@@ -89,12 +91,25 @@ impl TaskManager {
         for index in 0..slot_count as usize {
             let cpu = cpus[index % cpus.len()];
             let (commands, command_inbox) = mpsc::channel();
+            let (ready, slot_ready) = mpsc::channel();
             let thread = LocalExecutorBuilder::new(Placement::Fixed(cpu))
                 .name(&format!("strom-slot-{index}"))
                 .io_memory(SLOT_IO_MEMORY_BYTES)
                 .preempt_timer(SLOT_PREEMPT_INTERVAL)
-                .spawn(move || slot_main(command_inbox))
+                .spawn(move || slot_main(command_inbox, ready))
                 .map_err(|error| format!("cannot start slot {index} on CPU {cpu}: {error}"))?;
+            // An executor that cannot set up its io_uring dies in its thread;
+            // wait for the slot to say it runs, so that a job is never
+            // deployed into a dead slot (and never waits for it forever).
+            if slot_ready.recv_timeout(SLOT_START_TIMEOUT).is_err() {
+                let cause = match thread.join() {
+                    Ok(()) => "its executor stopped".to_string(),
+                    Err(error) => error.to_string(),
+                };
+                return Err(format!(
+                    "cannot start slot {index} on CPU {cpu}: {cause} (io_uring needs locked memory: check `ulimit -l`, see the README)"
+                ));
+            }
             slots.push(Slot { commands, thread });
         }
         Ok(TaskManager {
@@ -240,7 +255,8 @@ impl TaskManager {
 /// The life of a slot: run the subtasks deployed into it; cancelling a job
 /// drops its subtasks, which closes their channels so that their peers in
 /// other slots stop too.
-async fn slot_main(commands: Receiver<SlotCommand>) {
+async fn slot_main(commands: Receiver<SlotCommand>, ready: Sender<()>) {
+    let _ = ready.send(());
     let mut running: HashMap<JobId, Vec<glommio::task::JoinHandle<()>>> = HashMap::new();
     loop {
         match commands.try_recv() {
