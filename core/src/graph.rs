@@ -30,6 +30,9 @@ use crate::record::Record;
 
 pub type NodeId = usize;
 
+/// The slot sharing group of operators that name none and have no input.
+pub const DEFAULT_SLOT_SHARING_GROUP: &str = "default";
+
 /// A `Box<dyn Output<T>>` whose `T` is known only to the node that made it.
 pub(crate) type ErasedOutput = Box<dyn Any>;
 pub(crate) type ChainFactory =
@@ -199,7 +202,9 @@ pub struct StreamNode {
     pub id: NodeId,
     pub name: String,
     pub parallelism: Option<u32>,
-    pub slot_sharing_group: String,
+    /// `None`: the group of its inputs when they all share one, otherwise
+    /// "default" (as in Flink). Resolved when the graph is built.
+    pub slot_sharing_group: Option<String>,
     pub chaining: ChainingStrategy,
     pub(crate) kind: NodeKind,
     pub(crate) output_type: Arc<dyn StreamType>,
@@ -253,7 +258,7 @@ impl StreamGraph {
             id,
             name: name.to_string(),
             parallelism: None,
-            slot_sharing_group: "default".to_string(),
+            slot_sharing_group: None,
             chaining: ChainingStrategy::Always,
             kind,
             output_type,
@@ -390,23 +395,49 @@ impl StreamGraph {
             return Err(GraphError::NoSource);
         }
         let order = self.topological_order()?;
-        for edge in &self.edges {
-            if let Partitioning::Forward = self.resolved_partitioning(edge) {
+        let mut graph = self;
+        graph.resolve_slot_sharing_groups(&order);
+        let stream = graph;
+        for edge in &stream.edges {
+            if let Partitioning::Forward = stream.resolved_partitioning(edge) {
                 let (from, to) = (
-                    self.parallelism_of(edge.source),
-                    self.parallelism_of(edge.target),
+                    stream.parallelism_of(edge.source),
+                    stream.parallelism_of(edge.target),
                 );
                 if from != to {
                     return Err(GraphError::ForwardParallelism {
-                        from: self.nodes[edge.source].name.clone(),
-                        to: self.nodes[edge.target].name.clone(),
+                        from: stream.nodes[edge.source].name.clone(),
+                        to: stream.nodes[edge.target].name.clone(),
                         from_parallelism: from,
                         to_parallelism: to,
                     });
                 }
             }
         }
-        Ok(JobGraph::fuse(self, order))
+        Ok(JobGraph::fuse(stream, order))
+    }
+
+    /// Gives every operator without a slot sharing group of its own the
+    /// group of its inputs when they agree, else "default".
+    fn resolve_slot_sharing_groups(&mut self, order: &[NodeId]) {
+        for node in order {
+            if self.nodes[*node].slot_sharing_group.is_some() {
+                continue;
+            }
+            let mut groups = self
+                .edges
+                .iter()
+                .filter(|edge| edge.target == *node)
+                .map(|edge| self.nodes[edge.source].slot_sharing_group.clone());
+            let first = groups.next().flatten();
+            let inherited = match first {
+                Some(group) if groups.all(|other| other.as_deref() == Some(group.as_str())) => {
+                    group
+                }
+                _ => DEFAULT_SLOT_SHARING_GROUP.to_string(),
+            };
+            self.nodes[*node].slot_sharing_group = Some(inherited);
+        }
     }
 
     /// Kahn's algorithm; what remains unsorted lies on or behind a cycle.
@@ -542,7 +573,10 @@ impl JobGraph {
                         name: String::new(),
                         operators: vec![node],
                         parallelism: stream.parallelism_of(node),
-                        slot_sharing_group: stream.nodes[node].slot_sharing_group.clone(),
+                        slot_sharing_group: stream.nodes[node]
+                            .slot_sharing_group
+                            .clone()
+                            .unwrap_or_else(|| DEFAULT_SLOT_SHARING_GROUP.to_string()),
                         is_source: matches!(stream.nodes[node].kind, NodeKind::Source(_)),
                         input_edges: Vec::new(),
                         output_edges: Vec::new(),

@@ -47,7 +47,9 @@ impl KeyHasher {
     pub fn write_bytes(&mut self, bytes: &[u8]) {
         let mut words = bytes.chunks_exact(8);
         for word in &mut words {
-            self.write_word(u64::from_le_bytes(word.try_into().expect("an 8-byte chunk")));
+            self.write_word(u64::from_le_bytes(
+                word.try_into().expect("an 8-byte chunk"),
+            ));
         }
         let rest = words.remainder();
         if !rest.is_empty() {
@@ -278,8 +280,14 @@ mod tests {
         // These values are part of the checkpoint and wire format: if this
         // test fails, state written by an earlier release lands in the wrong
         // key groups.
-        assert_eq!(key_hash(&0u64), fmix64(FNV_OFFSET_BASIS.wrapping_mul(FNV_PRIME)));
-        assert_eq!(key_hash(&7u64), fmix64((FNV_OFFSET_BASIS ^ 7).wrapping_mul(FNV_PRIME)));
+        assert_eq!(
+            key_hash(&0u64),
+            fmix64(FNV_OFFSET_BASIS.wrapping_mul(FNV_PRIME))
+        );
+        assert_eq!(
+            key_hash(&7u64),
+            fmix64((FNV_OFFSET_BASIS ^ 7).wrapping_mul(FNV_PRIME))
+        );
         assert_eq!(key_hash(&7u64), key_hash(&7i64));
         let mut padded = KeyHasher::default();
         padded.write_u64(u64::from_le_bytes(*b"abc\0\0\0\0\0"));

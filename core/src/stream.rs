@@ -237,10 +237,11 @@ impl<T: Record> DataStream<T> {
         self.modify(|node| node.chaining = ChainingStrategy::Head)
     }
 
-    /// Puts the operator in a slot sharing group of its own name: its
-    /// subtasks take slots apart from the default group's.
+    /// Puts the operator in the named slot sharing group: its subtasks take
+    /// slots apart from other groups'. Operators after it that name no group
+    /// inherit it, as in Flink.
     pub fn slot_sharing_group(self, group: &str) -> Self {
-        self.modify(|node| node.slot_sharing_group = group.to_string())
+        self.modify(|node| node.slot_sharing_group = Some(group.to_string()))
     }
 
     fn with_partitioning(mut self, partitioning: Partitioning) -> Self {

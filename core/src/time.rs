@@ -166,7 +166,11 @@ impl WatermarkValve {
     }
 
     fn flush_largest(&mut self) -> Option<Timestamp> {
-        let largest = self.channels.iter().map(|channel| channel.watermark).max()?;
+        let largest = self
+            .channels
+            .iter()
+            .map(|channel| channel.watermark)
+            .max()?;
         if largest > self.output {
             self.output = largest;
             Some(largest)
@@ -235,7 +239,13 @@ mod tests {
         // holds the minimum again from where it was.
         assert_eq!(valve.on_idle(1, true), ValveOutput::default());
         let output = valve.on_idle(1, false);
-        assert_eq!(output, ValveOutput { watermark: None, idle: Some(false) });
+        assert_eq!(
+            output,
+            ValveOutput {
+                watermark: None,
+                idle: Some(false)
+            }
+        );
         assert_eq!(valve.on_watermark(1, 150).watermark, Some(150));
 
         // The other order: the channel without data turns idle first.
@@ -244,7 +254,10 @@ mod tests {
         assert_eq!(valve.on_idle(1, true).watermark, Some(100));
         assert_eq!(
             valve.on_idle(0, true),
-            ValveOutput { watermark: None, idle: Some(true) }
+            ValveOutput {
+                watermark: None,
+                idle: Some(true)
+            }
         );
     }
 }

@@ -252,7 +252,10 @@ where
     /// Adds the record to each of `windows` (non-merging assigners), with
     /// one state lookup for the key.
     fn add_to_windows(&mut self, key: &K, group: usize, windows: &[TimeWindow], record: I) {
-        let entries = self.store.table_mut::<WindowContents<A>>(self.table).get_or_insert_with(group, key, Vec::new);
+        let entries = self
+            .store
+            .table_mut::<WindowContents<A>>(self.table)
+            .get_or_insert_with(group, key, Vec::new);
         let mut new_windows = std::mem::take(&mut self.new_windows);
         let mut fire_now = false;
         if let Some((last, rest)) = windows.split_last() {

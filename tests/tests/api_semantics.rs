@@ -180,17 +180,33 @@ fn sorted(mut rows: Vec<String>) -> Vec<String> {
 /// Compares rows as multisets, with a readable difference on failure.
 fn assert_rows(actual: &[String], expected: Vec<String>, what: &str) {
     let expected = sorted(expected);
-    if actual != expected.as_slice() {
-        let actual_set: BTreeSet<&String> = actual.iter().collect();
-        let expected_set: BTreeSet<&String> = expected.iter().collect();
-        let missing: Vec<_> = expected_set.difference(&actual_set).take(10).collect();
-        let unexpected: Vec<_> = actual_set.difference(&expected_set).take(10).collect();
-        panic!(
-            "{what}: {} rows, expected {}\n  missing (first 10): {missing:#?}\n  unexpected (first 10): {unexpected:#?}",
-            actual.len(),
-            expected.len()
-        );
+    if actual == expected.as_slice() {
+        return;
     }
+    let count = |rows: &[String]| {
+        let mut counts: BTreeMap<String, i64> = BTreeMap::new();
+        for row in rows {
+            *counts.entry(row.clone()).or_default() += 1;
+        }
+        counts
+    };
+    let (actual_counts, expected_counts) = (count(actual), count(&expected));
+    let rows: BTreeSet<&String> = actual_counts.keys().chain(expected_counts.keys()).collect();
+    // Positive: rows seen more often than expected; negative: missing.
+    let difference: Vec<(i64, &String)> = rows
+        .into_iter()
+        .map(|row| {
+            let seen = actual_counts.get(row).copied().unwrap_or(0);
+            (seen - expected_counts.get(row).copied().unwrap_or(0), row)
+        })
+        .filter(|(surplus, _)| *surplus != 0)
+        .take(20)
+        .collect();
+    panic!(
+        "{what}: {} rows, expected {}; surplus (+) and missing (-) rows, first 20:\n{difference:#?}",
+        actual.len(),
+        expected.len()
+    );
 }
 
 fn window_label(window: &TimeWindow) -> String {
@@ -878,7 +894,7 @@ const SESSIONS_PROGRAM: Program = program(SESSIONS, build_sessions);
 fn session_windows_merge_records_closer_than_the_gap() {
     // By hand, with a 30 ms gap: a record at t opens [t, t + 30); windows
     // that overlap or touch merge (as Flink's TimeWindow.intersects).
-    let sessions: [(&str, i64, i64, &[u64]); 8] = [
+    let sessions: [(&str, i64, i64, &[u64]); 7] = [
         ("a", 0, 55, &[1, 4, 7]),
         ("a", 100, 150, &[12, 14]),
         ("a", 300, 330, &[15]),
@@ -888,11 +904,9 @@ fn session_windows_merge_records_closer_than_the_gap() {
         ("b", 36, 96, &[5, 9]),
         ("c", 0, 90, &[3, 6, 10]),
         ("d", 150, 230, &[8, 11, 13]),
-        // No session without records.
-        ("d", 0, 0, &[]),
     ];
     let mut expected = Vec::new();
-    for (key, start, end, values) in sessions.iter().filter(|session| !session.3.is_empty()) {
+    for (key, start, end, values) in sessions {
         let sum: u64 = values.iter().sum();
         let mut sorted_values = values.to_vec();
         sorted_values.sort_unstable();
@@ -1034,6 +1048,65 @@ fn with_allowed_lateness_a_late_record_fires_its_window_again_once() {
     }
 }
 
+const LATE_SESSIONS: &str = "late-sessions";
+
+fn build_late_sessions(env: &StreamExecutionEnvironment, _: &ArgMatches) -> Result<(), String> {
+    let events = vec![
+        Event::new("a", 100, 1),
+        // Watermark 99: [70, 100) alone is late, but it touches a's live
+        // session [100, 130), so (as in Flink) it extends that session.
+        Event::new("a", 70, 2),
+        // [30, 60) is late and touches no session: dropped.
+        Event::new("a", 30, 3),
+        // Watermark 199: a's session [70, 130) fires.
+        Event::new("b", 200, 4),
+        // [150, 180) is late and does not touch [200, 230): dropped.
+        Event::new("b", 150, 5),
+        // [175, 205) is not late; it merges with [200, 230).
+        Event::new("b", 175, 6),
+    ];
+    env.from_source(
+        OneByOneSource {
+            records: Arc::new(events),
+        },
+        WatermarkStrategy::for_bounded_out_of_orderness(Duration::ZERO)
+            .with_timestamp_assigner(|event: &Event| event.timestamp),
+        "events in order of arrival",
+    )
+    .set_parallelism(1)
+    .key_by(|event: &Event| event.key.clone())
+    .window(WindowAssigner::session(Duration::from_millis(
+        SESSION_GAP_MS,
+    )))
+    .process(
+        |key: &String, window: &TimeWindow, events: Vec<Event>, out: &mut dyn Collector<String>| {
+            let mut values: Vec<u64> = events.iter().map(|event| event.value).collect();
+            values.sort_unstable();
+            out.collect(format!("{key} {} values={values:?}", window_label(window)));
+        },
+    )
+    .add_sink(stamped(LATE_SESSIONS));
+    Ok(())
+}
+
+const LATE_SESSIONS_PROGRAM: Program = program(LATE_SESSIONS, build_late_sessions);
+
+#[test]
+fn a_late_record_that_extends_a_live_session_joins_it() {
+    let expected = rows(&[
+        "a [70, 130) values=[1, 2]@129",
+        "b [175, 230) values=[4, 6]@229",
+    ]);
+    for parallelism in [1, 2] {
+        let rows = run(LATE_SESSIONS_PROGRAM, parallelism);
+        assert_rows(
+            &rows,
+            expected.clone(),
+            &format!("parallelism {parallelism}"),
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------
 // 5. connect with a KeyedCoProcessFunction, and the window join.
 // ---------------------------------------------------------------------------
@@ -1068,7 +1141,10 @@ fn order(index: u64) -> Order {
 /// Every third payment names an order that does not exist.
 fn payment(index: u64) -> Payment {
     Payment {
-        order: if index % 3 == 0 { 1000 + index } else { index },
+        order: match index % 3 {
+            0 => 1000 + index,
+            _ => index,
+        },
         timestamp: 10 * index as i64 + 5,
         paid: 3 * index + 1,
     }
@@ -1627,9 +1703,9 @@ fn disable_chaining_and_slot_sharing_groups_change_the_job_graph_not_the_results
             vertices(ISOLATED_PROGRAM),
             owned(&[
                 ("numbers", "default"),
-                ("double", "isolated"),
-                ("not divisible by 3", "default"),
-                ("counts -> sink", "default"),
+                // Operators after "double" name no group: they inherit its.
+                ("double -> not divisible by 3", "isolated"),
+                ("counts -> sink", "isolated"),
             ])
         );
         assert_eq!(
@@ -1795,30 +1871,62 @@ fn a_task_watermark_is_the_minimum_over_its_inputs_so_a_slow_input_holds_windows
     }
 }
 
-const IDLENESS: &str = "idleness";
 const IDLENESS_COUNT: u64 = 100;
 const IDLENESS_TIMEOUT: Duration = Duration::from_millis(20);
 /// How long the idle subtask waits for windows before it gives up (and the
 /// test fails): far beyond what the job needs, even on a loaded machine.
 const IDLE_SUBTASK_PATIENCE: Duration = Duration::from_secs(10);
-/// Windows [0, 100) to [800, 900) can fire on the active subtask's
-/// watermark alone (its last record has timestamp 990); [900, 1000) needs
-/// the final watermark.
-const EARLY_WINDOW_COUNT: u64 = 9;
+/// Windows [0, 100) to [800, 900) of both keys can fire on the active
+/// subtask's watermark alone (its last record has timestamp 990); the
+/// windows [900, 1000) need the final watermark.
+const EARLY_WINDOW_END: i64 = 900;
+const EARLY_WINDOW_ROWS: u64 = 2 * 9;
 
-/// How many windows the idleness job's sink has seen.
-static IDLENESS_WINDOWS_FIRED: AtomicU64 = AtomicU64::new(0);
-/// When each window fired, by window start.
-static IDLENESS_FIRED_AT: Mutex<Vec<(i64, Instant)>> = Mutex::new(Vec::new());
-/// When the idle subtask ended, and whether it ran out of patience.
-static IDLE_SUBTASK_END: Mutex<Option<(Instant, bool)>> = Mutex::new(None);
+/// What one idleness job saw, shared by its source and its sink.
+struct IdlenessProbe {
+    /// The key of the job's rows in [`RESULTS`].
+    key: &'static str,
+    /// Whether the active subtask emits its records all at once (and then
+    /// turns idle too) rather than paced (and never idle while it has data).
+    burst: bool,
+    windows_fired: AtomicU64,
+    /// When each window fired, by window start.
+    fired_at: Mutex<Vec<(i64, Instant)>>,
+    /// When the idle subtask ended, and whether it ran out of patience.
+    idle_subtask_end: Mutex<Option<(Instant, bool)>>,
+}
+
+impl IdlenessProbe {
+    const fn new(key: &'static str, burst: bool) -> Self {
+        IdlenessProbe {
+            key,
+            burst,
+            windows_fired: AtomicU64::new(0),
+            fired_at: Mutex::new(Vec::new()),
+            idle_subtask_end: Mutex::new(None),
+        }
+    }
+
+    fn reset(&self) {
+        self.windows_fired.store(0, Ordering::SeqCst);
+        lock(&self.fired_at).clear();
+        *lock(&self.idle_subtask_end) = None;
+    }
+}
+
+const ONE_IDLE_SUBTASK_KEY: &str = "one-idle-subtask";
+const EVERY_SUBTASK_IDLE_KEY: &str = "every-subtask-idle";
+static ONE_IDLE_SUBTASK: IdlenessProbe = IdlenessProbe::new(ONE_IDLE_SUBTASK_KEY, false);
+static EVERY_SUBTASK_IDLE: IdlenessProbe = IdlenessProbe::new(EVERY_SUBTASK_IDLE_KEY, true);
 
 /// Two subtasks: subtask 0 has all the data, subtask 1 none. Subtask 1
 /// stays open (with nothing available) until the windows that subtask 0's
 /// watermark closes have fired, so they can only have fired while it was
 /// idle. Subtask 0 ends after subtask 1, so that its final watermark
 /// releases nothing early.
-struct IdleSplitSource;
+struct IdleSplitSource {
+    probe: &'static IdlenessProbe,
+}
 
 impl Source<Event> for IdleSplitSource {
     fn boundedness(&self) -> Boundedness {
@@ -1828,54 +1936,66 @@ impl Source<Event> for IdleSplitSource {
     fn create_reader(&self, subtask_index: u32, parallelism: u32) -> Box<dyn SourceReader<Event>> {
         assert_eq!(parallelism, 2, "the idleness source runs two subtasks");
         if subtask_index == 0 {
-            Box::new(ActiveReader { next: 0, due: None })
+            Box::new(ActiveReader {
+                probe: self.probe,
+                next: 0,
+                due: None,
+            })
         } else {
-            Box::new(IdleReader { started: None })
+            Box::new(IdleReader {
+                probe: self.probe,
+                started: None,
+            })
         }
     }
 }
 
 struct ActiveReader {
+    probe: &'static IdlenessProbe,
     next: u64,
     due: Option<Instant>,
 }
 
 impl SourceReader<Event> for ActiveReader {
-    fn poll_next(&mut self, output: &mut dyn SourceOutput<Event>, _budget: usize) -> SourceStatus {
+    fn poll_next(&mut self, output: &mut dyn SourceOutput<Event>, budget: usize) -> SourceStatus {
         if self.next >= IDLENESS_COUNT {
-            return if lock(&IDLE_SUBTASK_END).is_some() {
+            return if lock(&self.probe.idle_subtask_end).is_some() {
                 SourceStatus::Finished
             } else {
                 SourceStatus::NothingAvailable
             };
         }
-        // Paced, so that this subtask never looks idle while it has data.
+        // Paced, this subtask never looks idle while it has data.
         let now = Instant::now();
         if self.due.is_some_and(|due| now < due) {
             return SourceStatus::NothingAvailable;
         }
-        output.collect(Event::new(
-            &format!("k{}", self.next % 2),
-            10 * self.next as i64,
-            self.next,
-        ));
-        self.next += 1;
+        let count = if self.probe.burst { budget as u64 } else { 1 };
+        for _ in 0..count.min(IDLENESS_COUNT - self.next) {
+            output.collect(Event::new(
+                &format!("k{}", self.next % 2),
+                10 * self.next as i64,
+                self.next,
+            ));
+            self.next += 1;
+        }
         self.due = Some(now + Duration::from_millis(1));
         SourceStatus::NothingAvailable
     }
 }
 
 struct IdleReader {
+    probe: &'static IdlenessProbe,
     started: Option<Instant>,
 }
 
 impl SourceReader<Event> for IdleReader {
     fn poll_next(&mut self, _output: &mut dyn SourceOutput<Event>, _budget: usize) -> SourceStatus {
         let started = *self.started.get_or_insert_with(Instant::now);
-        let windows_fired = IDLENESS_WINDOWS_FIRED.load(Ordering::SeqCst) >= EARLY_WINDOW_COUNT;
+        let windows_fired = self.probe.windows_fired.load(Ordering::SeqCst) >= EARLY_WINDOW_ROWS;
         let out_of_patience = started.elapsed() > IDLE_SUBTASK_PATIENCE;
         if windows_fired || out_of_patience {
-            *lock(&IDLE_SUBTASK_END) = Some((Instant::now(), out_of_patience));
+            *lock(&self.probe.idle_subtask_end) = Some((Instant::now(), out_of_patience));
             SourceStatus::Finished
         } else {
             SourceStatus::NothingAvailable
@@ -1885,79 +2005,111 @@ impl SourceReader<Event> for IdleReader {
 
 /// Records each window row and when it arrived.
 #[derive(Clone)]
-struct FiringTimeSink;
+struct FiringTimeSink {
+    probe: &'static IdlenessProbe,
+}
 
 impl SinkFunction<(i64, String)> for FiringTimeSink {
     fn invoke(&mut self, (start, row): (i64, String), _timestamp: Timestamp) {
-        lock(&IDLENESS_FIRED_AT).push((start, Instant::now()));
-        push_row(IDLENESS, row);
-        IDLENESS_WINDOWS_FIRED.fetch_add(1, Ordering::SeqCst);
+        lock(&self.probe.fired_at).push((start, Instant::now()));
+        push_row(self.probe.key, row);
+        self.probe.windows_fired.fetch_add(1, Ordering::SeqCst);
     }
 }
 
-fn build_idleness(env: &StreamExecutionEnvironment, _: &ArgMatches) -> Result<(), String> {
+fn build_idleness(env: &StreamExecutionEnvironment, probe: &'static IdlenessProbe) {
     env.from_source(
-        IdleSplitSource,
+        IdleSplitSource { probe },
         event_time().with_idleness(IDLENESS_TIMEOUT),
-        "one idle subtask",
+        "one subtask without data",
     )
     .set_parallelism(2)
-    .key_by(|_: &Event| 0u64)
+    .key_by(|event: &Event| event.key.clone())
     .window(WindowAssigner::tumbling(Duration::from_millis(
         WINDOW_SIZE_MS as u64,
     )))
     .aggregate_with(
         Count,
-        |_: &u64, window: &TimeWindow, count: u64, out: &mut dyn Collector<(i64, String)>| {
+        |key: &String, window: &TimeWindow, count: u64, out: &mut dyn Collector<(i64, String)>| {
             out.collect((
                 window.start,
-                format!("{} count={count}", window_label(window)),
+                format!("{key} {} count={count}", window_label(window)),
             ));
         },
     )
-    // One window subtask: every window's row goes through one sink.
-    .set_parallelism(1)
-    .add_sink(FiringTimeSink)
-    .set_parallelism(1);
+    .add_sink(FiringTimeSink { probe });
+}
+
+fn build_one_idle_subtask(env: &StreamExecutionEnvironment, _: &ArgMatches) -> Result<(), String> {
+    build_idleness(env, &ONE_IDLE_SUBTASK);
     Ok(())
 }
 
-const IDLENESS_PROGRAM: Program = program(IDLENESS, build_idleness);
+fn build_every_subtask_idle(
+    env: &StreamExecutionEnvironment,
+    _: &ArgMatches,
+) -> Result<(), String> {
+    build_idleness(env, &EVERY_SUBTASK_IDLE);
+    Ok(())
+}
 
-#[test]
-fn an_idle_source_subtask_does_not_hold_back_the_windows_of_the_others() {
-    let expected: Vec<String> = (0..10)
-        .map(|window| {
+const ONE_IDLE_SUBTASK_PROGRAM: Program = program(ONE_IDLE_SUBTASK_KEY, build_one_idle_subtask);
+const EVERY_SUBTASK_IDLE_PROGRAM: Program =
+    program(EVERY_SUBTASK_IDLE_KEY, build_every_subtask_idle);
+
+/// Runs an idleness job at parallelism 1 and 2 and checks that the windows
+/// the active subtask's watermark closes fired while the other subtask was
+/// still running (idle).
+fn check_windows_fire_while_a_subtask_is_idle(program: Program, probe: &'static IdlenessProbe) {
+    let mut expected = Vec::new();
+    for key in ["k0", "k1"] {
+        for window in 0..10 {
             let start = window * WINDOW_SIZE_MS;
-            format!("[{start}, {}) count=10", start + WINDOW_SIZE_MS)
-        })
-        .collect();
+            expected.push(format!(
+                "{key} [{start}, {}) count=5",
+                start + WINDOW_SIZE_MS
+            ));
+        }
+    }
     for parallelism in [1, 2] {
-        IDLENESS_WINDOWS_FIRED.store(0, Ordering::SeqCst);
-        lock(&IDLENESS_FIRED_AT).clear();
-        *lock(&IDLE_SUBTASK_END) = None;
-        let rows = run(IDLENESS_PROGRAM, parallelism);
+        probe.reset();
+        let rows = run(program, parallelism);
         assert_rows(
             &rows,
             expected.clone(),
             &format!("parallelism {parallelism}"),
         );
-        let (ended_at, out_of_patience) = lock(&IDLE_SUBTASK_END).expect("the idle subtask ended");
+        let (ended_at, out_of_patience) =
+            lock(&probe.idle_subtask_end).expect("the idle subtask ended");
         assert!(
             !out_of_patience,
             "parallelism {parallelism}: windows did not fire while a source subtask was idle"
         );
-        let fired_at = lock(&IDLENESS_FIRED_AT).clone();
-        let early: Vec<_> = fired_at
+        let fired_at = lock(&probe.fired_at).clone();
+        let early: Vec<Instant> = fired_at
             .iter()
-            .filter(|(start, _)| *start < EARLY_WINDOW_COUNT as i64 * WINDOW_SIZE_MS)
+            .filter(|(start, _)| *start < EARLY_WINDOW_END)
+            .map(|(_, at)| *at)
             .collect();
-        assert_eq!(early.len() as u64, EARLY_WINDOW_COUNT);
+        assert_eq!(early.len() as u64, EARLY_WINDOW_ROWS);
         assert!(
-            early.iter().all(|(_, at)| *at <= ended_at),
+            early.iter().all(|at| *at <= ended_at),
             "parallelism {parallelism}: a window fired only after the idle subtask ended"
         );
     }
+}
+
+#[test]
+fn an_idle_source_subtask_does_not_hold_back_the_windows_of_the_others() {
+    check_windows_fire_while_a_subtask_is_idle(ONE_IDLE_SUBTASK_PROGRAM, &ONE_IDLE_SUBTASK);
+}
+
+#[test]
+fn when_every_source_subtask_turns_idle_the_largest_watermark_fires_windows() {
+    // The active subtask emits everything in one poll and then turns idle
+    // as well, before or after the subtask without data: either way, as in
+    // Flink, the valve then flushes the largest watermark of its inputs.
+    check_windows_fire_while_a_subtask_is_idle(EVERY_SUBTASK_IDLE_PROGRAM, &EVERY_SUBTASK_IDLE);
 }
 
 // ---------------------------------------------------------------------------
@@ -2006,12 +2158,15 @@ fn build_key_groups(env: &StreamExecutionEnvironment, _: &ArgMatches) -> Result<
             timestamp: reading.timestamp,
             value: sum.value + reading.value,
         })
-        .add_sink(CollectSink::new(KEY_GROUPS, |reading, _, subtask| {
-            format!(
-                "key {} rolling sum={} at {} on subtask {subtask}",
-                reading.key, reading.value, reading.timestamp
-            )
-        }));
+        .add_sink(CollectSink::new(
+            KEY_GROUPS,
+            |reading: &Reading, _, subtask| {
+                format!(
+                    "key {} rolling sum={} at {} on subtask {subtask}",
+                    reading.key, reading.value, reading.timestamp
+                )
+            },
+        ));
     Ok(())
 }
 

@@ -55,20 +55,49 @@ struct Measurement {
     duration: Duration,
 }
 
-fn run_engine(query: Query, config: GeneratorConfig, parallelism: u32) -> anyhow::Result<(Answer, Duration)> {
-    let cluster = LocalCluster::start(vec![NEXMARK_PROGRAM], LocalClusterConfig { slot_count: parallelism })
+fn run_engine(
+    query: Query,
+    config: GeneratorConfig,
+    parallelism: u32,
+) -> anyhow::Result<(Answer, Duration)> {
+    let cluster = LocalCluster::start(
+        vec![NEXMARK_PROGRAM],
+        LocalClusterConfig {
+            slot_count: parallelism,
+        },
+    )
+    .map_err(anyhow::Error::msg)?;
+    let arguments = [
+        "--query",
+        query.name(),
+        "--events",
+        &config.events.to_string(),
+        "--seed",
+        &config.seed.to_string(),
+    ]
+    .map(String::from)
+    .to_vec();
+    let args = JobArgs {
+        arguments,
+        parallelism,
+        max_parallelism: 128,
+    };
+    let result = cluster
+        .execute(NEXMARK_PROGRAM.name, args)
         .map_err(anyhow::Error::msg)?;
-    let arguments = ["--query", query.name(), "--events", &config.events.to_string(), "--seed", &config.seed.to_string()]
-        .map(String::from)
-        .to_vec();
-    let args = JobArgs { arguments, parallelism, max_parallelism: 128 };
-    let result = cluster.execute(NEXMARK_PROGRAM.name, args).map_err(anyhow::Error::msg)?;
     cluster.shutdown();
-    let outcome = JobOutcome { accumulators: result.accumulators, duration: result.duration, slots_used: result.slots_used };
+    let outcome = JobOutcome {
+        accumulators: result.accumulators,
+        duration: result.duration,
+        slots_used: result.slots_used,
+    };
     Ok((answer_of(&outcome), result.duration))
 }
 
-fn fastest<T>(repetitions: u32, mut run: impl FnMut() -> anyhow::Result<(T, Duration)>) -> anyhow::Result<(T, Duration)> {
+fn fastest<T>(
+    repetitions: u32,
+    mut run: impl FnMut() -> anyhow::Result<(T, Duration)>,
+) -> anyhow::Result<(T, Duration)> {
     let mut best = run()?;
     for _ in 1..repetitions {
         let next = run()?;
@@ -95,10 +124,16 @@ fn throughput(
             let answer = run_baseline(*query, config);
             Ok((answer, started.elapsed()))
         })?;
-        measurements.push(Measurement { query: *query, parallelism: None, answer: baseline_answer, duration: baseline_duration });
+        measurements.push(Measurement {
+            query: *query,
+            parallelism: None,
+            answer: baseline_answer,
+            duration: baseline_duration,
+        });
         for parallelism in parallelisms {
-            let (answer, duration) = fastest(repetitions, || run_engine(*query, config, *parallelism))
-                .with_context(|| format!("{} at parallelism {parallelism}", query.name()))?;
+            let (answer, duration) =
+                fastest(repetitions, || run_engine(*query, config, *parallelism))
+                    .with_context(|| format!("{} at parallelism {parallelism}", query.name()))?;
             if answer != baseline_answer {
                 bail!(
                     "{} at parallelism {parallelism}: the engine printed {} but the baseline {}",
@@ -107,7 +142,12 @@ fn throughput(
                     baseline_answer.line(*query)
                 );
             }
-            measurements.push(Measurement { query: *query, parallelism: Some(*parallelism), answer, duration });
+            measurements.push(Measurement {
+                query: *query,
+                parallelism: Some(*parallelism),
+                answer,
+                duration,
+            });
         }
     }
     let rate = |measurement: &Measurement| events as f64 / measurement.duration.as_secs_f64();
@@ -137,7 +177,10 @@ fn throughput(
         return Ok(());
     }
     println!("Nexmark throughput, {events} events, seed {seed}, fastest of {repetitions} runs");
-    println!("{:<6} {:<12} {:>6} {:>14} {:>16} {:>22}", "query", "runner", "cores", "events/s", "events/s/core", "engine / (baseline*cores)");
+    println!(
+        "{:<6} {:<12} {:>6} {:>14} {:>16} {:>22}",
+        "query", "runner", "cores", "events/s", "events/s/core", "engine / (baseline*cores)"
+    );
     for measurement in &measurements {
         let baseline = measurements
             .iter()
@@ -145,7 +188,10 @@ fn throughput(
             .expect("a baseline per query");
         let cores = measurement.parallelism.unwrap_or(1);
         let ratio = match measurement.parallelism {
-            Some(_) => format!("{:.2}", rate(measurement) / (rate(baseline) * f64::from(cores))),
+            Some(_) => format!(
+                "{:.2}",
+                rate(measurement) / (rate(baseline) * f64::from(cores))
+            ),
             None => "-".to_string(),
         };
         println!(
@@ -166,8 +212,13 @@ fn throughput(
 
 fn main() -> anyhow::Result<()> {
     match Arguments::parse().harness {
-        Harness::Throughput { events, seed, queries, parallelisms, repetitions, json } => {
-            throughput(events, seed, &queries, &parallelisms, repetitions, json)
-        }
+        Harness::Throughput {
+            events,
+            seed,
+            queries,
+            parallelisms,
+            repetitions,
+            json,
+        } => throughput(events, seed, &queries, &parallelisms, repetitions, json),
     }
 }
