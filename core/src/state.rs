@@ -15,7 +15,7 @@ use std::hash::Hash;
 use std::marker::PhantomData;
 use std::sync::Arc;
 
-use rustc_hash::{FxHashMap, FxHashSet};
+use rustc_hash::{FxBuildHasher, FxHashSet};
 
 use crate::function::KeyedContext;
 use crate::key::{key_group_of, Key, KeyGroupRange};
@@ -24,7 +24,7 @@ use crate::time::Timestamp;
 /// The hash maps of keyed state and timers. Keys come from inside the job,
 /// and hashing them is the hottest work of a keyed operator, so state uses
 /// the fast FxHash rather than the DoS-resistant default.
-type HashMap<K, V> = FxHashMap<K, V>;
+type HashMap<K, V> = hashbrown::HashMap<K, V, FxBuildHasher>;
 type HashSet<K> = FxHashSet<K>;
 
 /// One state: per owned key group, the value of every key.
@@ -55,12 +55,12 @@ impl<K: Key, V> StateTable<K, V> {
         key: &K,
         default: impl FnOnce() -> V,
     ) -> &mut V {
-        let group = &mut self.groups[group_index];
-        if group.contains_key(key) {
-            group.get_mut(key).expect("the entry is present")
-        } else {
-            group.entry(key.clone()).or_insert_with(default)
-        }
+        // One hash and one probe whether the key is there or not.
+        self.groups[group_index]
+            .raw_entry_mut()
+            .from_key(key)
+            .or_insert_with(|| (key.clone(), default()))
+            .1
     }
 
     pub fn insert(&mut self, group_index: usize, key: &K, value: V) {
