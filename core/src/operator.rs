@@ -398,6 +398,7 @@ pub(crate) struct SourceTask<T> {
     pub(crate) emitted_watermark: Timestamp,
     pub(crate) idle: bool,
     pub(crate) last_record_at: Instant,
+    pub(crate) last_watermark_at: Instant,
 }
 
 pub(crate) struct SourceCollector<T> {
@@ -443,6 +444,7 @@ impl<T> SourceTask<T> {
             emitted_watermark: MIN_WATERMARK,
             idle: false,
             last_record_at: Instant::now(),
+            last_watermark_at: Instant::now(),
         }
     }
 }
@@ -459,7 +461,14 @@ impl<T> SourceHead for SourceTask<T> {
                 self.output.next.idle(false);
             }
         }
-        if self.strategy.generates_watermarks && self.output.max_timestamp > MIN_WATERMARK {
+        // Watermarks are periodic, as Flink's auto-watermark interval: each
+        // one ships every partial buffer downstream, so emitting one per
+        // poll would cut batches short. A reader that pauses or ends gets
+        // its watermark at once.
+        let due = status != SourceStatus::MoreAvailable
+            || self.last_watermark_at.elapsed() >= self.strategy.watermark_interval;
+        if due && self.strategy.generates_watermarks && self.output.max_timestamp > MIN_WATERMARK {
+            self.last_watermark_at = Instant::now();
             let watermark = self
                 .output
                 .max_timestamp

@@ -19,7 +19,12 @@ pub struct WatermarkStrategy<T> {
     pub(crate) out_of_orderness_ms: i64,
     pub(crate) idleness: Option<Duration>,
     pub(crate) generates_watermarks: bool,
+    pub(crate) watermark_interval: Duration,
 }
+
+/// How often a busy source emits a watermark (Flink's auto-watermark
+/// interval, shorter because our latency budget is).
+pub const DEFAULT_WATERMARK_INTERVAL: Duration = Duration::from_millis(10);
 
 impl<T> Clone for WatermarkStrategy<T> {
     fn clone(&self) -> Self {
@@ -28,6 +33,7 @@ impl<T> Clone for WatermarkStrategy<T> {
             out_of_orderness_ms: self.out_of_orderness_ms,
             idleness: self.idleness,
             generates_watermarks: self.generates_watermarks,
+            watermark_interval: self.watermark_interval,
         }
     }
 }
@@ -47,6 +53,7 @@ impl<T> WatermarkStrategy<T> {
             out_of_orderness_ms: bound.as_millis() as i64,
             idleness: None,
             generates_watermarks: true,
+            watermark_interval: DEFAULT_WATERMARK_INTERVAL,
         }
     }
 
@@ -57,6 +64,7 @@ impl<T> WatermarkStrategy<T> {
             out_of_orderness_ms: 0,
             idleness: None,
             generates_watermarks: false,
+            watermark_interval: DEFAULT_WATERMARK_INTERVAL,
         }
     }
 
@@ -66,6 +74,14 @@ impl<T> WatermarkStrategy<T> {
         assigner: impl Fn(&T) -> Timestamp + Send + Sync + 'static,
     ) -> Self {
         self.timestamp_assigner = Some(Arc::new(assigner));
+        self
+    }
+
+    /// How often a source subtask that keeps producing emits a watermark
+    /// (default 10 ms). A subtask whose reader pauses or ends emits one at
+    /// once.
+    pub fn with_watermark_interval(mut self, interval: Duration) -> Self {
+        self.watermark_interval = interval;
         self
     }
 

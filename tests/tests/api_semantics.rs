@@ -278,9 +278,10 @@ impl<T> AggregateFunction<T, u64, u64> for Count {
     }
 }
 
-/// A bounded source over a list that emits one record per poll, so that the
-/// source task emits a watermark after every record: a record that comes
-/// after a larger timestamp in the list is behind the watermark (late).
+/// A bounded source over a list that emits one record per poll and then
+/// pauses (`NothingAvailable`), so that the source task emits a watermark
+/// after every record: a record that comes after a larger timestamp in the
+/// list is behind the watermark (late).
 struct OneByOneSource<T> {
     records: Arc<Vec<T>>,
 }
@@ -311,7 +312,7 @@ impl<T: Clone> SourceReader<T> for OneByOneReader<T> {
             Some(record) => {
                 output.collect(record.clone());
                 self.next += self.step;
-                SourceStatus::MoreAvailable
+                SourceStatus::NothingAvailable
             }
             None => SourceStatus::Finished,
         }
