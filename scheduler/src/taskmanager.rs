@@ -16,8 +16,12 @@ use crate::task::{run_task, TaskDeployment};
 /// How often an idle slot looks for commands. Commands (deploy, cancel) are
 /// rare, so a millisecond costs nothing and keeps slots free of locks.
 const SLOT_COMMAND_POLL_INTERVAL: Duration = Duration::from_millis(1);
-/// A task may run this long before it must let the slot's other tasks run.
-const SLOT_PREEMPT_INTERVAL: Duration = Duration::from_millis(2);
+/// A task may run this long before it must let the slot's other tasks run
+/// (glommio's default). Not shorter: glommio 0.9 can park an executor that
+/// was preempted before it ran anything (fixed upstream only in a fork), and
+/// a short preempt timer made that frequent on a loaded machine; tasks
+/// yield on their own at every full channel anyway.
+const SLOT_PREEMPT_INTERVAL: Duration = Duration::from_millis(100);
 /// Memory each slot's io_uring may lock for registered buffers; small, so
 /// that a default locked-memory limit of 8 MiB holds a few slots.
 const SLOT_IO_MEMORY_BYTES: usize = 512 * 1024;
@@ -101,14 +105,23 @@ impl TaskManager {
             // An executor that cannot set up its io_uring dies in its thread;
             // wait for the slot to say it runs, so that a job is never
             // deployed into a dead slot (and never waits for it forever).
-            if slot_ready.recv_timeout(SLOT_START_TIMEOUT).is_err() {
-                let cause = match thread.join() {
-                    Ok(()) => "its executor stopped".to_string(),
-                    Err(error) => error.to_string(),
-                };
-                return Err(format!(
-                    "cannot start slot {index} on CPU {cpu}: {cause} (io_uring needs locked memory: check `ulimit -l`, see the README)"
-                ));
+            match slot_ready.recv_timeout(SLOT_START_TIMEOUT) {
+                Ok(()) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let cause = match thread.join() {
+                        Ok(()) => "its executor stopped".to_string(),
+                        Err(error) => error.to_string(),
+                    };
+                    return Err(format!(
+                        "cannot start slot {index} on CPU {cpu}: {cause} (io_uring needs locked memory: check `ulimit -l`, see the README)"
+                    ));
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    // Dropping `commands` stops the slot if it ever starts.
+                    return Err(format!(
+                        "slot {index} on CPU {cpu} did not start within {SLOT_START_TIMEOUT:?}: is the machine overloaded?"
+                    ));
+                }
             }
             slots.push(Slot { commands, thread });
         }

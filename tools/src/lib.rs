@@ -18,6 +18,23 @@ const EXIT_USAGE: u8 = 2;
 /// Exit code of a job that was refused or failed.
 const EXIT_JOB_FAILED: u8 = 1;
 
+/// How long the command waits for the local cluster's threads to stop
+/// after the job's result is printed; the process ends either way.
+const CLUSTER_SHUTDOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Stops the cluster, but never lets a slot that does not stop keep the
+/// process from ending once the result is out.
+fn shutdown_within(cluster: LocalCluster, timeout: std::time::Duration) {
+    let (stopped, wait) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        cluster.shutdown();
+        let _ = stopped.send(());
+    });
+    if wait.recv_timeout(timeout).is_err() {
+        eprintln!("warning: the local cluster did not stop within {timeout:?}; exiting anyway");
+    }
+}
+
 /// The programs the `strom` binary ships.
 pub fn builtin_programs() -> Vec<Program> {
     vec![strom_bench::queries::NEXMARK_PROGRAM]
@@ -180,7 +197,7 @@ fn run_local(program: &Program, job_args: &JobArgs, matches: &ArgMatches) -> Exi
             for line in (program.report)(matches, &outcome) {
                 println!("{line}");
             }
-            cluster.shutdown();
+            shutdown_within(cluster, CLUSTER_SHUTDOWN_TIMEOUT);
             ExitCode::SUCCESS
         }
         Err(message) => {
