@@ -140,14 +140,15 @@ impl<T: Record> StreamType for TypedStream<T> {
             Partitioning::Forward => ChannelSelector::Forward,
             Partitioning::Rebalance => ChannelSelector::Rebalance { next: 0 },
             Partitioning::Broadcast => ChannelSelector::Broadcast,
-            Partitioning::Hash(key_hash) => ChannelSelector::Hash {
-                key_hash: key_hash
+            Partitioning::Hash(key_hash) => ChannelSelector::hash(
+                key_hash
                     .clone()
                     .downcast::<Arc<dyn Fn(&T) -> u64 + Send + Sync>>()
                     .map(|boxed| (*boxed).clone())
                     .unwrap_or_else(|_| panic!("key selector of the wrong record type")),
                 max_parallelism,
-            },
+                channel_count,
+            ),
         };
         erase::<T>(Box::new(RecordWriter::new(
             selector,

@@ -19,7 +19,7 @@ use crate::accumulator::Accumulators;
 use crate::function::{
     KeyedCoProcessFunction, KeyedContext, KeyedProcessFunction, SinkFunction, TimestampedCollector,
 };
-use crate::key::{key_group_of_hash, subtask_for_key_group, Key, KeyGroupRange};
+use crate::key::{subtask_for_key_group, Key, KeyGroupAssigner, KeyGroupRange};
 use crate::record::{Record, StreamElement, StreamRecord};
 use crate::source::{SourceOutput, SourceReader, SourceStatus};
 use crate::state::{KeyedStateStore, TimerService};
@@ -237,8 +237,31 @@ pub(crate) enum ChannelSelector<T> {
     /// The consumer that owns the key group of the record's key.
     Hash {
         key_hash: Arc<dyn Fn(&T) -> u64 + Send + Sync>,
-        max_parallelism: u32,
+        assigner: KeyGroupAssigner,
+        /// The channel of every key group, computed once: no division per
+        /// record.
+        channel_of_key_group: Vec<u32>,
     },
+}
+
+impl<T> ChannelSelector<T> {
+    /// Hash partitioning over `channel_count` consumers.
+    pub(crate) fn hash(
+        key_hash: Arc<dyn Fn(&T) -> u64 + Send + Sync>,
+        max_parallelism: u32,
+        channel_count: usize,
+    ) -> Self {
+        let channel_of_key_group = (0..max_parallelism)
+            .map(|key_group| {
+                subtask_for_key_group(key_group, max_parallelism, channel_count as u32)
+            })
+            .collect();
+        ChannelSelector::Hash {
+            key_hash,
+            assigner: KeyGroupAssigner::new(max_parallelism),
+            channel_of_key_group,
+        }
+    }
 }
 
 /// Batches records per channel into rkyv buffers and queues them.
@@ -325,12 +348,11 @@ impl<T: Record> Output<T> for RecordWriter<T> {
             }
             ChannelSelector::Hash {
                 key_hash,
-                max_parallelism,
+                assigner,
+                channel_of_key_group,
             } => {
-                let key_group = key_group_of_hash(key_hash(&record), *max_parallelism);
-                let channel =
-                    subtask_for_key_group(key_group, *max_parallelism, channel_count as u32)
-                        as usize;
+                let key_group = assigner.key_group_of_hash(key_hash(&record));
+                let channel = channel_of_key_group[key_group as usize] as usize;
                 self.append(channel, record, timestamp);
             }
         }

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use rustc_hash::{FxBuildHasher, FxHashSet};
 
 use crate::function::KeyedContext;
-use crate::key::{key_group_of, Key, KeyGroupRange};
+use crate::key::{key_hash, Key, KeyGroupAssigner, KeyGroupRange};
 use crate::time::Timestamp;
 
 /// The hash maps of keyed state and timers. Keys come from inside the job,
@@ -89,7 +89,7 @@ impl<K: Key, V> StateTable<K, V> {
 /// The keyed state of one operator subtask.
 pub struct KeyedStateStore<K> {
     key_groups: KeyGroupRange,
-    max_parallelism: u32,
+    assigner: KeyGroupAssigner,
     tables: Vec<Box<dyn Any>>,
     names: Vec<String>,
     _key: PhantomData<fn() -> K>,
@@ -99,7 +99,7 @@ impl<K: Key> KeyedStateStore<K> {
     pub fn new(key_groups: KeyGroupRange, max_parallelism: u32) -> Self {
         KeyedStateStore {
             key_groups,
-            max_parallelism,
+            assigner: KeyGroupAssigner::new(max_parallelism),
             tables: Vec::new(),
             names: Vec::new(),
             _key: PhantomData,
@@ -111,7 +111,7 @@ impl<K: Key> KeyedStateStore<K> {
     /// Panics when the key belongs to another subtask: the key selector is
     /// then not deterministic, and state would silently split.
     pub fn group_index(&self, key: &K) -> usize {
-        let key_group = key_group_of(key, self.max_parallelism);
+        let key_group = self.assigner.key_group_of_hash(key_hash(key));
         assert!(
             self.key_groups.contains(key_group),
             "key {key:?} is in key group {key_group}, which subtask key groups {:?} do not own: is the key selector deterministic?",
