@@ -330,10 +330,22 @@ impl StreamGraph {
             }
             let source = &self.nodes[edge.source];
             let target = &self.nodes[edge.target];
-            let expected = target
-                .input_types
-                .get(edge.input)
-                .or(target.input_types.first());
+            // A union's inputs are all input 0; other operators have one
+            // declared type per input, and no input beyond them.
+            let expected = match target.kind {
+                NodeKind::Union(_) if edge.input == 0 => target.input_types.first(),
+                NodeKind::Union(_) => None,
+                _ => target.input_types.get(edge.input),
+            };
+            if expected.is_none() && !target.input_types.is_empty() {
+                return Err(GraphError::Invalid {
+                    operator: target.name.clone(),
+                    reason: format!(
+                        "an edge from '{}' goes to input {}, which the operator does not have",
+                        source.name, edge.input
+                    ),
+                });
+            }
             match expected {
                 Some((type_id, type_name)) if *type_id != source.output_type.record_type_id() => {
                     return Err(GraphError::TypeMismatch {
@@ -363,7 +375,7 @@ impl StreamGraph {
                 Some(2) => {
                     let left = inputs.iter().filter(|edge| edge.input == 0).count();
                     let right = inputs.iter().filter(|edge| edge.input == 1).count();
-                    if left != 1 || right != 1 {
+                    if left != 1 || right != 1 || inputs.len() != 2 {
                         return Err(GraphError::Inputs {
                             operator: node.name.clone(),
                             expected: 2,
@@ -857,5 +869,52 @@ impl fmt::Display for JobGraph {
             )?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::error::GraphError;
+    use crate::function::{Collector, KeyedContext};
+    use crate::{KeyedCoProcessFunction, StreamExecutionEnvironment};
+
+    #[derive(Clone)]
+    struct Ignore;
+
+    impl KeyedCoProcessFunction<u64, u64, String, u64> for Ignore {
+        fn process_element1(
+            &mut self,
+            _: u64,
+            _: &mut KeyedContext<'_, u64>,
+            _: &mut dyn Collector<u64>,
+        ) {
+        }
+        fn process_element2(
+            &mut self,
+            _: String,
+            _: &mut KeyedContext<'_, u64>,
+            _: &mut dyn Collector<u64>,
+        ) {
+        }
+    }
+
+    #[test]
+    fn an_edge_to_an_input_the_operator_lacks_is_refused() {
+        let env = StreamExecutionEnvironment::new();
+        let numbers = env.from_collection(vec![1u64, 2]);
+        let words = env.from_collection(vec!["a".to_string()]);
+        let joined = numbers
+            .clone()
+            .key_by(|number| *number)
+            .connect(words.key_by(|word| word.len() as u64))
+            .process(Ignore);
+        env.add_edge(numbers.node_id(), joined.node_id(), 2);
+        match env.build() {
+            Err(GraphError::Invalid { reason, .. }) => {
+                assert!(reason.contains("input 2"), "{reason}")
+            }
+            Err(other) => panic!("refused for another reason: {other}"),
+            Ok(_) => panic!("a third input of a two-input operator was accepted"),
+        }
     }
 }

@@ -78,7 +78,23 @@ impl Program {
         env.set_job_name(self.name);
         env.set_parallelism(args.parallelism);
         env.set_max_parallelism(args.max_parallelism);
-        (self.build)(&env, &matches)?;
+        // A panic in the program's code is the program's error, not the
+        // process's: the JobManager that runs it serves other jobs too.
+        let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            (self.build)(&env, &matches)
+        }))
+        .map_err(|payload| {
+            let message = payload
+                .downcast_ref::<&str>()
+                .map(|message| message.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic without a message".to_string());
+            format!(
+                "job program '{}' panicked while building the job: {message}",
+                self.name
+            )
+        })?;
+        built?;
         env.build().map_err(|error| error.to_string())
     }
 }
@@ -139,5 +155,38 @@ impl JobArgs {
                 .get_one::<u32>("max-parallelism")
                 .expect("--max-parallelism has a default"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn panicking_build(
+        _env: &StreamExecutionEnvironment,
+        _matches: &clap::ArgMatches,
+    ) -> Result<(), String> {
+        panic!("no such table");
+    }
+
+    #[test]
+    fn a_program_that_panics_while_building_is_an_error_not_a_crash() {
+        let program = Program {
+            name: "broken",
+            about: "panics while building",
+            command: || clap::Command::new("broken"),
+            build: panicking_build,
+            report: report_accumulators,
+        };
+        let args = JobArgs {
+            arguments: Vec::new(),
+            parallelism: 1,
+            max_parallelism: 128,
+        };
+        let error = program.job_graph(&args).err().expect("the build panicked");
+        assert_eq!(
+            error,
+            "job program 'broken' panicked while building the job: no such table"
+        );
     }
 }

@@ -10,9 +10,27 @@ use strom_core::{Accumulators, Program};
 use crate::messages::{JobId, JobResult, ToJobManager, ToTaskManager};
 
 struct RegisteredTaskManager {
-    slot_count: u32,
-    slots_free: u32,
+    /// Which job holds each slot; `None` when free.
+    slot_holders: Vec<Option<JobId>>,
     sender: Sender<ToTaskManager>,
+}
+
+impl RegisteredTaskManager {
+    fn slots_free(&self) -> u32 {
+        self.slot_holders
+            .iter()
+            .filter(|holder| holder.is_none())
+            .count() as u32
+    }
+
+    /// Frees every slot `job` holds.
+    fn release(&mut self, job: JobId) {
+        for holder in &mut self.slot_holders {
+            if *holder == Some(job) {
+                *holder = None;
+            }
+        }
+    }
 }
 
 /// One running job.
@@ -69,8 +87,7 @@ impl JobManager {
                     "TaskManagers register in order"
                 );
                 self.task_managers.push(RegisteredTaskManager {
-                    slot_count,
-                    slots_free: slot_count,
+                    slot_holders: vec![None; slot_count as usize],
                     sender,
                 });
             }
@@ -94,7 +111,7 @@ impl JobManager {
                 if master.subtasks_remaining == 0 {
                     let master = self.jobs.remove(&job).expect("the job is known");
                     let task_manager = &mut self.task_managers[master.task_manager];
-                    task_manager.slots_free += master.slots_used;
+                    task_manager.release(job);
                     let _ = task_manager.sender.send(ToTaskManager::CancelJob { job });
                     let result = JobResult {
                         job_id: job,
@@ -118,7 +135,7 @@ impl JobManager {
                     return;
                 };
                 let task_manager = &mut self.task_managers[master.task_manager];
-                task_manager.slots_free += master.slots_used;
+                task_manager.release(job);
                 let _ = task_manager.sender.send(ToTaskManager::CancelJob { job });
                 let _ = master
                     .reply
@@ -145,10 +162,11 @@ impl JobManager {
             .task_managers
             .iter()
             .enumerate()
-            .find(|(_, task_manager)| task_manager.slots_free >= slots_required)
+            .find(|(_, task_manager)| task_manager.slots_free() >= slots_required)
             .ok_or_else(|| {
-                let slots_free: u32 = self.task_managers.iter().map(|task_manager| task_manager.slots_free).sum();
-                let slot_count: u32 = self.task_managers.iter().map(|task_manager| task_manager.slot_count).sum();
+                let slots_free: u32 = self.task_managers.iter().map(RegisteredTaskManager::slots_free).sum();
+                let slot_count: usize =
+                    self.task_managers.iter().map(|task_manager| task_manager.slot_holders.len()).sum();
                 format!(
                     "not enough slots: job '{}' needs {slots_required}, the cluster has {slots_free} free of {slot_count}",
                     job_graph.name
@@ -156,12 +174,23 @@ impl JobManager {
             })?;
         let job = self.next_job_id;
         self.next_job_id += 1;
+        // The job's slots are numbered from 0 (`slot_of`); take that many
+        // free slots of the TaskManager, so that jobs running at once never
+        // share a core.
+        let holders = &mut self.task_managers[task_manager].slot_holders;
+        let free_slots: Vec<u32> = (0..holders.len() as u32)
+            .filter(|slot| holders[*slot as usize].is_none())
+            .take(slots_required as usize)
+            .collect();
+        for slot in &free_slots {
+            holders[*slot as usize] = Some(job);
+        }
         let slots: Vec<Vec<u32>> = job_graph
             .vertices
             .iter()
             .map(|vertex| {
                 (0..vertex.parallelism)
-                    .map(|subtask| job_graph.slot_of(vertex.id, subtask))
+                    .map(|subtask| free_slots[job_graph.slot_of(vertex.id, subtask) as usize])
                     .collect()
             })
             .collect();
@@ -170,7 +199,6 @@ impl JobManager {
             .iter()
             .map(|vertex| vertex.parallelism as usize)
             .sum();
-        self.task_managers[task_manager].slots_free -= slots_required;
         self.jobs.insert(
             job,
             JobMaster {
@@ -183,14 +211,119 @@ impl JobManager {
                 reply: reply.clone(),
             },
         );
-        self.task_managers[task_manager]
+        let deployed = self.task_managers[task_manager]
             .sender
             .send(ToTaskManager::DeployJob {
                 job,
                 program: program_name.to_string(),
                 args,
                 slots,
-            })
-            .map_err(|_| "the TaskManager is gone".to_string())
+            });
+        if deployed.is_err() {
+            self.jobs.remove(&job);
+            self.task_managers[task_manager].release(job);
+            return Err("the TaskManager is gone".to_string());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+
+    use strom_core::program::report_accumulators;
+    use strom_core::source::GeneratorSource;
+    use strom_core::{JobArgs, StreamExecutionEnvironment, WatermarkStrategy};
+
+    use super::*;
+
+    fn build_numbers(env: &StreamExecutionEnvironment, _: &clap::ArgMatches) -> Result<(), String> {
+        env.from_source(
+            GeneratorSource::bounded(10, |index| index),
+            WatermarkStrategy::no_watermarks(),
+            "numbers",
+        )
+        .rebalance()
+        .map(|value| value + 1)
+        .name("increment");
+        Ok(())
+    }
+
+    const NUMBERS: Program = Program {
+        name: "numbers",
+        about: "ten numbers",
+        command: || clap::Command::new("numbers"),
+        build: build_numbers,
+        report: report_accumulators,
+    };
+
+    fn deployed_slots(inbox: &mpsc::Receiver<ToTaskManager>) -> (JobId, Vec<Vec<u32>>) {
+        match inbox.try_recv() {
+            Ok(ToTaskManager::DeployJob { job, slots, .. }) => (job, slots),
+            _ => panic!("expected a deployment"),
+        }
+    }
+
+    #[test]
+    fn jobs_running_at_once_get_different_slots_and_give_them_back() {
+        let mut job_manager = JobManager::new(vec![NUMBERS]);
+        let (sender, inbox) = mpsc::channel();
+        job_manager.handle(ToJobManager::RegisterTaskManager {
+            task_manager: 0,
+            slot_count: 4,
+            sender,
+        });
+        let args = JobArgs {
+            arguments: Vec::new(),
+            parallelism: 2,
+            max_parallelism: 128,
+        };
+        let (reply, results) = mpsc::channel();
+        for _ in 0..2 {
+            let submit = ToJobManager::SubmitJob {
+                program: "numbers".into(),
+                args: args.clone(),
+                reply: reply.clone(),
+            };
+            job_manager.handle(submit);
+        }
+        let (first, first_slots) = deployed_slots(&inbox);
+        let (_, second_slots) = deployed_slots(&inbox);
+        assert_eq!(first_slots, vec![vec![0, 1], vec![0, 1]]);
+        assert_eq!(second_slots, vec![vec![2, 3], vec![2, 3]]);
+        let third = ToJobManager::SubmitJob {
+            program: "numbers".into(),
+            args: args.clone(),
+            reply: reply.clone(),
+        };
+        job_manager.handle(third);
+        let refused = results
+            .try_recv()
+            .expect("a reply")
+            .expect_err("no slots are free");
+        assert!(refused.starts_with("not enough slots"), "{refused}");
+        for (vertex, subtask) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
+            let finished = ToJobManager::TaskFinished {
+                job: first,
+                vertex,
+                subtask,
+                accumulators: Accumulators::default(),
+            };
+            job_manager.handle(finished);
+        }
+        assert!(results.try_recv().expect("the first job's result").is_ok());
+        assert!(matches!(inbox.try_recv(), Ok(ToTaskManager::CancelJob { job }) if job == first));
+        job_manager.handle(ToJobManager::SubmitJob {
+            program: "numbers".into(),
+            args,
+            reply,
+        });
+        let (_, reused_slots) = deployed_slots(&inbox);
+        assert_eq!(
+            reused_slots,
+            vec![vec![0, 1], vec![0, 1]],
+            "the first job's slots are free again"
+        );
     }
 }

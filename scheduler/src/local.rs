@@ -19,6 +19,7 @@ pub struct LocalClusterConfig {
 
 pub struct LocalCluster {
     job_manager: Sender<ToJobManager>,
+    task_manager: Sender<ToTaskManager>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -53,11 +54,12 @@ impl LocalCluster {
             .send(ToJobManager::RegisterTaskManager {
                 task_manager: 0,
                 slot_count,
-                sender: task_manager_sender,
+                sender: task_manager_sender.clone(),
             })
             .map_err(|_| "the JobManager stopped".to_string())?;
         Ok(LocalCluster {
             job_manager: job_manager_sender,
+            task_manager: task_manager_sender,
             threads,
         })
     }
@@ -84,6 +86,9 @@ impl LocalCluster {
 
     fn stop(&mut self) {
         let _ = self.job_manager.send(ToJobManager::Shutdown);
+        // Told directly too, so that the TaskManager stops even if the
+        // JobManager has died.
+        let _ = self.task_manager.send(ToTaskManager::Shutdown);
         for thread in self.threads.drain(..) {
             let _ = thread.join();
         }
@@ -94,11 +99,4 @@ impl Drop for LocalCluster {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-/// Unused by the local cluster itself; kept so the message type is used
-/// the same way in every transport.
-#[allow(dead_code)]
-fn _assert_messages_are_send(message: ToTaskManager) -> impl Send {
-    message
 }

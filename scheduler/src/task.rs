@@ -9,7 +9,8 @@
 //!    end-of-input is counted per channel;
 //! 3. after every step the queued output elements are sent, waiting while a
 //!    channel is full (backpressure); when no input is ready, partial
-//!    buffers are flushed first (adaptive flushing);
+//!    buffers are flushed first (adaptive flushing), and a busy task flushes
+//!    them at least every `BUFFER_TIMEOUT`;
 //! 4. once every input has ended (or the source has finished) the final
 //!    watermark and end-of-input go downstream and the task reports its
 //!    accumulators;
@@ -22,7 +23,7 @@ use std::pin::Pin;
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_lite::future::poll_once;
 use futures_lite::Stream;
@@ -41,6 +42,9 @@ use crate::messages::{JobId, ToJobManager, ToTaskManager};
 
 /// Records a source emits per poll before the task sends and yields.
 const SOURCE_POLL_BUDGET_RECORDS: usize = 1024;
+/// The longest a record waits in a partially filled buffer while its task
+/// stays busy (Flink's buffer timeout, 100 ms by default).
+const BUFFER_TIMEOUT: Duration = Duration::from_millis(100);
 /// How long a source with nothing available waits before polling again.
 const SOURCE_IDLE_POLL_INTERVAL: Duration = Duration::from_millis(1);
 
@@ -120,8 +124,13 @@ impl TaskRun<'_> {
 
     async fn run_source(&self, mut head: Box<dyn SourceHead>) -> Result<(), Stop> {
         let queue = self.setup.queue.clone();
+        let mut last_flush = Instant::now();
         loop {
             let status = self.guarded(|| head.poll(SOURCE_POLL_BUDGET_RECORDS))?;
+            if last_flush.elapsed() >= BUFFER_TIMEOUT {
+                self.guarded(|| head.flush())?;
+                last_flush = Instant::now();
+            }
             self.drain(&queue).await?;
             match status {
                 SourceStatus::Finished => break,
@@ -147,6 +156,7 @@ impl TaskRun<'_> {
         let mut ended = vec![false; inputs.len()];
         let mut ended_count = 0;
         let mut next_channel = 0;
+        let mut last_flush = Instant::now();
         while ended_count < inputs.len() {
             let ready = poll_once(NextElement {
                 inputs: &mut inputs,
@@ -159,6 +169,7 @@ impl TaskRun<'_> {
                 None => {
                     // No input is ready: ship partial buffers before waiting.
                     self.guarded(|| head.flush())?;
+                    last_flush = Instant::now();
                     self.drain(&queue).await?;
                     NextElement {
                         inputs: &mut inputs,
@@ -197,6 +208,10 @@ impl TaskRun<'_> {
                     ended[channel] = true;
                     ended_count += 1;
                 }
+            }
+            if last_flush.elapsed() >= BUFFER_TIMEOUT {
+                self.guarded(|| head.flush())?;
+                last_flush = Instant::now();
             }
             self.drain(&queue).await?;
             glommio::yield_if_needed().await;

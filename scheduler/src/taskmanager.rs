@@ -195,6 +195,18 @@ impl TaskManager {
                 )
             })?;
         let graph = Arc::new(program.job_graph(args)?);
+        let same_shape = slots.len() == graph.vertices.len()
+            && graph
+                .vertices
+                .iter()
+                .zip(slots)
+                .all(|(vertex, vertex_slots)| vertex_slots.len() == vertex.parallelism as usize);
+        if !same_shape {
+            return Err(format!(
+                "program '{program_name}' built a different job on TaskManager {} than on the JobManager: is its build deterministic?",
+                self.id
+            ));
+        }
         // One channel per (edge, producer, consumer) pair.
         let mut senders: HashMap<(usize, u32, u32), ChannelSender> = HashMap::new();
         let mut receivers: HashMap<(usize, u32, u32), ChannelReceiver> = HashMap::new();
