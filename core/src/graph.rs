@@ -24,7 +24,7 @@ use crate::error::GraphError;
 use crate::key::{KeyGroupRange, DEFAULT_MAX_PARALLELISM, MAX_PARALLELISM_UPPER_BOUND};
 use crate::operator::{
     ChannelSelector, Discard, FanOut, OperatorContext, Output, OutputQueue, RecordWriter,
-    SourceHead, TaskHead, Tracked,
+    SourceHead, TaskHead,
 };
 use crate::record::Record;
 
@@ -99,7 +99,6 @@ pub(crate) trait StreamType: Send + Sync {
         max_parallelism: u32,
         queue: OutputQueue,
     ) -> ErasedOutput;
-    fn tracked(&self, index: usize, tracker: Rc<Cell<usize>>, inner: ErasedOutput) -> ErasedOutput;
 }
 
 pub(crate) struct TypedStream<T>(PhantomData<fn() -> T>);
@@ -156,14 +155,6 @@ impl<T: Record> StreamType for TypedStream<T> {
             channel_count,
             queue,
         )))
-    }
-
-    fn tracked(&self, index: usize, tracker: Rc<Cell<usize>>, inner: ErasedOutput) -> ErasedOutput {
-        erase::<T>(Box::new(Tracked {
-            index,
-            tracker,
-            inner: unerase::<T>(inner),
-        }))
     }
 }
 
@@ -774,6 +765,8 @@ impl JobGraph {
                     subtask,
                 ),
                 accumulators: setup.accumulators.clone(),
+                chain_position: position,
+                tracker: setup.tracker.clone(),
             };
             if position == 0 {
                 return match &node.kind {
@@ -792,20 +785,7 @@ impl JobGraph {
                 unreachable!("only one-input operators are chained behind a head")
             };
             let input = chained(&context, downstream);
-            // The chain is a tree: a chained operator's input type is the
-            // output type of the one operator feeding it.
-            let upstream = self
-                .stream
-                .edges
-                .iter()
-                .find(|edge| edge.target == *node_id)
-                .expect("a chained input")
-                .source;
-            let upstream_type = &self.stream.nodes[upstream].output_type;
-            built.insert(
-                *node_id,
-                upstream_type.tracked(position, setup.tracker.clone(), input),
-            );
+            built.insert(*node_id, input);
         }
         unreachable!("a vertex has at least one operator")
     }

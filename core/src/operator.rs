@@ -50,6 +50,10 @@ pub struct OperatorContext {
     pub max_parallelism: u32,
     pub key_groups: KeyGroupRange,
     pub accumulators: Rc<RefCell<Accumulators>>,
+    /// The operator's position in its chain (0: the head).
+    pub chain_position: usize,
+    /// Where the task records which operator of the chain runs.
+    pub tracker: Rc<Cell<usize>>,
 }
 
 /// Elements a task has produced and not yet handed to its channels, tagged
@@ -192,37 +196,41 @@ impl<T: Clone> Output<T> for FanOut<T> {
 
 /// Records which operator of the chain is running, so that a panic can be
 /// attributed to it: the index is set on entry and restored on return, so
-/// after an unwind it names the innermost operator that did not return.
-pub(crate) struct Tracked<T> {
+/// after an unwind it names the innermost operator that did not return. It
+/// wraps the concrete operator, adding no virtual call of its own.
+pub(crate) struct Tracked<T, Op> {
     pub(crate) index: usize,
     pub(crate) tracker: Rc<Cell<usize>>,
-    pub(crate) inner: Box<dyn Output<T>>,
+    pub(crate) inner: Op,
+    pub(crate) _input: PhantomData<fn(T)>,
 }
 
-impl<T> Tracked<T> {
-    fn enter<R>(&mut self, call: impl FnOnce(&mut dyn Output<T>) -> R) -> R {
-        let previous = self.tracker.replace(self.index);
-        let result = call(&mut *self.inner);
-        self.tracker.set(previous);
-        result
-    }
-}
-
-impl<T> Output<T> for Tracked<T> {
+impl<T, Op: Output<T>> Output<T> for Tracked<T, Op> {
+    #[inline]
     fn push(&mut self, record: T, timestamp: Timestamp) {
-        self.enter(|inner| inner.push(record, timestamp));
+        let previous = self.tracker.replace(self.index);
+        self.inner.push(record, timestamp);
+        self.tracker.set(previous);
     }
     fn watermark(&mut self, watermark: Timestamp) {
-        self.enter(|inner| inner.watermark(watermark));
+        let previous = self.tracker.replace(self.index);
+        self.inner.watermark(watermark);
+        self.tracker.set(previous);
     }
     fn idle(&mut self, idle: bool) {
-        self.enter(|inner| inner.idle(idle));
+        let previous = self.tracker.replace(self.index);
+        self.inner.idle(idle);
+        self.tracker.set(previous);
     }
     fn flush(&mut self) {
-        self.enter(|inner| inner.flush());
+        let previous = self.tracker.replace(self.index);
+        self.inner.flush();
+        self.tracker.set(previous);
     }
     fn end_of_input(&mut self) {
-        self.enter(|inner| inner.end_of_input());
+        let previous = self.tracker.replace(self.index);
+        self.inner.end_of_input();
+        self.tracker.set(previous);
     }
 }
 

@@ -31,7 +31,7 @@ use crate::graph::{
 use crate::key::{key_hash, Key};
 use crate::operator::{
     DecodingHead, FilterOperator, FlatMapOperator, KeyedCoProcessHead, KeyedProcessOperator,
-    MapOperator, Output, SinkOperator, SourceTask,
+    MapOperator, Output, SinkOperator, SourceTask, Tracked,
 };
 use crate::record::Record;
 use crate::source::{CollectionSource, Source};
@@ -143,12 +143,15 @@ impl StreamExecutionEnvironment {
         self.graph.borrow_mut().errors.push(error);
     }
 
-    fn add_one_input<I: Record, O: Record>(
+    /// Adds a one-input operator. `make` builds its concrete type, so that
+    /// a chained operator and its panic attribution ([`Tracked`]) are one
+    /// value behind one virtual call.
+    fn add_one_input<I: Record, O: Record, Op: Output<I> + 'static>(
         &self,
         input: NodeId,
         partitioning: Option<Partitioning>,
         name: &str,
-        make: impl Fn(&crate::operator::OperatorContext, Box<dyn Output<O>>) -> Box<dyn Output<I>>
+        make: impl Fn(&crate::operator::OperatorContext, Box<dyn Output<O>>) -> Op
             + Send
             + Sync
             + 'static,
@@ -156,11 +159,19 @@ impl StreamExecutionEnvironment {
         let make = Arc::new(make);
         let chained: ChainFactory = {
             let make = make.clone();
-            Arc::new(move |context, output| erase::<I>(make(context, unerase::<O>(output))))
+            Arc::new(move |context, output| {
+                let operator = make(context, unerase::<O>(output));
+                erase::<I>(Box::new(Tracked {
+                    index: context.chain_position,
+                    tracker: context.tracker.clone(),
+                    inner: operator,
+                    _input: PhantomData,
+                }))
+            })
         };
         let head: HeadFactory = Arc::new(move |context, output| {
             Box::new(DecodingHead::<I> {
-                next: make(context, unerase::<O>(output)),
+                next: Box::new(make(context, unerase::<O>(output))),
             })
         });
         let mut graph = self.graph.borrow_mut();
@@ -269,16 +280,14 @@ impl<T: Record> DataStream<T> {
         function: impl Fn(T) -> O + Send + Sync + 'static,
     ) -> DataStream<O> {
         let function = Arc::new(function);
-        let node = self.env.add_one_input::<T, O>(
+        let node = self.env.add_one_input::<T, O, _>(
             self.node,
             self.partitioning.clone(),
             "Map",
-            move |_, next| {
-                Box::new(MapOperator {
-                    function: function.clone(),
-                    next,
-                    _input: PhantomData,
-                })
+            move |_, next| MapOperator {
+                function: function.clone(),
+                next,
+                _input: PhantomData,
             },
         );
         DataStream::new(self.env, node)
@@ -286,15 +295,13 @@ impl<T: Record> DataStream<T> {
 
     pub fn filter(self, predicate: impl Fn(&T) -> bool + Send + Sync + 'static) -> DataStream<T> {
         let function = Arc::new(predicate);
-        let node = self.env.add_one_input::<T, T>(
+        let node = self.env.add_one_input::<T, T, _>(
             self.node,
             self.partitioning.clone(),
             "Filter",
-            move |_, next| {
-                Box::new(FilterOperator {
-                    function: function.clone(),
-                    next,
-                })
+            move |_, next| FilterOperator {
+                function: function.clone(),
+                next,
             },
         );
         DataStream::new(self.env, node)
@@ -305,16 +312,14 @@ impl<T: Record> DataStream<T> {
         function: impl Fn(T, &mut dyn Collector<O>) + Send + Sync + 'static,
     ) -> DataStream<O> {
         let function = Arc::new(function);
-        let node = self.env.add_one_input::<T, O>(
+        let node = self.env.add_one_input::<T, O, _>(
             self.node,
             self.partitioning.clone(),
             "Flat Map",
-            move |_, next| {
-                Box::new(FlatMapOperator {
-                    function: function.clone(),
-                    next,
-                    _input: PhantomData,
-                })
+            move |_, next| FlatMapOperator {
+                function: function.clone(),
+                next,
+                _input: PhantomData,
             },
         );
         DataStream::new(self.env, node)
@@ -368,18 +373,18 @@ impl<T: Record> DataStream<T> {
 
     /// Ends the stream in a sink.
     pub fn add_sink(self, sink: impl SinkFunction<T>) -> DataStream<()> {
-        let node = self.env.add_one_input::<T, ()>(
+        let node = self.env.add_one_input::<T, (), _>(
             self.node,
             self.partitioning.clone(),
             "Sink",
             move |context, _| {
                 let mut sink = sink.clone();
                 sink.open(context);
-                Box::new(SinkOperator {
+                SinkOperator {
                     sink,
                     context: context.clone(),
                     _input: PhantomData,
-                })
+                }
             },
         );
         DataStream::new(self.env, node)
@@ -421,17 +426,12 @@ impl<K: Key, T: Record> KeyedStream<K, T> {
     pub fn process<O: Record>(self, function: impl KeyedProcessFunction<K, T, O>) -> DataStream<O> {
         let selector = self.key_selector.clone();
         let env = self.stream.env.clone();
-        let node = env.add_one_input::<T, O>(
+        let node = env.add_one_input::<T, O, _>(
             self.stream.node,
             self.stream.partitioning.clone(),
             "KeyedProcess",
             move |context, next| {
-                Box::new(KeyedProcessOperator::new(
-                    selector.clone(),
-                    function.clone(),
-                    context,
-                    next,
-                ))
+                KeyedProcessOperator::new(selector.clone(), function.clone(), context, next)
             },
         );
         DataStream::new(env, node)
@@ -531,7 +531,7 @@ impl<K: Key, T: Record> WindowedStream<K, T> {
         let selector = keyed.key_selector.clone();
         let env = keyed.stream.env.clone();
         let window_function = Arc::new(window_function);
-        let node = env.add_one_input::<T, O>(
+        let node = env.add_one_input::<T, O, _>(
             keyed.stream.node,
             keyed.stream.partitioning.clone(),
             "Window",
@@ -541,14 +541,14 @@ impl<K: Key, T: Record> WindowedStream<K, T> {
                     window_function: window_function.clone(),
                     _types: PhantomData,
                 };
-                Box::new(WindowOperator::new(
+                WindowOperator::new(
                     selector.clone(),
                     assigner,
                     allowed_lateness,
                     aggregation,
                     context,
                     next,
-                ))
+                )
             },
         );
         DataStream::new(env, node)

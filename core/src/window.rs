@@ -724,6 +724,8 @@ mod tests {
             max_parallelism: 128,
             key_groups: crate::key::KeyGroupRange::for_subtask(128, 1, 0),
             accumulators: Default::default(),
+            chain_position: 0,
+            tracker: Default::default(),
         };
         WindowOperator::new(
             Arc::new(|_: &u64| 0u64),
