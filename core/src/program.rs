@@ -84,11 +84,7 @@ impl Program {
             (self.build)(&env, &matches)
         }))
         .map_err(|payload| {
-            let message = payload
-                .downcast_ref::<&str>()
-                .map(|message| message.to_string())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "a panic without a message".to_string());
+            let message = crate::error::panic_message(payload.as_ref());
             format!(
                 "job program '{}' panicked while building the job: {message}",
                 self.name

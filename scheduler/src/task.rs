@@ -89,11 +89,7 @@ impl TaskRun<'_> {
     fn guarded<R>(&self, call: impl FnOnce() -> R) -> Result<R, Stop> {
         self.setup.tracker.set(0);
         catch_unwind(AssertUnwindSafe(call)).map_err(|payload| {
-            let message = payload
-                .downcast_ref::<&str>()
-                .map(|message| message.to_string())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "a panic without a message".to_string());
+            let message = strom_core::error::panic_message(payload.as_ref());
             let (operator, subtask) = self.operator_at(self.setup.tracker.get());
             Stop::Failed(TaskError::Panic {
                 operator,
