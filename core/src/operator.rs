@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 
 use crate::accumulator::Accumulators;
 use crate::function::{
-    KeyedCoProcessFunction, KeyedContext, KeyedProcessFunction, SinkFunction, TimestampedCollector,
+    Collector, KeyedCoProcessFunction, KeyedContext, KeyedProcessFunction, SinkFunction,
+    TimestampedCollector,
 };
 use crate::key::{subtask_for_key_group, Key, KeyGroupAssigner, KeyGroupRange};
 use crate::record::{Record, StreamElement, StreamRecord};
@@ -532,13 +533,77 @@ impl<T> SourceHead for SourceTask<T> {
     }
 }
 
+/// The keyed state, event-time timers and watermark that keyed process and
+/// co-process functions run against, and the one way to call them with a
+/// key in scope.
+pub(crate) struct KeyedRuntime<K> {
+    store: KeyedStateStore<K>,
+    timers: TimerService<K, ()>,
+    watermark: Timestamp,
+}
+
+impl<K: Key> KeyedRuntime<K> {
+    /// A subtask's keyed runtime; `open` registers the function's state.
+    pub(crate) fn new(
+        context: &OperatorContext,
+        open: impl FnOnce(&mut KeyedStateStore<K>),
+    ) -> Self {
+        let mut store = KeyedStateStore::new(context.key_groups, context.max_parallelism);
+        open(&mut store);
+        KeyedRuntime {
+            store,
+            timers: TimerService::new(true),
+            watermark: MIN_WATERMARK,
+        }
+    }
+
+    /// Runs `call` with `key` in scope; what it emits is stamped `timestamp`.
+    fn call<O>(
+        &mut self,
+        key: &K,
+        timestamp: Timestamp,
+        next: &mut dyn Output<O>,
+        call: impl FnOnce(&mut KeyedContext<'_, K>, &mut dyn Collector<O>),
+    ) {
+        let group_index = self.store.group_index(key);
+        let mut context = KeyedContext {
+            key,
+            group_index,
+            timestamp,
+            watermark: self.watermark,
+            store: &mut self.store,
+            timers: &mut self.timers,
+        };
+        let mut out = TimestampedCollector {
+            output: next,
+            timestamp,
+        };
+        call(&mut context, &mut out);
+    }
+
+    /// Advances event time: fires every timer due, then forwards the
+    /// watermark.
+    fn advance<O>(
+        &mut self,
+        watermark: Timestamp,
+        next: &mut dyn Output<O>,
+        mut on_timer: impl FnMut(Timestamp, &mut KeyedContext<'_, K>, &mut dyn Collector<O>),
+    ) {
+        self.watermark = watermark;
+        while let Some((timestamp, key, ())) = self.timers.pop_ready(watermark) {
+            self.call(&key, timestamp, next, |context, out| {
+                on_timer(timestamp, context, out)
+            });
+        }
+        next.watermark(watermark);
+    }
+}
+
 /// Runs a [`KeyedProcessFunction`].
 pub(crate) struct KeyedProcessOperator<K, I, O, F> {
     pub(crate) key_selector: Arc<dyn Fn(&I) -> K + Send + Sync>,
     pub(crate) function: F,
-    pub(crate) store: KeyedStateStore<K>,
-    pub(crate) timers: TimerService<K, ()>,
-    pub(crate) watermark: Timestamp,
+    pub(crate) runtime: KeyedRuntime<K>,
     pub(crate) next: Box<dyn Output<O>>,
 }
 
@@ -549,14 +614,11 @@ impl<K: Key, I, O, F: KeyedProcessFunction<K, I, O>> KeyedProcessOperator<K, I, 
         context: &OperatorContext,
         next: Box<dyn Output<O>>,
     ) -> Self {
-        let mut store = KeyedStateStore::new(context.key_groups, context.max_parallelism);
-        function.open(&mut store);
+        let runtime = KeyedRuntime::new(context, |store| function.open(store));
         KeyedProcessOperator {
             key_selector,
             function,
-            store,
-            timers: TimerService::new(true),
-            watermark: MIN_WATERMARK,
+            runtime,
             next,
         }
     }
@@ -567,42 +629,19 @@ impl<K: Key, I, O, F: KeyedProcessFunction<K, I, O>> Output<I>
 {
     fn push(&mut self, record: I, timestamp: Timestamp) {
         let key = (self.key_selector)(&record);
-        let group_index = self.store.group_index(&key);
-        let mut context = KeyedContext {
-            key: &key,
-            group_index,
-            timestamp,
-            watermark: self.watermark,
-            store: &mut self.store,
-            timers: &mut self.timers,
-        };
-        let mut out = TimestampedCollector {
-            output: &mut *self.next,
-            timestamp,
-        };
-        self.function
-            .process_element(record, &mut context, &mut out);
+        let function = &mut self.function;
+        self.runtime
+            .call(&key, timestamp, &mut *self.next, |context, out| {
+                function.process_element(record, context, out)
+            });
     }
 
     fn watermark(&mut self, watermark: Timestamp) {
-        self.watermark = watermark;
-        while let Some((timestamp, key, ())) = self.timers.pop_ready(watermark) {
-            let group_index = self.store.group_index(&key);
-            let mut context = KeyedContext {
-                key: &key,
-                group_index,
-                timestamp,
-                watermark,
-                store: &mut self.store,
-                timers: &mut self.timers,
-            };
-            let mut out = TimestampedCollector {
-                output: &mut *self.next,
-                timestamp,
-            };
-            self.function.on_timer(timestamp, &mut context, &mut out);
-        }
-        self.next.watermark(watermark);
+        let function = &mut self.function;
+        self.runtime
+            .advance(watermark, &mut *self.next, |timestamp, context, out| {
+                function.on_timer(timestamp, context, out)
+            });
     }
 
     fn idle(&mut self, idle: bool) {
@@ -621,9 +660,7 @@ pub(crate) struct KeyedCoProcessHead<K, I1, I2, O, F> {
     pub(crate) key_selector1: Arc<dyn Fn(&I1) -> K + Send + Sync>,
     pub(crate) key_selector2: Arc<dyn Fn(&I2) -> K + Send + Sync>,
     pub(crate) function: F,
-    pub(crate) store: KeyedStateStore<K>,
-    pub(crate) timers: TimerService<K, ()>,
-    pub(crate) watermark: Timestamp,
+    pub(crate) runtime: KeyedRuntime<K>,
     pub(crate) next: Box<dyn Output<O>>,
 }
 
@@ -635,71 +672,36 @@ where
     F: KeyedCoProcessFunction<K, I1, I2, O>,
 {
     fn on_buffer(&mut self, input: usize, bytes: &[u8]) -> Result<(), String> {
-        let watermark = self.watermark;
-        let store = &mut self.store;
-        let timers = &mut self.timers;
-        let function = &mut self.function;
-        let next = &mut self.next;
+        let (runtime, function, next) = (&mut self.runtime, &mut self.function, &mut self.next);
         if input == 0 {
             let selector = &self.key_selector1;
             I1::decode(bytes, &mut |record, timestamp| {
-                let key = selector(&record);
-                let group_index = store.group_index(&key);
-                let mut context = KeyedContext {
-                    key: &key,
-                    group_index,
+                runtime.call(
+                    &selector(&record),
                     timestamp,
-                    watermark,
-                    store,
-                    timers,
-                };
-                let mut out = TimestampedCollector {
-                    output: &mut **next,
-                    timestamp,
-                };
-                function.process_element1(record, &mut context, &mut out);
+                    &mut **next,
+                    |context, out| function.process_element1(record, context, out),
+                );
             })
         } else {
             let selector = &self.key_selector2;
             I2::decode(bytes, &mut |record, timestamp| {
-                let key = selector(&record);
-                let group_index = store.group_index(&key);
-                let mut context = KeyedContext {
-                    key: &key,
-                    group_index,
+                runtime.call(
+                    &selector(&record),
                     timestamp,
-                    watermark,
-                    store,
-                    timers,
-                };
-                let mut out = TimestampedCollector {
-                    output: &mut **next,
-                    timestamp,
-                };
-                function.process_element2(record, &mut context, &mut out);
+                    &mut **next,
+                    |context, out| function.process_element2(record, context, out),
+                );
             })
         }
     }
 
     fn on_watermark(&mut self, watermark: Timestamp) {
-        self.watermark = watermark;
-        while let Some((timestamp, key, ())) = self.timers.pop_ready(watermark) {
-            let group_index = self.store.group_index(&key);
-            let mut context = KeyedContext {
-                key: &key,
-                group_index,
-                timestamp,
-                watermark,
-                store: &mut self.store,
-                timers: &mut self.timers,
-            };
-            let mut out = TimestampedCollector {
-                output: &mut *self.next,
-                timestamp,
-            };
-            self.function.on_timer(timestamp, &mut context, &mut out);
-        }
-        self.next.watermark(watermark);
+        let function = &mut self.function;
+        self.runtime
+            .advance(watermark, &mut *self.next, |timestamp, context, out| {
+                function.on_timer(timestamp, context, out)
+            });
     }
 
     fn on_idle(&mut self, idle: bool) {

@@ -31,12 +31,11 @@ use crate::graph::{
 use crate::key::{key_hash, Key};
 use crate::operator::{
     DecodingHead, FilterOperator, FlatMapOperator, KeyedCoProcessHead, KeyedProcessOperator,
-    MapOperator, Output, SinkOperator, SourceTask, Tracked,
+    KeyedRuntime, MapOperator, Output, SinkOperator, SourceTask, Tracked,
 };
 use crate::record::Record;
 use crate::source::{CollectionSource, Source};
-use crate::state::TimerService;
-use crate::time::{Timestamp, WatermarkStrategy, MIN_WATERMARK};
+use crate::time::{Timestamp, WatermarkStrategy};
 use crate::window::{
     AggregateFunction, TimeWindow, WindowAggregation, WindowAssigner, WindowJoinHead,
     WindowOperator,
@@ -654,16 +653,12 @@ impl<K: Key, T1: Record, T2: Record> ConnectedStreams<K, T1, T2> {
         );
         let head: HeadFactory = Arc::new(move |context, output| {
             let mut function = function.clone();
-            let mut store =
-                crate::state::KeyedStateStore::new(context.key_groups, context.max_parallelism);
-            function.open(&mut store);
+            let runtime = KeyedRuntime::new(context, |store| function.open(store));
             Box::new(KeyedCoProcessHead {
                 key_selector1: selector1.clone(),
                 key_selector2: selector2.clone(),
                 function,
-                store,
-                timers: TimerService::new(true),
-                watermark: MIN_WATERMARK,
+                runtime,
                 next: unerase::<O>(output),
             })
         });
