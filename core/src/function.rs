@@ -145,4 +145,25 @@ pub trait SinkFunction<T>: Clone + Send + Sync + 'static {
     /// Called once when the input has ended; the place to report results
     /// into the job's accumulators.
     fn finish(&mut self, _context: &crate::operator::OperatorContext) {}
+
+    /// The sink's state at a checkpoint barrier, as a list of elements (as
+    /// Flink's operator `ListState`): a job restored at another parallelism
+    /// hands the elements of all old subtasks round robin to the new ones.
+    fn snapshot_state(&mut self, _checkpoint_id: u64) -> Vec<Vec<u8>> {
+        Vec::new()
+    }
+
+    /// Called after `open` with this subtask's share of the state of the
+    /// checkpoint the job starts from (nothing on a fresh start).
+    fn restore_state(&mut self, elements: Vec<Vec<u8>>) -> Result<(), String> {
+        if elements.is_empty() {
+            Ok(())
+        } else {
+            Err("the checkpoint holds state for this sink, which restores none".to_string())
+        }
+    }
+
+    /// Every task's state of checkpoint `checkpoint_id` is durable: commit
+    /// what the sink staged for it (two-phase commit).
+    fn notify_checkpoint_complete(&mut self, _checkpoint_id: u64) {}
 }

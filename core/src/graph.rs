@@ -22,6 +22,7 @@ use std::sync::Arc;
 use crate::accumulator::Accumulators;
 use crate::error::GraphError;
 use crate::key::{KeyGroupRange, DEFAULT_MAX_PARALLELISM, MAX_PARALLELISM_UPPER_BOUND};
+use crate::snapshot::TaskRestore;
 use crate::operator::{
     ChannelSelector, Discard, FanOut, OperatorContext, Output, OutputQueue, RecordWriter,
     SourceHead, TaskHead,
@@ -626,6 +627,26 @@ impl JobGraph {
         }
     }
 
+    /// The stable id that names an operator's state in checkpoints: its
+    /// position in the program's build order and its name, the same in
+    /// every process and at every parallelism.
+    pub fn operator_id(&self, node: NodeId) -> String {
+        format!("{}:{}", node, self.stream.nodes[node].name)
+    }
+
+    /// Every operator: its id, name and vertex.
+    pub fn operators(&self) -> Vec<(String, String, usize)> {
+        (0..self.stream.nodes.len())
+            .map(|node| {
+                (
+                    self.operator_id(node),
+                    self.stream.nodes[node].name.clone(),
+                    self.vertex_of_node[node],
+                )
+            })
+            .collect()
+    }
+
     pub fn operator_name(&self, node: NodeId) -> &str {
         &self.stream.nodes[node].name
     }
@@ -767,6 +788,8 @@ impl JobGraph {
                 accumulators: setup.accumulators.clone(),
                 chain_position: position,
                 tracker: setup.tracker.clone(),
+                operator_id: self.operator_id(*node_id),
+                restore: setup.restore.clone(),
             };
             if position == 0 {
                 return match &node.kind {
@@ -797,14 +820,17 @@ pub struct TaskSetup {
     pub accumulators: Rc<RefCell<Accumulators>>,
     /// Which operator of the chain runs (see [`JobGraph::instantiate`]).
     pub tracker: Rc<Cell<usize>>,
+    /// The state the task's operators start from (empty on a fresh start).
+    pub restore: Rc<RefCell<TaskRestore>>,
 }
 
 impl TaskSetup {
-    pub fn new() -> Self {
+    pub fn new(restore: TaskRestore) -> Self {
         TaskSetup {
             queue: Rc::new(RefCell::new(VecDeque::new())),
             accumulators: Rc::new(RefCell::new(Accumulators::default())),
             tracker: Rc::new(Cell::new(0)),
+            restore: Rc::new(RefCell::new(restore)),
         }
     }
 }

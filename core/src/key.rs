@@ -98,16 +98,20 @@ pub trait KeyHash {
     fn hash_key(&self, hasher: &mut KeyHasher);
 }
 
-/// Everything a key must be: hashable in a stable way, comparable, and
-/// cheap enough to clone into state tables.
+/// Everything a key must be: hashable in a stable way, comparable, cheap
+/// enough to clone into state tables, and a [`Record`](crate::Record) so that
+/// checkpoints can write it.
 #[diagnostic::on_unimplemented(
     message = "`{Self}` cannot be used as a key",
     label = "the key selector returns `{Self}`",
-    note = "a key must implement `strom_core::KeyHash` (a stable hash), `Hash`, `Eq`, `Clone` and `Send`; floats, pointers and hash maps cannot be keys"
+    note = "a key must implement `strom_core::KeyHash` (a stable hash), `Hash`, `Eq`, `Clone`, `Send` and rkyv's `Archive`, `Serialize` and `Deserialize`; floats, pointers and hash maps cannot be keys"
 )]
-pub trait Key: KeyHash + std::hash::Hash + Eq + Clone + Send + std::fmt::Debug + 'static {}
+pub trait Key:
+    crate::record::Record + KeyHash + std::hash::Hash + Eq + std::fmt::Debug
+{
+}
 
-impl<T> Key for T where T: KeyHash + std::hash::Hash + Eq + Clone + Send + std::fmt::Debug + 'static {}
+impl<T> Key for T where T: crate::record::Record + KeyHash + std::hash::Hash + Eq + std::fmt::Debug {}
 
 macro_rules! integer_key {
     ($($integer:ty),*) => {$(

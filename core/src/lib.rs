@@ -19,6 +19,7 @@ pub mod key;
 pub mod operator;
 pub mod program;
 pub mod record;
+pub mod snapshot;
 pub mod source;
 pub mod state;
 pub mod stream;

@@ -22,6 +22,9 @@ use crate::function::{
 };
 use crate::key::{subtask_for_key_group, Key, KeyGroupAssigner, KeyGroupRange};
 use crate::record::{Record, StreamElement, StreamRecord};
+use crate::snapshot::{
+    CheckpointBarrier, KeyedCapture, OperatorCapture, OperatorRestore, TaskRestore, TaskSnapshot,
+};
 use crate::source::{SourceOutput, SourceReader, SourceStatus};
 use crate::state::{KeyedStateStore, TimerService};
 use crate::time::{Timestamp, WatermarkStrategy, MAX_WATERMARK, MIN_WATERMARK, NO_TIMESTAMP};
@@ -40,6 +43,12 @@ pub trait Output<T> {
     fn flush(&mut self);
     /// The input has ended (after the final watermark).
     fn end_of_input(&mut self);
+    /// A checkpoint barrier: capture this operator's state into
+    /// `snapshot`, then pass the barrier on (see [`crate::snapshot`]).
+    fn snapshot(&mut self, barrier: &CheckpointBarrier, snapshot: &mut TaskSnapshot);
+    /// Checkpoint `checkpoint_id` is complete: every task's state of it is
+    /// durable, so what it covers may be committed.
+    fn checkpoint_complete(&mut self, checkpoint_id: u64);
 }
 
 /// What an operator knows of where it runs.
@@ -55,6 +64,44 @@ pub struct OperatorContext {
     pub chain_position: usize,
     /// Where the task records which operator of the chain runs.
     pub tracker: Rc<Cell<usize>>,
+    /// The operator's stable id: what names its state in checkpoints.
+    pub operator_id: String,
+    /// The state the task starts from, which each operator takes its share
+    /// of when it is created.
+    pub restore: Rc<RefCell<TaskRestore>>,
+}
+
+impl OperatorContext {
+    /// This operator's state in the checkpoint the task starts from.
+    pub fn take_restored(&self) -> Option<OperatorRestore> {
+        self.restore.borrow_mut().operators.remove(&self.operator_id)
+    }
+
+    /// A capture of this operator's state at a barrier.
+    pub fn capture(
+        &self,
+        keyed: Option<Box<dyn KeyedCapture>>,
+        operator_state: Vec<Vec<u8>>,
+    ) -> OperatorCapture {
+        OperatorCapture {
+            operator_id: self.operator_id.clone(),
+            operator_name: self.operator_name.clone(),
+            subtask_index: self.subtask_index,
+            parallelism: self.parallelism,
+            max_parallelism: self.max_parallelism,
+            keyed,
+            operator_state,
+        }
+    }
+
+    /// Fails the task when its restored state cannot be read: the job
+    /// changed in a way its checkpoint does not fit.
+    pub fn restore_failed(&self, error: &str) -> ! {
+        panic!(
+            "cannot restore the state of operator '{}' ({}): {error}",
+            self.operator_name, self.operator_id
+        )
+    }
 }
 
 /// Elements a task has produced and not yet handed to its channels, tagged
@@ -70,6 +117,9 @@ pub trait TaskHead {
     fn on_idle(&mut self, idle: bool);
     fn flush(&mut self);
     fn end_of_input(&mut self);
+    /// Every input has delivered `barrier` (aligned).
+    fn on_barrier(&mut self, barrier: &CheckpointBarrier, snapshot: &mut TaskSnapshot);
+    fn checkpoint_complete(&mut self, checkpoint_id: u64);
 }
 
 /// The head of a task that starts with a source.
@@ -79,6 +129,10 @@ pub trait SourceHead {
     fn flush(&mut self);
     /// Sends the final watermark and end-of-input down the chain.
     fn end_of_input(&mut self);
+    /// Captures the reader's position and the chain's state at a barrier
+    /// the coordinator injected, and sends the barrier downstream.
+    fn snapshot(&mut self, barrier: &CheckpointBarrier, snapshot: &mut TaskSnapshot);
+    fn checkpoint_complete(&mut self, checkpoint_id: u64);
 }
 
 macro_rules! forward_control {
@@ -94,6 +148,12 @@ macro_rules! forward_control {
         }
         fn end_of_input(&mut self) {
             self.next.end_of_input();
+        }
+        fn snapshot(&mut self, barrier: &CheckpointBarrier, snapshot: &mut TaskSnapshot) {
+            self.next.snapshot(barrier, snapshot);
+        }
+        fn checkpoint_complete(&mut self, checkpoint_id: u64) {
+            self.next.checkpoint_complete(checkpoint_id);
         }
     };
 }
@@ -161,6 +221,13 @@ impl<T, S: SinkFunction<T>> Output<T> for SinkOperator<T, S> {
     fn end_of_input(&mut self) {
         self.sink.finish(&self.context);
     }
+    fn snapshot(&mut self, barrier: &CheckpointBarrier, snapshot: &mut TaskSnapshot) {
+        let state = self.sink.snapshot_state(barrier.checkpoint_id);
+        snapshot.add(self.context.capture(None, state));
+    }
+    fn checkpoint_complete(&mut self, checkpoint_id: u64) {
+        self.sink.notify_checkpoint_complete(checkpoint_id);
+    }
 }
 
 /// Hands every record to several outputs (a stream consumed twice).
@@ -192,6 +259,16 @@ impl<T: Clone> Output<T> for FanOut<T> {
         self.outputs
             .iter_mut()
             .for_each(|output| output.end_of_input());
+    }
+    fn snapshot(&mut self, barrier: &CheckpointBarrier, snapshot: &mut TaskSnapshot) {
+        self.outputs
+            .iter_mut()
+            .for_each(|output| output.snapshot(barrier, snapshot));
+    }
+    fn checkpoint_complete(&mut self, checkpoint_id: u64) {
+        self.outputs
+            .iter_mut()
+            .for_each(|output| output.checkpoint_complete(checkpoint_id));
     }
 }
 
@@ -231,6 +308,16 @@ impl<T, Op: Output<T>> Output<T> for Tracked<T, Op> {
     fn end_of_input(&mut self) {
         let previous = self.tracker.replace(self.index);
         self.inner.end_of_input();
+        self.tracker.set(previous);
+    }
+    fn snapshot(&mut self, barrier: &CheckpointBarrier, snapshot: &mut TaskSnapshot) {
+        let previous = self.tracker.replace(self.index);
+        self.inner.snapshot(barrier, snapshot);
+        self.tracker.set(previous);
+    }
+    fn checkpoint_complete(&mut self, checkpoint_id: u64) {
+        let previous = self.tracker.replace(self.index);
+        self.inner.checkpoint_complete(checkpoint_id);
         self.tracker.set(previous);
     }
 }
@@ -382,6 +469,12 @@ impl<T: Record> Output<T> for RecordWriter<T> {
     fn end_of_input(&mut self) {
         self.broadcast_event(|| StreamElement::EndOfInput);
     }
+
+    fn snapshot(&mut self, barrier: &CheckpointBarrier, _snapshot: &mut TaskSnapshot) {
+        self.broadcast_event(|| StreamElement::Barrier(barrier.clone()));
+    }
+
+    fn checkpoint_complete(&mut self, _checkpoint_id: u64) {}
 }
 
 /// Drops everything (an operator whose output nobody consumes).
@@ -393,6 +486,8 @@ impl<T> Output<T> for Discard {
     fn idle(&mut self, _idle: bool) {}
     fn flush(&mut self) {}
     fn end_of_input(&mut self) {}
+    fn snapshot(&mut self, _barrier: &CheckpointBarrier, _snapshot: &mut TaskSnapshot) {}
+    fn checkpoint_complete(&mut self, _checkpoint_id: u64) {}
 }
 
 /// The head of a one-input task (or a union): decodes buffers into records
@@ -418,11 +513,18 @@ impl<T: Record> TaskHead for DecodingHead<T> {
     fn end_of_input(&mut self) {
         self.next.end_of_input();
     }
+    fn on_barrier(&mut self, barrier: &CheckpointBarrier, snapshot: &mut TaskSnapshot) {
+        self.next.snapshot(barrier, snapshot);
+    }
+    fn checkpoint_complete(&mut self, checkpoint_id: u64) {
+        self.next.checkpoint_complete(checkpoint_id);
+    }
 }
 
 /// Turns a source reader into the head of a task: assigns timestamps,
 /// generates watermarks after every poll, and marks the subtask idle.
 pub(crate) struct SourceTask<T> {
+    pub(crate) context: OperatorContext,
     pub(crate) reader: Box<dyn SourceReader<T>>,
     pub(crate) output: SourceCollector<T>,
     pub(crate) strategy: WatermarkStrategy<T>,
@@ -459,11 +561,13 @@ impl<T> SourceOutput<T> for SourceCollector<T> {
 
 impl<T> SourceTask<T> {
     pub(crate) fn new(
+        context: OperatorContext,
         reader: Box<dyn SourceReader<T>>,
         next: Box<dyn Output<T>>,
         strategy: WatermarkStrategy<T>,
     ) -> Self {
         SourceTask {
+            context,
             reader,
             output: SourceCollector {
                 next,
@@ -531,6 +635,22 @@ impl<T> SourceHead for SourceTask<T> {
         self.output.next.watermark(MAX_WATERMARK);
         self.output.next.end_of_input();
     }
+
+    fn snapshot(&mut self, barrier: &CheckpointBarrier, snapshot: &mut TaskSnapshot) {
+        let position = match self.reader.snapshot_state() {
+            Ok(position) => position,
+            Err(error) => panic!(
+                "source '{}' cannot take part in checkpoint {}: {error}",
+                self.context.operator_name, barrier.checkpoint_id
+            ),
+        };
+        snapshot.add(self.context.capture(None, position));
+        self.output.next.snapshot(barrier, snapshot);
+    }
+
+    fn checkpoint_complete(&mut self, checkpoint_id: u64) {
+        self.output.next.checkpoint_complete(checkpoint_id);
+    }
 }
 
 /// The keyed state, event-time timers and watermark that keyed process and
@@ -543,18 +663,34 @@ pub(crate) struct KeyedRuntime<K> {
 }
 
 impl<K: Key> KeyedRuntime<K> {
-    /// A subtask's keyed runtime; `open` registers the function's state.
+    /// A subtask's keyed runtime; `open` registers the function's state,
+    /// which then gets what the task restores.
     pub(crate) fn new(
         context: &OperatorContext,
         open: impl FnOnce(&mut KeyedStateStore<K>),
     ) -> Self {
         let mut store = KeyedStateStore::new(context.key_groups, context.max_parallelism);
         open(&mut store);
+        let mut timers = TimerService::new(true);
+        if let Some(restored) = context.take_restored() {
+            store
+                .restore(&restored.key_groups, |_, reader| timers.restore_group(reader))
+                .unwrap_or_else(|error| context.restore_failed(&error));
+        }
         KeyedRuntime {
             store,
-            timers: TimerService::new(true),
+            timers,
             watermark: MIN_WATERMARK,
         }
+    }
+
+    /// Captures keyed state (copy-on-write) and timers.
+    fn capture(&self, context: &OperatorContext) -> OperatorCapture {
+        let timers = self
+            .timers
+            .encode_by_group(&self.store)
+            .expect("encoding timers into memory");
+        context.capture(Some(self.store.capture(timers)), Vec::new())
     }
 
     /// Runs `call` with `key` in scope; what it emits is stamped `timestamp`.
@@ -601,6 +737,7 @@ impl<K: Key> KeyedRuntime<K> {
 
 /// Runs a [`KeyedProcessFunction`].
 pub(crate) struct KeyedProcessOperator<K, I, O, F> {
+    pub(crate) context: OperatorContext,
     pub(crate) key_selector: Arc<dyn Fn(&I) -> K + Send + Sync>,
     pub(crate) function: F,
     pub(crate) runtime: KeyedRuntime<K>,
@@ -616,6 +753,7 @@ impl<K: Key, I, O, F: KeyedProcessFunction<K, I, O>> KeyedProcessOperator<K, I, 
     ) -> Self {
         let runtime = KeyedRuntime::new(context, |store| function.open(store));
         KeyedProcessOperator {
+            context: context.clone(),
             key_selector,
             function,
             runtime,
@@ -653,10 +791,18 @@ impl<K: Key, I, O, F: KeyedProcessFunction<K, I, O>> Output<I>
     fn end_of_input(&mut self) {
         self.next.end_of_input();
     }
+    fn snapshot(&mut self, barrier: &CheckpointBarrier, snapshot: &mut TaskSnapshot) {
+        snapshot.add(self.runtime.capture(&self.context));
+        self.next.snapshot(barrier, snapshot);
+    }
+    fn checkpoint_complete(&mut self, checkpoint_id: u64) {
+        self.next.checkpoint_complete(checkpoint_id);
+    }
 }
 
 /// Runs a [`KeyedCoProcessFunction`] as the head of a two-input task.
 pub(crate) struct KeyedCoProcessHead<K, I1, I2, O, F> {
+    pub(crate) context: OperatorContext,
     pub(crate) key_selector1: Arc<dyn Fn(&I1) -> K + Send + Sync>,
     pub(crate) key_selector2: Arc<dyn Fn(&I2) -> K + Send + Sync>,
     pub(crate) function: F,
@@ -712,5 +858,12 @@ where
     }
     fn end_of_input(&mut self) {
         self.next.end_of_input();
+    }
+    fn on_barrier(&mut self, barrier: &CheckpointBarrier, snapshot: &mut TaskSnapshot) {
+        snapshot.add(self.runtime.capture(&self.context));
+        self.next.snapshot(barrier, snapshot);
+    }
+    fn checkpoint_complete(&mut self, checkpoint_id: u64) {
+        self.next.checkpoint_complete(checkpoint_id);
     }
 }

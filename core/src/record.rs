@@ -16,6 +16,7 @@ use rkyv::util::AlignedVec;
 use rkyv::vec::ArchivedVec;
 use rkyv::{Archive, Deserialize, Serialize};
 
+use crate::snapshot::{CheckpointBarrier, StateReader, StateWriter};
 use crate::time::Timestamp;
 
 /// A record with its event timestamp, as it travels between tasks.
@@ -35,6 +36,9 @@ pub enum StreamElement {
     Watermark(Timestamp),
     /// The channel turned idle (`true`) or active again (`false`).
     Idle(bool),
+    /// A checkpoint barrier: every record before it belongs to the
+    /// checkpoint, every record after it to the next.
+    Barrier(CheckpointBarrier),
     /// The producer will send nothing more.
     EndOfInput,
 }
@@ -48,6 +52,12 @@ pub trait Record: Clone + Send + 'static {
     fn encode(records: &Vec<StreamRecord<Self>>) -> Result<AlignedVec, String>;
     /// Validates `bytes` and hands every record, deserialized, to `each`.
     fn decode(bytes: &[u8], each: &mut dyn FnMut(Self, Timestamp)) -> Result<(), String>;
+    /// Appends one value to a snapshot: its archived length (u32), then its
+    /// archived bytes.
+    fn write_value(&self, writer: &mut StateWriter) -> Result<(), String>;
+    /// Reads back one value that [`Record::write_value`] wrote, validating
+    /// its archived bytes before deserializing them.
+    fn read_value(reader: &mut StateReader<'_>) -> Result<Self, String>;
 }
 
 impl<T> Record for T
@@ -71,6 +81,20 @@ where
             each(value, record.timestamp.to_native());
         }
         Ok(())
+    }
+
+    fn write_value(&self, writer: &mut StateWriter) -> Result<(), String> {
+        let bytes = rkyv::to_bytes::<RkyvError>(self).map_err(|error| error.to_string())?;
+        writer.put_bytes(&bytes);
+        Ok(())
+    }
+
+    fn read_value(reader: &mut StateReader<'_>) -> Result<Self, String> {
+        let bytes = reader.bytes()?;
+        // Archived values must be read from aligned memory.
+        let mut aligned = AlignedVec::<16>::with_capacity(bytes.len());
+        aligned.extend_from_slice(bytes);
+        rkyv::from_bytes::<Self, RkyvError>(&aligned).map_err(|error| error.to_string())
     }
 }
 

@@ -7,6 +7,7 @@
 
 use std::sync::Arc;
 
+use crate::snapshot::IndexSplits;
 use crate::time::Timestamp;
 
 /// What a reader reports after a poll.
@@ -41,12 +42,32 @@ pub trait Source<T>: Send + Sync + 'static {
 
     /// The reader of subtask `subtask_index` of `parallelism`.
     fn create_reader(&self, subtask_index: u32, parallelism: u32) -> Box<dyn SourceReader<T>>;
+
+    /// The reader of subtask `subtask_index` of `parallelism` in a job
+    /// restored from a checkpoint: `state` is its share of the elements
+    /// that the old readers' [`SourceReader::snapshot_state`] returned
+    /// (possibly none, or those of several old readers).
+    fn restore_reader(
+        &self,
+        _subtask_index: u32,
+        _parallelism: u32,
+        _state: Vec<Vec<u8>>,
+    ) -> Result<Box<dyn SourceReader<T>>, String> {
+        Err("this source cannot be restored from a checkpoint".to_string())
+    }
 }
 
 /// Emits one subtask's share of a source.
 pub trait SourceReader<T> {
     /// Emits up to about `budget` records and says what comes next.
     fn poll_next(&mut self, output: &mut dyn SourceOutput<T>, budget: usize) -> SourceStatus;
+
+    /// The reader's position at a checkpoint barrier, as a list of
+    /// elements (one per split it reads), so that the records after it
+    /// can be read again after a failure.
+    fn snapshot_state(&mut self) -> Result<Vec<Vec<u8>>, String> {
+        Err("this source does not support checkpoints".to_string())
+    }
 }
 
 /// A bounded source over a fixed list, split round robin over subtasks.
@@ -70,32 +91,45 @@ impl<T: Clone + Send + Sync + 'static> Source<T> for CollectionSource<T> {
     fn create_reader(&self, subtask_index: u32, parallelism: u32) -> Box<dyn SourceReader<T>> {
         Box::new(CollectionReader {
             records: self.records.clone(),
-            next: subtask_index as usize,
-            step: parallelism as usize,
+            splits: IndexSplits::fresh(subtask_index, parallelism, self.records.len() as u64),
         })
+    }
+
+    fn restore_reader(
+        &self,
+        _subtask_index: u32,
+        _parallelism: u32,
+        state: Vec<Vec<u8>>,
+    ) -> Result<Box<dyn SourceReader<T>>, String> {
+        Ok(Box::new(CollectionReader {
+            records: self.records.clone(),
+            splits: IndexSplits::restore(&state)?,
+        }))
     }
 }
 
 struct CollectionReader<T> {
     records: Arc<Vec<T>>,
-    next: usize,
-    step: usize,
+    splits: IndexSplits,
 }
 
 impl<T: Clone> SourceReader<T> for CollectionReader<T> {
     fn poll_next(&mut self, output: &mut dyn SourceOutput<T>, budget: usize) -> SourceStatus {
         for _ in 0..budget {
-            match self.records.get(self.next) {
-                Some(record) => output.collect(record.clone()),
-                None => return SourceStatus::Finished,
-            }
-            self.next += self.step;
+            let Some(index) = self.splits.next_index() else {
+                return SourceStatus::Finished;
+            };
+            output.collect(self.records[index as usize].clone());
         }
-        if self.next < self.records.len() {
-            SourceStatus::MoreAvailable
-        } else {
+        if self.splits.is_finished() {
             SourceStatus::Finished
+        } else {
+            SourceStatus::MoreAvailable
         }
+    }
+
+    fn snapshot_state(&mut self) -> Result<Vec<Vec<u8>>, String> {
+        Ok(self.splits.snapshot())
     }
 }
 
@@ -135,33 +169,44 @@ impl<T: 'static> Source<T> for GeneratorSource<T> {
     fn create_reader(&self, subtask_index: u32, parallelism: u32) -> Box<dyn SourceReader<T>> {
         Box::new(GeneratorReader {
             generate: self.generate.clone(),
-            count: self.count.unwrap_or(u64::MAX),
-            next: u64::from(subtask_index),
-            step: u64::from(parallelism),
+            splits: IndexSplits::fresh(subtask_index, parallelism, self.count.unwrap_or(u64::MAX)),
         })
+    }
+
+    fn restore_reader(
+        &self,
+        _subtask_index: u32,
+        _parallelism: u32,
+        state: Vec<Vec<u8>>,
+    ) -> Result<Box<dyn SourceReader<T>>, String> {
+        Ok(Box::new(GeneratorReader {
+            generate: self.generate.clone(),
+            splits: IndexSplits::restore(&state)?,
+        }))
     }
 }
 
 struct GeneratorReader<T> {
     generate: Arc<dyn Fn(u64) -> T + Send + Sync>,
-    count: u64,
-    next: u64,
-    step: u64,
+    splits: IndexSplits,
 }
 
 impl<T> SourceReader<T> for GeneratorReader<T> {
     fn poll_next(&mut self, output: &mut dyn SourceOutput<T>, budget: usize) -> SourceStatus {
         for _ in 0..budget {
-            if self.next >= self.count {
+            let Some(index) = self.splits.next_index() else {
                 return SourceStatus::Finished;
-            }
-            output.collect((self.generate)(self.next));
-            self.next = self.next.saturating_add(self.step);
+            };
+            output.collect((self.generate)(index));
         }
-        if self.next >= self.count {
+        if self.splits.is_finished() {
             SourceStatus::Finished
         } else {
             SourceStatus::MoreAvailable
         }
+    }
+
+    fn snapshot_state(&mut self) -> Result<Vec<Vec<u8>>, String> {
+        Ok(self.splits.snapshot())
     }
 }

@@ -13,12 +13,15 @@ use std::collections::BTreeMap;
 use std::collections::HashMap as StdHashMap;
 use std::hash::Hash;
 use std::marker::PhantomData;
+use std::rc::Rc;
 use std::sync::Arc;
 
 use rustc_hash::{FxBuildHasher, FxHashSet};
 
 use crate::function::KeyedContext;
 use crate::key::{key_hash, Key, KeyGroupAssigner, KeyGroupRange};
+use crate::record::Record;
+use crate::snapshot::{KeyedCapture, StateReader, StateWriter};
 use crate::time::Timestamp;
 
 /// The hash maps of keyed state and timers. Keys come from inside the job,
@@ -27,16 +30,101 @@ use crate::time::Timestamp;
 type HashMap<K, V> = hashbrown::HashMap<K, V, FxBuildHasher>;
 type HashSet<K> = FxHashSet<K>;
 
-/// One state: per owned key group, the value of every key.
-pub struct StateTable<K, V> {
-    groups: Vec<HashMap<K, V>>,
+/// How a table writes and reads its values in a snapshot.
+pub struct ValueCodec<V> {
+    pub(crate) write: Arc<dyn Fn(&V, &mut StateWriter) -> Result<(), String> + Send + Sync>,
+    pub(crate) read: Arc<dyn Fn(&mut StateReader<'_>) -> Result<V, String> + Send + Sync>,
 }
 
-impl<K: Key, V> StateTable<K, V> {
-    fn new(key_group_count: usize) -> Self {
-        StateTable {
-            groups: (0..key_group_count).map(|_| HashMap::default()).collect(),
+impl<V> Clone for ValueCodec<V> {
+    fn clone(&self) -> Self {
+        ValueCodec {
+            write: self.write.clone(),
+            read: self.read.clone(),
         }
+    }
+}
+
+impl<V> ValueCodec<V> {
+    pub(crate) fn new(
+        write: impl Fn(&V, &mut StateWriter) -> Result<(), String> + Send + Sync + 'static,
+        read: impl Fn(&mut StateReader<'_>) -> Result<V, String> + Send + Sync + 'static,
+    ) -> Self {
+        ValueCodec {
+            write: Arc::new(write),
+            read: Arc::new(read),
+        }
+    }
+}
+
+impl<V: Record> ValueCodec<V> {
+    /// A value that is a record itself.
+    pub(crate) fn record() -> Self {
+        ValueCodec::new(V::write_value, V::read_value)
+    }
+}
+
+impl<V: Record> ValueCodec<Vec<V>> {
+    /// A list of records.
+    pub(crate) fn list() -> Self {
+        ValueCodec::new(
+            |values: &Vec<V>, writer| {
+                writer.put_u32(values.len() as u32);
+                values.iter().try_for_each(|value| value.write_value(writer))
+            },
+            |reader| {
+                let count = reader.u32()?;
+                (0..count).map(|_| V::read_value(reader)).collect()
+            },
+        )
+    }
+}
+
+impl<V: Record> ValueCodec<Option<V>> {
+    /// An optional record.
+    pub(crate) fn option() -> Self {
+        ValueCodec::new(
+            |value: &Option<V>, writer| match value {
+                None => {
+                    writer.put_u32(0);
+                    Ok(())
+                }
+                Some(value) => {
+                    writer.put_u32(1);
+                    value.write_value(writer)
+                }
+            },
+            |reader| match reader.u32()? {
+                0 => Ok(None),
+                1 => Ok(Some(V::read_value(reader)?)),
+                other => Err(format!("an optional value has tag {other}")),
+            },
+        )
+    }
+}
+
+/// One state: per owned key group, the value of every key. Each key group's
+/// map is shared copy-on-write with the snapshots taken of it: the first
+/// write after a snapshot copies that key group alone.
+pub struct StateTable<K, V> {
+    groups: Vec<Rc<HashMap<K, V>>>,
+    codec: ValueCodec<V>,
+}
+
+impl<K: Key, V: Clone + 'static> StateTable<K, V> {
+    fn new(key_group_count: usize, codec: ValueCodec<V>) -> Self {
+        StateTable {
+            groups: (0..key_group_count)
+                .map(|_| Rc::new(HashMap::default()))
+                .collect(),
+            codec,
+        }
+    }
+
+    /// The key group's map, copied first if a snapshot still shares it.
+    #[inline]
+    fn group_mut(&mut self, group_index: usize) -> &mut HashMap<K, V> {
+        Rc::make_mut(&mut self.groups[group_index])
     }
 
     pub fn get(&self, group_index: usize, key: &K) -> Option<&V> {
@@ -44,7 +132,7 @@ impl<K: Key, V> StateTable<K, V> {
     }
 
     pub fn get_mut(&mut self, group_index: usize, key: &K) -> Option<&mut V> {
-        self.groups[group_index].get_mut(key)
+        self.group_mut(group_index).get_mut(key)
     }
 
     /// The entry of `key`, created with `default` when absent. The key is
@@ -56,7 +144,7 @@ impl<K: Key, V> StateTable<K, V> {
         default: impl FnOnce() -> V,
     ) -> &mut V {
         // One hash and one probe whether the key is there or not.
-        self.groups[group_index]
+        self.group_mut(group_index)
             .raw_entry_mut()
             .from_key(key)
             .or_insert_with(|| (key.clone(), default()))
@@ -64,21 +152,25 @@ impl<K: Key, V> StateTable<K, V> {
     }
 
     pub fn insert(&mut self, group_index: usize, key: &K, value: V) {
-        match self.groups[group_index].get_mut(key) {
+        let group = self.group_mut(group_index);
+        match group.get_mut(key) {
             Some(slot) => *slot = value,
             None => {
-                self.groups[group_index].insert(key.clone(), value);
+                group.insert(key.clone(), value);
             }
         }
     }
 
     pub fn remove(&mut self, group_index: usize, key: &K) -> Option<V> {
-        self.groups[group_index].remove(key)
+        if !self.groups[group_index].contains_key(key) {
+            return None;
+        }
+        self.group_mut(group_index).remove(key)
     }
 
     /// How many keys hold an entry, over all key groups.
     pub fn len(&self) -> usize {
-        self.groups.iter().map(HashMap::len).sum()
+        self.groups.iter().map(|group| group.len()).sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -86,11 +178,83 @@ impl<K: Key, V> StateTable<K, V> {
     }
 }
 
+/// A state table with its types erased, as the store keeps it.
+trait ErasedTable {
+    fn as_any(&self) -> &dyn Any;
+    fn as_any_mut(&mut self) -> &mut dyn Any;
+    /// Shares every key group with a snapshot (copy-on-write).
+    fn capture(&self) -> Box<dyn TableCapture>;
+    /// Reads one key group's entries, as [`TableCapture::write_group`]
+    /// wrote them, into the table.
+    fn restore_group(&mut self, group_index: usize, reader: &mut StateReader<'_>)
+        -> Result<(), String>;
+}
+
+/// One table's share of a snapshot.
+trait TableCapture {
+    fn entry_count(&self, group_index: usize) -> usize;
+    fn write_group(&self, group_index: usize, writer: &mut StateWriter) -> Result<(), String>;
+}
+
+struct CapturedTable<K, V> {
+    groups: Vec<Rc<HashMap<K, V>>>,
+    codec: ValueCodec<V>,
+}
+
+impl<K: Key, V: Clone + 'static> TableCapture for CapturedTable<K, V> {
+    fn entry_count(&self, group_index: usize) -> usize {
+        self.groups[group_index].len()
+    }
+
+    fn write_group(&self, group_index: usize, writer: &mut StateWriter) -> Result<(), String> {
+        let group = &self.groups[group_index];
+        writer.put_u32(group.len() as u32);
+        for (key, value) in group.iter() {
+            key.write_value(writer)?;
+            (self.codec.write)(value, writer)?;
+        }
+        Ok(())
+    }
+}
+
+impl<K: Key, V: Clone + 'static> ErasedTable for StateTable<K, V> {
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+
+    fn capture(&self) -> Box<dyn TableCapture> {
+        Box::new(CapturedTable {
+            groups: self.groups.clone(),
+            codec: self.codec.clone(),
+        })
+    }
+
+    fn restore_group(
+        &mut self,
+        group_index: usize,
+        reader: &mut StateReader<'_>,
+    ) -> Result<(), String> {
+        let count = reader.u32()?;
+        let read = self.codec.read.clone();
+        let group = self.group_mut(group_index);
+        for _ in 0..count {
+            let key = K::read_value(reader)?;
+            let value = read(reader)?;
+            group.insert(key, value);
+        }
+        Ok(())
+    }
+}
+
 /// The keyed state of one operator subtask.
 pub struct KeyedStateStore<K> {
     key_groups: KeyGroupRange,
     assigner: KeyGroupAssigner,
-    tables: Vec<Box<dyn Any>>,
+    tables: Vec<Box<dyn ErasedTable>>,
     names: Vec<String>,
     _key: PhantomData<fn() -> K>,
 }
@@ -104,6 +268,10 @@ impl<K: Key> KeyedStateStore<K> {
             names: Vec::new(),
             _key: PhantomData,
         }
+    }
+
+    pub fn key_groups(&self) -> KeyGroupRange {
+        self.key_groups
     }
 
     /// The index, within this subtask's key groups, of the group of `key`.
@@ -121,16 +289,22 @@ impl<K: Key> KeyedStateStore<K> {
     }
 
     /// Registers (or finds) the table `name` with values of type `V`.
-    pub fn table_index<V: 'static>(&mut self, name: &str) -> usize {
+    pub(crate) fn table_index<V: Clone + 'static>(
+        &mut self,
+        name: &str,
+        codec: ValueCodec<V>,
+    ) -> usize {
         if let Some(index) = self.names.iter().position(|existing| existing == name) {
             assert!(
-                self.tables[index].is::<StateTable<K, V>>(),
+                self.tables[index].as_any().is::<StateTable<K, V>>(),
                 "state '{name}' was registered twice with different types"
             );
             return index;
         }
-        self.tables
-            .push(Box::new(StateTable::<K, V>::new(self.key_groups.count())));
+        self.tables.push(Box::new(StateTable::<K, V>::new(
+            self.key_groups.count(),
+            codec,
+        )));
         self.names.push(name.to_string());
         self.tables.len() - 1
     }
@@ -138,51 +312,150 @@ impl<K: Key> KeyedStateStore<K> {
     pub fn table<V: 'static>(&self, index: usize) -> &StateTable<K, V> {
         self.tables
             .get(index)
-            .and_then(|table| table.downcast_ref())
+            .and_then(|table| table.as_any().downcast_ref())
             .expect("state handle used before it was registered in open()")
     }
 
     pub fn table_mut<V: 'static>(&mut self, index: usize) -> &mut StateTable<K, V> {
         self.tables
             .get_mut(index)
-            .and_then(|table| table.downcast_mut())
+            .and_then(|table| table.as_any_mut().downcast_mut())
             .expect("state handle used before it was registered in open()")
     }
 
-    pub fn value_state<V: 'static>(&mut self, name: &str) -> ValueState<V> {
+    pub fn value_state<V: Record>(&mut self, name: &str) -> ValueState<V> {
         ValueState {
-            index: self.table_index::<V>(name),
+            index: self.table_index::<V>(name, ValueCodec::record()),
             _value: PhantomData,
         }
     }
 
-    pub fn list_state<V: 'static>(&mut self, name: &str) -> ListState<V> {
+    pub fn list_state<V: Record>(&mut self, name: &str) -> ListState<V> {
         ListState {
-            index: self.table_index::<Vec<V>>(name),
+            index: self.table_index::<Vec<V>>(name, ValueCodec::list()),
             _value: PhantomData,
         }
     }
 
-    pub fn map_state<MK: Hash + Eq + 'static, MV: 'static>(
+    pub fn map_state<MK: Record + Hash + Eq, MV: Record>(
         &mut self,
         name: &str,
     ) -> MapState<MK, MV> {
+        let codec = ValueCodec::new(
+            |map: &StdHashMap<MK, MV>, writer| {
+                writer.put_u32(map.len() as u32);
+                map.iter().try_for_each(|(key, value)| {
+                    key.write_value(writer)?;
+                    value.write_value(writer)
+                })
+            },
+            |reader| {
+                let count = reader.u32()?;
+                (0..count)
+                    .map(|_| Ok((MK::read_value(reader)?, MV::read_value(reader)?)))
+                    .collect()
+            },
+        );
         MapState {
             // The type its accessors read the table as.
-            index: self.table_index::<StdHashMap<MK, MV>>(name),
+            index: self.table_index::<StdHashMap<MK, MV>>(name, codec),
             _value: PhantomData,
         }
     }
 
-    pub fn reducing_state<V: 'static>(
+    pub fn reducing_state<V: Record>(
         &mut self,
         name: &str,
         reduce: impl Fn(&V, V) -> V + Send + Sync + 'static,
     ) -> ReducingState<V> {
         ReducingState {
-            index: self.table_index::<V>(name),
+            index: self.table_index::<V>(name, ValueCodec::record()),
             reduce: Some(Arc::new(reduce)),
         }
+    }
+
+    /// Captures every table copy-on-write, with the timers' share per key
+    /// group already encoded (`timers[group_index]`).
+    pub(crate) fn capture(&self, timers: Vec<Vec<u8>>) -> Box<dyn KeyedCapture> {
+        Box::new(StoreCapture {
+            key_groups: self.key_groups,
+            names: self.names.clone(),
+            tables: self.tables.iter().map(|table| table.capture()).collect(),
+            timers,
+        })
+    }
+
+    /// Restores key groups serialized by a capture. Returns each key
+    /// group's timer bytes, for the operator to register.
+    pub(crate) fn restore(
+        &mut self,
+        key_groups: &[(u32, Vec<u8>)],
+        mut restore_timers: impl FnMut(usize, &mut StateReader<'_>) -> Result<(), String>,
+    ) -> Result<(), String> {
+        for (key_group, bytes) in key_groups {
+            if !self.key_groups.contains(*key_group) {
+                return Err(format!(
+                    "the snapshot holds key group {key_group}, which this subtask (key groups {:?}) does not own",
+                    self.key_groups
+                ));
+            }
+            let group_index = (key_group - self.key_groups.start) as usize;
+            let mut reader = StateReader::new(bytes);
+            let table_count = reader.u32()?;
+            for _ in 0..table_count {
+                let name = reader.string()?;
+                let Some(index) = self.names.iter().position(|existing| *existing == name) else {
+                    return Err(format!(
+                        "the snapshot holds state '{name}', which the operator does not register"
+                    ));
+                };
+                self.tables[index]
+                    .restore_group(group_index, &mut reader)
+                    .map_err(|error| format!("state '{name}' of key group {key_group}: {error}"))?;
+            }
+            restore_timers(group_index, &mut reader)
+                .map_err(|error| format!("timers of key group {key_group}: {error}"))?;
+            if !reader.is_empty() {
+                return Err(format!("key group {key_group} has bytes after its state"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A keyed state store's capture.
+struct StoreCapture {
+    key_groups: KeyGroupRange,
+    names: Vec<String>,
+    tables: Vec<Box<dyn TableCapture>>,
+    timers: Vec<Vec<u8>>,
+}
+
+impl KeyedCapture for StoreCapture {
+    fn group_count(&self) -> usize {
+        self.key_groups.count()
+    }
+
+    /// Layout of a key group: the table count (u32); per table its name
+    /// and entry count, then every key and value; then the timers, as the
+    /// operator encoded them (a count, then per timer its timestamp, key
+    /// and namespace).
+    fn serialize_group(&self, group_index: usize) -> Result<Option<(u32, Vec<u8>)>, String> {
+        let timers = &self.timers[group_index];
+        let tables: Vec<usize> = (0..self.tables.len())
+            .filter(|table| self.tables[*table].entry_count(group_index) > 0)
+            .collect();
+        if tables.is_empty() && timers.len() <= 4 {
+            return Ok(None);
+        }
+        let mut writer = StateWriter::default();
+        writer.put_u32(tables.len() as u32);
+        for table in tables {
+            writer.put_str(&self.names[table]);
+            self.tables[table].write_group(group_index, &mut writer)?;
+        }
+        writer.bytes.extend_from_slice(timers);
+        Ok(Some((self.key_groups.start + group_index as u32, writer.bytes)))
     }
 }
 
@@ -246,7 +519,7 @@ impl<V> Clone for ReducingState<V> {
     }
 }
 
-impl<V: 'static> ValueState<V> {
+impl<V: Record> ValueState<V> {
     pub fn value<'c, K: Key>(&self, context: &'c KeyedContext<'_, K>) -> Option<&'c V> {
         let (store, group, key) = context.state_scope();
         store.table::<V>(self.index).get(group, key)
@@ -268,7 +541,7 @@ impl<V: 'static> ValueState<V> {
     }
 }
 
-impl<V: 'static> ListState<V> {
+impl<V: Record> ListState<V> {
     pub fn get<'c, K: Key>(&self, context: &'c KeyedContext<'_, K>) -> &'c [V] {
         let (store, group, key) = context.state_scope();
         store
@@ -296,7 +569,7 @@ impl<V: 'static> ListState<V> {
     }
 }
 
-impl<MK: Hash + Eq + 'static, MV: 'static> MapState<MK, MV> {
+impl<MK: Record + Hash + Eq, MV: Record> MapState<MK, MV> {
     pub fn get<'c, K: Key>(
         &self,
         context: &'c KeyedContext<'_, K>,
@@ -345,7 +618,7 @@ impl<MK: Hash + Eq + 'static, MV: 'static> MapState<MK, MV> {
     }
 }
 
-impl<V: 'static> ReducingState<V> {
+impl<V: Record> ReducingState<V> {
     pub fn get<'c, K: Key>(&self, context: &'c KeyedContext<'_, K>) -> Option<&'c V> {
         let (store, group, key) = context.state_scope();
         store.table::<V>(self.index).get(group, key)
@@ -452,6 +725,52 @@ impl<K: Key, N: Hash + Eq + Clone> TimerService<K, N> {
         self.queue.values().map(Vec::len).sum()
     }
 
+    /// Every timer, encoded per key group of `store` (index within the
+    /// subtask's key groups): a count (u32), then per timer its timestamp,
+    /// key and namespace. Copied at the barrier: timers are few next to
+    /// the state they belong to.
+    pub(crate) fn encode_by_group(&self, store: &KeyedStateStore<K>) -> Result<Vec<Vec<u8>>, String>
+    where
+        N: Record,
+    {
+        let mut groups: Vec<Vec<(Timestamp, &K, &N)>> =
+            (0..store.key_groups().count()).map(|_| Vec::new()).collect();
+        for (timestamp, timers) in &self.queue {
+            for (key, namespace) in timers {
+                groups[store.group_index(key)].push((*timestamp, key, namespace));
+            }
+        }
+        groups
+            .into_iter()
+            .map(|timers| {
+                let mut writer = StateWriter::default();
+                writer.put_u32(timers.len() as u32);
+                for (timestamp, key, namespace) in timers {
+                    writer.put_i64(timestamp);
+                    key.write_value(&mut writer)?;
+                    namespace.write_value(&mut writer)?;
+                }
+                Ok(writer.bytes)
+            })
+            .collect()
+    }
+
+    /// Registers the timers of one key group that
+    /// [`TimerService::encode_by_group`] wrote.
+    pub(crate) fn restore_group(&mut self, reader: &mut StateReader<'_>) -> Result<(), String>
+    where
+        N: Record,
+    {
+        let count = reader.u32()?;
+        for _ in 0..count {
+            let timestamp = reader.i64()?;
+            let key = K::read_value(reader)?;
+            let namespace = N::read_value(reader)?;
+            self.register(&key, &namespace, timestamp);
+        }
+        Ok(())
+    }
+
     pub fn is_empty(&self) -> bool {
         self.queue.is_empty()
     }
@@ -479,7 +798,7 @@ mod tests {
     fn tables_are_split_by_key_group() {
         let range = KeyGroupRange::for_subtask(128, 1, 0);
         let mut store = KeyedStateStore::<u64>::new(range, 128);
-        let index = store.table_index::<u64>("count");
+        let index = store.table_index::<u64>("count", ValueCodec::record());
         for key in 0..1000u64 {
             let group = store.group_index(&key);
             *store

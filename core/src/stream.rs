@@ -34,6 +34,7 @@ use crate::operator::{
     KeyedRuntime, MapOperator, Output, SinkOperator, SourceTask, Tracked,
 };
 use crate::record::Record;
+use crate::state::ValueCodec;
 use crate::source::{CollectionSource, Source};
 use crate::time::{Timestamp, WatermarkStrategy};
 use crate::window::{
@@ -99,8 +100,18 @@ impl StreamExecutionEnvironment {
     ) -> DataStream<T> {
         let source = Arc::new(source);
         let factory: SourceFactory = Arc::new(move |context, output| {
-            let reader = source.create_reader(context.subtask_index, context.parallelism);
+            let reader = match context.take_restored() {
+                None => source.create_reader(context.subtask_index, context.parallelism),
+                Some(restored) => source
+                    .restore_reader(
+                        context.subtask_index,
+                        context.parallelism,
+                        restored.operator_state,
+                    )
+                    .unwrap_or_else(|error| context.restore_failed(&error)),
+            };
             Box::new(SourceTask::new(
+                context.clone(),
                 reader,
                 unerase::<T>(output),
                 strategy.clone(),
@@ -379,6 +390,9 @@ impl<T: Record> DataStream<T> {
             move |context, _| {
                 let mut sink = sink.clone();
                 sink.open(context);
+                let restored = context.take_restored().unwrap_or_default();
+                sink.restore_state(restored.operator_state)
+                    .unwrap_or_else(|error| context.restore_failed(&error));
                 SinkOperator {
                     sink,
                     context: context.clone(),
@@ -516,6 +530,24 @@ impl<K: Key, T: Record> WindowedStream<K, T> {
     /// `window_function`.
     pub fn aggregate_with<A, R, O, F, W>(self, aggregate: F, window_function: W) -> DataStream<O>
     where
+        A: Record,
+        R: 'static,
+        O: Record,
+        F: AggregateFunction<T, A, R>,
+        W: Fn(&K, &TimeWindow, R, &mut dyn Collector<O>) + Send + Sync + 'static,
+    {
+        self.window_operator(aggregate, window_function, ValueCodec::record())
+    }
+
+    /// The window operator, with the codec that writes its accumulators
+    /// into checkpoints.
+    fn window_operator<A, R, O, F, W>(
+        self,
+        aggregate: F,
+        window_function: W,
+        codec: ValueCodec<A>,
+    ) -> DataStream<O>
+    where
         A: Clone + 'static,
         R: 'static,
         O: Record,
@@ -545,6 +577,7 @@ impl<K: Key, T: Record> WindowedStream<K, T> {
                     assigner,
                     allowed_lateness,
                     aggregation,
+                    codec.clone(),
                     context,
                     next,
                 )
@@ -556,7 +589,7 @@ impl<K: Key, T: Record> WindowedStream<K, T> {
     /// Aggregates each window; emits the aggregate's result.
     pub fn aggregate<A, R, F>(self, aggregate: F) -> DataStream<R>
     where
-        A: Clone + 'static,
+        A: Record,
         R: Record,
         F: AggregateFunction<T, A, R>,
     {
@@ -568,9 +601,13 @@ impl<K: Key, T: Record> WindowedStream<K, T> {
 
     /// Reduces each window's records to one.
     pub fn reduce(self, reduce: impl Fn(T, T) -> T + Send + Sync + 'static) -> DataStream<T> {
-        self.aggregate(ReduceAggregate {
-            reduce: Arc::new(reduce),
-        })
+        self.window_operator(
+            ReduceAggregate {
+                reduce: Arc::new(reduce),
+            },
+            |_: &K, _: &TimeWindow, result: T, out: &mut dyn Collector<T>| out.collect(result),
+            ValueCodec::option(),
+        )
     }
 
     /// Hands all of a window's records, with key and window, to `function`
@@ -579,7 +616,7 @@ impl<K: Key, T: Record> WindowedStream<K, T> {
         self,
         function: impl Fn(&K, &TimeWindow, Vec<T>, &mut dyn Collector<O>) + Send + Sync + 'static,
     ) -> DataStream<O> {
-        self.aggregate_with(CollectAggregate, function)
+        self.window_operator(CollectAggregate, function, ValueCodec::list())
     }
 }
 
@@ -655,6 +692,7 @@ impl<K: Key, T1: Record, T2: Record> ConnectedStreams<K, T1, T2> {
             let mut function = function.clone();
             let runtime = KeyedRuntime::new(context, |store| function.open(store));
             Box::new(KeyedCoProcessHead {
+                context: context.clone(),
                 key_selector1: selector1.clone(),
                 key_selector2: selector2.clone(),
                 function,

@@ -29,11 +29,24 @@ use crate::function::{Collector, TimestampedCollector};
 use crate::key::Key;
 use crate::operator::{OperatorContext, Output, TaskHead};
 use crate::record::Record;
-use crate::state::{KeyedStateStore, TimerService};
+use crate::snapshot::{CheckpointBarrier, StateReader, StateWriter, TaskSnapshot};
+use crate::state::{KeyedStateStore, TimerService, ValueCodec};
 use crate::time::{Timestamp, MIN_WATERMARK, NO_TIMESTAMP};
 
 /// A window of event time `[start, end)`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
 pub struct TimeWindow {
     pub start: Timestamp,
     pub end: Timestamp,
@@ -168,6 +181,40 @@ where
 
 type WindowContents<A> = Vec<(TimeWindow, A)>;
 
+fn write_window(window: &TimeWindow, writer: &mut StateWriter) {
+    writer.put_i64(window.start);
+    writer.put_i64(window.end);
+}
+
+fn read_window(reader: &mut StateReader<'_>) -> Result<TimeWindow, String> {
+    Ok(TimeWindow {
+        start: reader.i64()?,
+        end: reader.i64()?,
+    })
+}
+
+/// How a key's windows and their accumulators go into a checkpoint.
+fn window_contents_codec<A: 'static>(accumulator: ValueCodec<A>) -> ValueCodec<WindowContents<A>> {
+    let write = accumulator.write.clone();
+    let read = accumulator.read;
+    ValueCodec::new(
+        move |contents: &WindowContents<A>, writer| {
+            writer.put_u32(contents.len() as u32);
+            for (window, value) in contents {
+                write_window(window, writer);
+                write(value, writer)?;
+            }
+            Ok(())
+        },
+        move |reader| {
+            let count = reader.u32()?;
+            (0..count)
+                .map(|_| Ok((read_window(reader)?, read(reader)?)))
+                .collect()
+        },
+    )
+}
+
 /// The keyed window operator (one input, chainable).
 pub(crate) struct WindowOperator<K, I, A, R, O, F, W> {
     pub(crate) key_selector: Arc<dyn Fn(&I) -> K + Send + Sync>,
@@ -182,6 +229,7 @@ pub(crate) struct WindowOperator<K, I, A, R, O, F, W> {
     pub(crate) new_windows: Vec<TimeWindow>,
     pub(crate) next: Box<dyn Output<O>>,
     pub(crate) operator_name: String,
+    pub(crate) context: OperatorContext,
 }
 
 impl<K, I, A, R, O, F, W> WindowOperator<K, I, A, R, O, F, W>
@@ -197,11 +245,21 @@ where
         assigner: WindowAssigner,
         allowed_lateness: i64,
         aggregation: WindowAggregation<K, I, A, R, O, F, W>,
+        accumulator: ValueCodec<A>,
         context: &OperatorContext,
         next: Box<dyn Output<O>>,
     ) -> Self {
         let mut store = KeyedStateStore::new(context.key_groups, context.max_parallelism);
-        let table = store.table_index::<WindowContents<A>>("window-contents");
+        let table = store.table_index::<WindowContents<A>>(
+            "window-contents",
+            window_contents_codec(accumulator),
+        );
+        let mut timers = TimerService::new(false);
+        if let Some(restored) = context.take_restored() {
+            store
+                .restore(&restored.key_groups, |_, reader| timers.restore_group(reader))
+                .unwrap_or_else(|error| context.restore_failed(&error));
+        }
         WindowOperator {
             key_selector,
             assigner,
@@ -209,12 +267,13 @@ where
             aggregation,
             store,
             table,
-            timers: TimerService::new(false),
+            timers,
             watermark: MIN_WATERMARK,
             scratch: Vec::new(),
             new_windows: Vec::new(),
             next,
             operator_name: context.operator_name.clone(),
+            context: context.clone(),
         }
     }
 
@@ -441,6 +500,17 @@ where
     fn end_of_input(&mut self) {
         self.next.end_of_input();
     }
+    fn snapshot(&mut self, barrier: &CheckpointBarrier, snapshot: &mut TaskSnapshot) {
+        let timers = self
+            .timers
+            .encode_by_group(&self.store)
+            .expect("encoding timers into memory");
+        snapshot.add(self.context.capture(Some(self.store.capture(timers)), Vec::new()));
+        self.next.snapshot(barrier, snapshot);
+    }
+    fn checkpoint_complete(&mut self, checkpoint_id: u64) {
+        self.next.checkpoint_complete(checkpoint_id);
+    }
 }
 
 /// The window join: per key and window, every pair of a left and a right
@@ -457,6 +527,7 @@ pub(crate) struct WindowJoinHead<K, L, R, O, J> {
     pub(crate) watermark: Timestamp,
     pub(crate) next: Box<dyn Output<O>>,
     pub(crate) operator_name: String,
+    pub(crate) context: OperatorContext,
 }
 
 type JoinContents<L, R> = Vec<(TimeWindow, Vec<L>, Vec<R>)>;
@@ -477,7 +548,45 @@ where
         next: Box<dyn Output<O>>,
     ) -> Self {
         let mut store = KeyedStateStore::new(context.key_groups, context.max_parallelism);
-        let table = store.table_index::<JoinContents<L, R>>("join-contents");
+        let table = store.table_index::<JoinContents<L, R>>(
+            "join-contents",
+            ValueCodec::new(
+                |contents: &JoinContents<L, R>, writer| {
+                    writer.put_u32(contents.len() as u32);
+                    for (window, lefts, rights) in contents {
+                        write_window(window, writer);
+                        writer.put_u32(lefts.len() as u32);
+                        lefts.iter().try_for_each(|left| left.write_value(writer))?;
+                        writer.put_u32(rights.len() as u32);
+                        rights.iter().try_for_each(|right| right.write_value(writer))?;
+                    }
+                    Ok(())
+                },
+                |reader| {
+                    let count = reader.u32()?;
+                    (0..count)
+                        .map(|_| {
+                            let window = read_window(reader)?;
+                            let left_count = reader.u32()?;
+                            let lefts = (0..left_count)
+                                .map(|_| L::read_value(reader))
+                                .collect::<Result<Vec<_>, _>>()?;
+                            let right_count = reader.u32()?;
+                            let rights = (0..right_count)
+                                .map(|_| R::read_value(reader))
+                                .collect::<Result<Vec<_>, _>>()?;
+                            Ok((window, lefts, rights))
+                        })
+                        .collect()
+                },
+            ),
+        );
+        let mut timers = TimerService::new(false);
+        if let Some(restored) = context.take_restored() {
+            store
+                .restore(&restored.key_groups, |_, reader| timers.restore_group(reader))
+                .unwrap_or_else(|error| context.restore_failed(&error));
+        }
         WindowJoinHead {
             left_key,
             right_key,
@@ -485,15 +594,16 @@ where
             join,
             store,
             table,
-            timers: TimerService::new(false),
+            timers,
             watermark: MIN_WATERMARK,
             next,
             operator_name: context.operator_name.clone(),
+            context: context.clone(),
         }
     }
 }
 
-fn add_to_join<K: Key, L: 'static, R: 'static, T: Clone>(
+fn add_to_join<K: Key, L: Record, R: Record, T: Clone>(
     store: &mut KeyedStateStore<K>,
     table: usize,
     timers: &mut TimerService<K, TimeWindow>,
@@ -625,6 +735,17 @@ where
     fn end_of_input(&mut self) {
         self.next.end_of_input();
     }
+    fn on_barrier(&mut self, barrier: &CheckpointBarrier, snapshot: &mut TaskSnapshot) {
+        let timers = self
+            .timers
+            .encode_by_group(&self.store)
+            .expect("encoding timers into memory");
+        snapshot.add(self.context.capture(Some(self.store.capture(timers)), Vec::new()));
+        self.next.snapshot(barrier, snapshot);
+    }
+    fn checkpoint_complete(&mut self, checkpoint_id: u64) {
+        self.next.checkpoint_complete(checkpoint_id);
+    }
 }
 
 #[cfg(test)]
@@ -689,6 +810,8 @@ mod tests {
         fn idle(&mut self, _idle: bool) {}
         fn flush(&mut self) {}
         fn end_of_input(&mut self) {}
+        fn snapshot(&mut self, _barrier: &CheckpointBarrier, _snapshot: &mut TaskSnapshot) {}
+        fn checkpoint_complete(&mut self, _checkpoint_id: u64) {}
     }
 
     #[derive(Clone)]
@@ -717,6 +840,17 @@ mod tests {
         allowed_lateness: i64,
         emitted: &Emissions,
     ) -> impl Output<u64> {
+        summing_operator_from(assigner, allowed_lateness, emitted, Default::default(), |_| 0)
+    }
+
+    /// The same, keyed by `key`, starting from `restore`.
+    fn summing_operator_from(
+        assigner: WindowAssigner,
+        allowed_lateness: i64,
+        emitted: &Emissions,
+        restore: crate::snapshot::TaskRestore,
+        key: fn(&u64) -> u64,
+    ) -> impl Output<u64> {
         let context = OperatorContext {
             operator_name: "window".to_string(),
             subtask_index: 0,
@@ -726,9 +860,11 @@ mod tests {
             accumulators: Default::default(),
             chain_position: 0,
             tracker: Default::default(),
+            operator_id: "1:window".to_string(),
+            restore: std::rc::Rc::new(std::cell::RefCell::new(restore)),
         };
         WindowOperator::new(
-            Arc::new(|_: &u64| 0u64),
+            Arc::new(key),
             assigner,
             allowed_lateness,
             WindowAggregation {
@@ -740,6 +876,7 @@ mod tests {
                 ),
                 _types: PhantomData,
             },
+            ValueCodec::record(),
             &context,
             Box::new(Emitted(emitted.clone())),
         )
@@ -774,5 +911,61 @@ mod tests {
         operator.push(4, 30);
         operator.watermark(crate::time::MAX_WATERMARK);
         assert_eq!(*emitted.borrow(), [(3, 129)]);
+    }
+
+    #[test]
+    fn a_restored_window_operator_fires_what_the_snapshot_held() {
+        let by_digit: fn(&u64) -> u64 = |record| record % 10;
+        let sliding = WindowAssigner::sliding(Duration::from_millis(100), Duration::from_millis(50));
+        let uninterrupted = Emissions::default();
+        let mut operator = summing_operator_from(sliding, 0, &uninterrupted, Default::default(), by_digit);
+        let records: Vec<(u64, Timestamp)> = (0..200).map(|index| (index, index as i64 * 3)).collect();
+        for (record, timestamp) in &records {
+            operator.push(*record, *timestamp);
+            if *record == 120 {
+                operator.watermark(200);
+            }
+        }
+        operator.watermark(crate::time::MAX_WATERMARK);
+
+        let before = Emissions::default();
+        let mut operator = summing_operator_from(sliding, 0, &before, Default::default(), by_digit);
+        let mut snapshot = TaskSnapshot::default();
+        for (record, timestamp) in &records[..=120] {
+            operator.push(*record, *timestamp);
+        }
+        operator.watermark(200);
+        let barrier = CheckpointBarrier {
+            checkpoint_id: 1,
+            timestamp_ms: 0,
+            target: Default::default(),
+            is_savepoint: false,
+        };
+        operator.snapshot(&barrier, &mut snapshot);
+        // Written after the barrier: the snapshot must not see it.
+        operator.push(1_000, 500);
+        let serialized = snapshot.serialize().unwrap();
+        assert_eq!(serialized.len(), 1);
+        assert!(!serialized[0].key_groups.is_empty());
+
+        let mut restore = crate::snapshot::TaskRestore::default();
+        restore.operators.insert(
+            "1:window".to_string(),
+            crate::snapshot::OperatorRestore {
+                key_groups: serialized[0].key_groups.clone(),
+                operator_state: Vec::new(),
+            },
+        );
+        let after = Emissions::default();
+        let mut restored = summing_operator_from(sliding, 0, &after, restore, by_digit);
+        for (record, timestamp) in &records[121..] {
+            restored.push(*record, *timestamp);
+        }
+        restored.watermark(crate::time::MAX_WATERMARK);
+        let mut resumed: Vec<_> = before.borrow().iter().chain(after.borrow().iter()).copied().collect();
+        let mut expected = uninterrupted.borrow().clone();
+        resumed.sort();
+        expected.sort();
+        assert_eq!(resumed, expected);
     }
 }

@@ -1,0 +1,370 @@
+//! Checkpoint barriers and what operators hand over when they snapshot.
+//!
+//! Protocol of a snapshot inside one task (the runtime in strom-scheduler
+//! drives it; files and the coordinator live there and in strom-state):
+//! 1. a barrier reaches the head of the task: a source head gets it from the
+//!    coordinator, an input head once every input channel has delivered it
+//!    (alignment);
+//! 2. the barrier travels down the chain with [`Output::snapshot`]: each
+//!    operator adds an [`OperatorCapture`] to the [`TaskSnapshot`], then
+//!    passes the barrier on; the writers at the end of the chain ship their
+//!    partial buffers and queue the barrier on every output channel, so it
+//!    stays in order with the records (the synchronous phase: no record is
+//!    processed while it runs);
+//! 3. keyed state is captured copy-on-write: the capture shares each key
+//!    group's table with the operator, and the first write to a shared key
+//!    group after the capture copies that one group. Timers and operator
+//!    state are small and copied at once;
+//! 4. the runtime serializes the captures with [`TaskSnapshot::serialize`]
+//!    one key group at a time while the stream goes on (the asynchronous
+//!    phase), writes them to disk, and acknowledges.
+//!
+//! Invariant: a capture holds exactly the effect of the records before the
+//! barrier, whatever the task does after step 2.
+//!
+//! [`Output::snapshot`]: crate::operator::Output::snapshot
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// The marker that splits a stream between two checkpoints.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckpointBarrier {
+    pub checkpoint_id: u64,
+    /// When the coordinator triggered it (milliseconds since the epoch).
+    pub timestamp_ms: u64,
+    /// The directory every task writes its state file into.
+    pub target: Arc<PathBuf>,
+    pub is_savepoint: bool,
+}
+
+/// Appends the fixed-width little-endian encoding of snapshot data.
+#[derive(Debug, Default)]
+pub struct StateWriter {
+    pub bytes: Vec<u8>,
+}
+
+impl StateWriter {
+    pub fn put_u32(&mut self, value: u32) {
+        self.bytes.extend_from_slice(&value.to_le_bytes());
+    }
+
+    pub fn put_u64(&mut self, value: u64) {
+        self.bytes.extend_from_slice(&value.to_le_bytes());
+    }
+
+    pub fn put_i64(&mut self, value: i64) {
+        self.bytes.extend_from_slice(&value.to_le_bytes());
+    }
+
+    /// A length (u32) and the bytes.
+    pub fn put_bytes(&mut self, bytes: &[u8]) {
+        let length = u32::try_from(bytes.len()).expect("a state value under 4 GiB");
+        self.put_u32(length);
+        self.bytes.extend_from_slice(bytes);
+    }
+
+    pub fn put_str(&mut self, value: &str) {
+        self.put_bytes(value.as_bytes());
+    }
+}
+
+/// Reads what a [`StateWriter`] wrote; every read checks the length left.
+#[derive(Debug)]
+pub struct StateReader<'a> {
+    bytes: &'a [u8],
+}
+
+impl<'a> StateReader<'a> {
+    pub fn new(bytes: &'a [u8]) -> Self {
+        StateReader { bytes }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    fn take(&mut self, count: usize) -> Result<&'a [u8], String> {
+        if self.bytes.len() < count {
+            return Err(format!(
+                "state ends early: {count} bytes wanted, {} left",
+                self.bytes.len()
+            ));
+        }
+        let (taken, rest) = self.bytes.split_at(count);
+        self.bytes = rest;
+        Ok(taken)
+    }
+
+    pub fn u32(&mut self) -> Result<u32, String> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+    }
+
+    pub fn u64(&mut self) -> Result<u64, String> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+    }
+
+    pub fn i64(&mut self) -> Result<i64, String> {
+        Ok(i64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+    }
+
+    pub fn bytes(&mut self) -> Result<&'a [u8], String> {
+        let length = self.u32()? as usize;
+        self.take(length)
+    }
+
+    pub fn string(&mut self) -> Result<String, String> {
+        let bytes = self.bytes()?;
+        String::from_utf8(bytes.to_vec()).map_err(|_| "a state name is not UTF-8".to_string())
+    }
+}
+
+/// Keyed state captured at a barrier, serialized later one key group at a
+/// time (see the module's protocol, step 3).
+pub trait KeyedCapture {
+    /// How many key groups the capture covers (the operator's own).
+    fn group_count(&self) -> usize;
+    /// The key group number and serialized state of the `group_index`-th
+    /// key group, or `None` when it holds nothing.
+    fn serialize_group(&self, group_index: usize) -> Result<Option<(u32, Vec<u8>)>, String>;
+}
+
+/// What one operator of the chain captured at a barrier.
+pub struct OperatorCapture {
+    pub operator_id: String,
+    pub operator_name: String,
+    pub subtask_index: u32,
+    pub parallelism: u32,
+    pub max_parallelism: u32,
+    pub keyed: Option<Box<dyn KeyedCapture>>,
+    /// Operator state: list elements, redistributed round robin when the
+    /// job is restored at another parallelism.
+    pub operator_state: Vec<Vec<u8>>,
+}
+
+/// The state of one operator, serialized.
+#[derive(Clone, Debug, Default)]
+pub struct OperatorSnapshot {
+    pub operator_id: String,
+    pub operator_name: String,
+    pub subtask_index: u32,
+    pub parallelism: u32,
+    pub max_parallelism: u32,
+    pub key_groups: Vec<(u32, Vec<u8>)>,
+    pub operator_state: Vec<Vec<u8>>,
+}
+
+/// Everything the operators of one task captured at one barrier.
+#[derive(Default)]
+pub struct TaskSnapshot {
+    pub operators: Vec<OperatorCapture>,
+}
+
+impl TaskSnapshot {
+    pub fn add(&mut self, capture: OperatorCapture) {
+        self.operators.push(capture);
+    }
+
+    /// Key groups left to serialize over all operators: the runtime
+    /// serializes them one at a time, yielding in between.
+    pub fn work_items(&self) -> Vec<(usize, usize)> {
+        let mut items = Vec::new();
+        for (operator, capture) in self.operators.iter().enumerate() {
+            if let Some(keyed) = &capture.keyed {
+                items.extend((0..keyed.group_count()).map(|group| (operator, group)));
+            }
+        }
+        items
+    }
+
+    /// Serializes one work item into `snapshots` (one per operator).
+    pub fn serialize_item(
+        &self,
+        (operator, group): (usize, usize),
+        snapshots: &mut [OperatorSnapshot],
+    ) -> Result<(), String> {
+        let keyed = self.operators[operator]
+            .keyed
+            .as_ref()
+            .expect("a work item of keyed state");
+        if let Some(blob) = keyed.serialize_group(group)? {
+            snapshots[operator].key_groups.push(blob);
+        }
+        Ok(())
+    }
+
+    /// The serialized snapshots before any key group: operator state only.
+    pub fn empty_snapshots(&self) -> Vec<OperatorSnapshot> {
+        self.operators
+            .iter()
+            .map(|capture| OperatorSnapshot {
+                operator_id: capture.operator_id.clone(),
+                operator_name: capture.operator_name.clone(),
+                subtask_index: capture.subtask_index,
+                parallelism: capture.parallelism,
+                max_parallelism: capture.max_parallelism,
+                key_groups: Vec::new(),
+                operator_state: capture.operator_state.clone(),
+            })
+            .collect()
+    }
+
+    /// Serializes everything at once (tests; the runtime interleaves).
+    pub fn serialize(&self) -> Result<Vec<OperatorSnapshot>, String> {
+        let mut snapshots = self.empty_snapshots();
+        for item in self.work_items() {
+            self.serialize_item(item, &mut snapshots)?;
+        }
+        Ok(snapshots)
+    }
+}
+
+/// The state one operator subtask starts from.
+#[derive(Clone, Debug, Default)]
+pub struct OperatorRestore {
+    /// Serialized keyed state per key group, for the key groups this
+    /// subtask owns now.
+    pub key_groups: Vec<(u32, Vec<u8>)>,
+    /// This subtask's share of the operator state elements.
+    pub operator_state: Vec<Vec<u8>>,
+}
+
+/// The state every operator of one task starts from, by operator id.
+#[derive(Clone, Debug, Default)]
+pub struct TaskRestore {
+    pub operators: HashMap<String, OperatorRestore>,
+}
+
+/// One arithmetic run of indices that a source reads: `next, next + step,
+/// ...` below `end`. Generator and collection sources, and the Nexmark
+/// source, split their input this way; the runs are their operator state,
+/// so a job restored at another parallelism hands whole runs to the new
+/// subtasks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IndexSplit {
+    pub next: u64,
+    pub step: u64,
+    pub end: u64,
+}
+
+impl IndexSplit {
+    pub fn is_finished(&self) -> bool {
+        self.next >= self.end
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut writer = StateWriter::default();
+        writer.put_u64(self.next);
+        writer.put_u64(self.step);
+        writer.put_u64(self.end);
+        writer.bytes
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<IndexSplit, String> {
+        let mut reader = StateReader::new(bytes);
+        let split = IndexSplit {
+            next: reader.u64()?,
+            step: reader.u64()?,
+            end: reader.u64()?,
+        };
+        if split.step == 0 || !reader.is_empty() {
+            return Err("a source split is malformed".to_string());
+        }
+        Ok(split)
+    }
+}
+
+/// The splits of one source subtask, read in index order: always the split
+/// whose next index is smallest, so that a subtask that took over several
+/// splits still emits its records in the order of their indices (and of
+/// their event times, where those grow with the index).
+#[derive(Clone, Debug, Default)]
+pub struct IndexSplits {
+    pub splits: Vec<IndexSplit>,
+}
+
+impl IndexSplits {
+    /// The share of subtask `subtask_index` of `parallelism` over `0..end`.
+    pub fn fresh(subtask_index: u32, parallelism: u32, end: u64) -> Self {
+        IndexSplits {
+            splits: vec![IndexSplit {
+                next: u64::from(subtask_index),
+                step: u64::from(parallelism),
+                end,
+            }],
+        }
+    }
+
+    pub fn restore(elements: &[Vec<u8>]) -> Result<Self, String> {
+        let splits = elements
+            .iter()
+            .map(|bytes| IndexSplit::decode(bytes))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(IndexSplits { splits })
+    }
+
+    pub fn snapshot(&self) -> Vec<Vec<u8>> {
+        self.splits.iter().map(IndexSplit::encode).collect()
+    }
+
+    /// The next index to read, advancing its split; `None` when all ended.
+    #[inline]
+    pub fn next_index(&mut self) -> Option<u64> {
+        let split = if self.splits.len() == 1 {
+            &mut self.splits[0]
+        } else {
+            self.splits
+                .iter_mut()
+                .filter(|split| !split.is_finished())
+                .min_by_key(|split| split.next)?
+        };
+        if split.is_finished() {
+            return None;
+        }
+        let index = split.next;
+        split.next = split.next.saturating_add(split.step);
+        Some(index)
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.splits.iter().all(IndexSplit::is_finished)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_taken_over_by_one_subtask_are_read_in_index_order() {
+        let mut splits = IndexSplits {
+            splits: vec![
+                IndexSplit {
+                    next: 7,
+                    step: 2,
+                    end: 12,
+                },
+                IndexSplit {
+                    next: 4,
+                    step: 2,
+                    end: 12,
+                },
+            ],
+        };
+        let mut indices = Vec::new();
+        while let Some(index) = splits.next_index() {
+            indices.push(index);
+        }
+        assert_eq!(indices, [4, 6, 7, 8, 9, 10, 11]);
+        let restored = IndexSplits::restore(&splits.snapshot()).unwrap();
+        assert!(restored.is_finished());
+    }
+
+    #[test]
+    fn a_short_read_is_an_error_not_a_panic() {
+        let mut reader = StateReader::new(&[1, 0, 0]);
+        assert!(reader.u32().is_err());
+        assert!(IndexSplit::decode(&[0; 5]).is_err());
+    }
+}
