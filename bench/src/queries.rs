@@ -6,11 +6,13 @@
 //! each subtask's rows into the `rows` and `checksum` accumulators, which the
 //! JobManager merges (a wrapping sum, like the checksum itself).
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use strom_core::function::{Collector, KeyedContext, KeyedProcessFunction, SinkFunction};
 use strom_core::operator::OperatorContext;
 use strom_core::program::{JobOutcome, Program};
+use strom_core::snapshot::{IndexSplits, StateReader, StateWriter};
 use strom_core::source::{Boundedness, Source, SourceOutput, SourceReader, SourceStatus};
 use strom_core::state::{KeyedStateStore, ValueState};
 use strom_core::{
@@ -27,10 +29,36 @@ use crate::nexmark::{
     Q3Row, Q5Row, Q7Row, Q8Row, Query,
 };
 
-/// The Nexmark generator as a parallel, bounded source.
-#[derive(Clone, Copy, Debug)]
+/// The Nexmark generator as a parallel, bounded source. Its position is
+/// the next event index of each split it reads (see
+/// [`IndexSplits`]), so a restored job generates exactly the events after
+/// its checkpoint, at any parallelism.
+#[derive(Clone, Debug)]
 pub struct NexmarkSource {
     pub config: GeneratorConfig,
+    /// Event indices at which the subtask that produces them fails, once
+    /// per process (`--fail-at`), so that recovery can be seen.
+    pub fail_at: Arc<Vec<u64>>,
+}
+
+/// The `--fail-at` indices that have failed already in this process.
+static FAILED_AT: Mutex<Vec<u64>> = Mutex::new(Vec::new());
+
+impl NexmarkSource {
+    pub fn new(config: GeneratorConfig) -> Self {
+        NexmarkSource {
+            config,
+            fail_at: Arc::new(Vec::new()),
+        }
+    }
+
+    fn reader(&self, splits: IndexSplits) -> Box<dyn SourceReader<Event>> {
+        Box::new(NexmarkReader {
+            generator: self.config.generator(),
+            splits,
+            fail_at: self.fail_at.clone(),
+        })
+    }
 }
 
 impl Source<Event> for NexmarkSource {
@@ -39,42 +67,67 @@ impl Source<Event> for NexmarkSource {
     }
 
     fn create_reader(&self, subtask_index: u32, parallelism: u32) -> Box<dyn SourceReader<Event>> {
-        Box::new(NexmarkReader {
-            generator: self.config.generator(),
-            next: u64::from(subtask_index),
-            step: u64::from(parallelism),
-            end: self.config.events,
-        })
+        self.reader(IndexSplits::fresh(subtask_index, parallelism, self.config.events))
+    }
+
+    fn restore_reader(
+        &self,
+        _subtask_index: u32,
+        _parallelism: u32,
+        state: Vec<Vec<u8>>,
+    ) -> Result<Box<dyn SourceReader<Event>>, String> {
+        Ok(self.reader(IndexSplits::restore(&state)?))
     }
 }
 
 struct NexmarkReader {
     generator: Generator,
-    next: u64,
-    step: u64,
-    end: u64,
+    splits: IndexSplits,
+    fail_at: Arc<Vec<u64>>,
+}
+
+impl NexmarkReader {
+    /// Fails the first time this process reaches a `--fail-at` index.
+    #[cold]
+    fn inject_failure(&self, index: u64) {
+        let mut failed = FAILED_AT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if !failed.contains(&index) {
+            failed.push(index);
+            drop(failed);
+            panic!("injected failure at event {index} (--fail-at)");
+        }
+    }
 }
 
 impl SourceReader<Event> for NexmarkReader {
     fn poll_next(&mut self, output: &mut dyn SourceOutput<Event>, budget: usize) -> SourceStatus {
         for _ in 0..budget {
-            if self.next >= self.end {
+            let Some(index) = self.splits.next_index() else {
                 return SourceStatus::Finished;
+            };
+            if !self.fail_at.is_empty() && self.fail_at.contains(&index) {
+                self.inject_failure(index);
             }
-            let event = self.generator.event(self.next);
+            let event = self.generator.event(index);
             let timestamp = event.date_time() as Timestamp;
             output.collect_with_timestamp(event, timestamp);
-            self.next += self.step;
         }
-        if self.next >= self.end {
+        if self.splits.is_finished() {
             SourceStatus::Finished
         } else {
             SourceStatus::MoreAvailable
         }
     }
+
+    fn snapshot_state(&mut self) -> Result<Vec<Vec<u8>>, String> {
+        Ok(self.splits.snapshot())
+    }
 }
 
-/// Sums the rows of one subtask into the job's answer accumulators.
+/// Sums the rows of one subtask into the job's answer accumulators. Its
+/// rows and checksum are checkpointed, so the answer counts every row once
+/// whatever fails; a job restored at another parallelism adds up the parts
+/// each new subtask takes over.
 #[derive(Clone, Debug, Default)]
 pub struct AnswerSink {
     answer: Answer,
@@ -94,11 +147,29 @@ impl<R: AnswerRow> SinkFunction<R> for AnswerSink {
         accumulators.add(ROWS_ACCUMULATOR, self.answer.rows);
         accumulators.add(CHECKSUM_ACCUMULATOR, self.answer.checksum);
     }
+
+    fn snapshot_state(&mut self, _checkpoint_id: u64) -> Vec<Vec<u8>> {
+        let mut writer = StateWriter::default();
+        writer.put_u64(self.answer.rows);
+        writer.put_u64(self.answer.checksum);
+        vec![writer.bytes]
+    }
+
+    fn restore_state(&mut self, elements: Vec<Vec<u8>>) -> Result<(), String> {
+        for element in elements {
+            let mut reader = StateReader::new(&element);
+            self.answer.merge(Answer {
+                rows: reader.u64()?,
+                checksum: reader.u64()?,
+            });
+        }
+        Ok(())
+    }
 }
 
-fn events(env: &StreamExecutionEnvironment, config: GeneratorConfig) -> DataStream<Event> {
+fn events(env: &StreamExecutionEnvironment, source: NexmarkSource) -> DataStream<Event> {
     env.from_source(
-        NexmarkSource { config },
+        source,
         WatermarkStrategy::for_monotonous_timestamps(),
         "Source: nexmark",
     )
@@ -135,22 +206,22 @@ fn auctions(events: DataStream<Event>) -> DataStream<Auction> {
 }
 
 /// Builds query `query` over `config`'s events into `env`.
-pub fn build_query(env: &StreamExecutionEnvironment, query: Query, config: GeneratorConfig) {
+pub fn build_query(env: &StreamExecutionEnvironment, query: Query, source: NexmarkSource) {
     let sink = AnswerSink::default();
     let name = format!("answer sink {}", query.name());
     match query {
         Query::Q0 => {
-            bids(events(env, config)).add_sink(sink).name(&name);
+            bids(events(env, source.clone())).add_sink(sink).name(&name);
         }
         Query::Q1 => {
-            bids(events(env, config))
+            bids(events(env, source.clone()))
                 .map(|bid| Q1Row::from_bid(&bid))
                 .name("q1 euro")
                 .add_sink(sink)
                 .name(&name);
         }
         Query::Q2 => {
-            bids(events(env, config))
+            bids(events(env, source.clone()))
                 .filter(Bid::is_q2_selected)
                 .name("q2 filter")
                 .map(|bid| Q2Row::from_bid(&bid))
@@ -159,7 +230,7 @@ pub fn build_query(env: &StreamExecutionEnvironment, query: Query, config: Gener
                 .name(&name);
         }
         Query::Q3 => {
-            let events = events(env, config);
+            let events = events(env, source.clone());
             let persons = persons(events.clone())
                 .filter(Person::is_q3_selected)
                 .name("q3 persons");
@@ -177,7 +248,7 @@ pub fn build_query(env: &StreamExecutionEnvironment, query: Query, config: Gener
         Query::Q5 => {
             let size = Duration::from_millis(Q5_WINDOW_SIZE_MS);
             let slide = Duration::from_millis(Q5_WINDOW_SLIDE_MS);
-            bids(events(env, config))
+            bids(events(env, source.clone()))
                 .key_by(|bid| bid.auction)
                 .window(WindowAssigner::sliding(size, slide))
                 .aggregate_with(
@@ -202,7 +273,7 @@ pub fn build_query(env: &StreamExecutionEnvironment, query: Query, config: Gener
         }
         Query::Q7 => {
             let size = Duration::from_millis(Q7_WINDOW_SIZE_MS);
-            bids(events(env, config))
+            bids(events(env, source.clone()))
                 .key_by(|bid| bid.auction)
                 .window(WindowAssigner::tumbling(size))
                 .aggregate_with(
@@ -230,7 +301,7 @@ pub fn build_query(env: &StreamExecutionEnvironment, query: Query, config: Gener
                 .name(&name);
         }
         Query::Q8 => {
-            let events = events(env, config);
+            let events = events(env, source.clone());
             let size = Q8_WINDOW_SIZE_MS;
             persons(events.clone())
                 .join(auctions(events))
@@ -306,21 +377,24 @@ impl AggregateFunction<Bid, Vec<Bid>, Vec<Bid>> for HighestBids {
 #[derive(Clone)]
 pub struct TopPerWindow<R> {
     measure: fn(&R) -> u64,
-    top: ValueState<(u64, Vec<R>)>,
+    largest: ValueState<u64>,
+    rows: ListState<R>,
 }
 
 impl<R> TopPerWindow<R> {
     pub fn new(measure: fn(&R) -> u64) -> Self {
         TopPerWindow {
             measure,
-            top: ValueState::default(),
+            largest: ValueState::default(),
+            rows: ListState::default(),
         }
     }
 }
 
-impl<R: Clone + Send + Sync + 'static> KeyedProcessFunction<u64, R, R> for TopPerWindow<R> {
+impl<R: strom_core::Record + Sync> KeyedProcessFunction<u64, R, R> for TopPerWindow<R> {
     fn open(&mut self, state: &mut KeyedStateStore<u64>) {
-        self.top = state.value_state("top");
+        self.largest = state.value_state("largest");
+        self.rows = state.list_state("rows");
     }
 
     fn process_element(
@@ -331,18 +405,17 @@ impl<R: Clone + Send + Sync + 'static> KeyedProcessFunction<u64, R, R> for TopPe
     ) {
         let measure = (self.measure)(&row);
         let timestamp = context.timestamp();
-        match self.top.value_mut(context) {
-            Some((largest, rows)) => {
-                if measure > *largest {
-                    *largest = measure;
-                    rows.clear();
-                }
-                if measure == *largest {
-                    rows.push(row);
-                }
+        match self.largest.value(context).copied() {
+            Some(largest) if measure < largest => {}
+            Some(largest) if measure == largest => self.rows.add(context, row),
+            Some(_) => {
+                self.largest.update(context, measure);
+                self.rows.take(context);
+                self.rows.add(context, row);
             }
             None => {
-                self.top.update(context, (measure, vec![row]));
+                self.largest.update(context, measure);
+                self.rows.add(context, row);
                 context.register_event_time_timer(timestamp);
             }
         }
@@ -354,10 +427,9 @@ impl<R: Clone + Send + Sync + 'static> KeyedProcessFunction<u64, R, R> for TopPe
         context: &mut KeyedContext<'_, u64>,
         out: &mut dyn Collector<R>,
     ) {
-        if let Some((_, rows)) = self.top.clear(context) {
-            for row in rows {
-                out.collect(row);
-            }
+        self.largest.clear(context);
+        for row in self.rows.take(context) {
+            out.collect(row);
         }
     }
 }
@@ -430,6 +502,14 @@ fn nexmark_command() -> clap::Command {
                 .value_parser(clap::value_parser!(u64))
                 .help("The generator's seed"),
         )
+        .arg(
+            clap::Arg::new("fail-at")
+                .long("fail-at")
+                .value_name("I,J,...")
+                .value_delimiter(',')
+                .value_parser(clap::value_parser!(u64))
+                .help("Fail the source subtask that produces event I when it reaches it, once each, to see recovery"),
+        )
 }
 
 fn query_and_config(matches: &clap::ArgMatches) -> (Query, GeneratorConfig) {
@@ -451,7 +531,21 @@ fn build_nexmark(
 ) -> Result<(), String> {
     let (query, config) = query_and_config(matches);
     env.set_job_name(&format!("nexmark {}", query.name()));
-    build_query(env, query, config);
+    let fail_at: Vec<u64> = matches
+        .get_many::<u64>("fail-at")
+        .map(|indices| indices.copied().collect())
+        .unwrap_or_default();
+    if let Some(beyond) = fail_at.iter().find(|index| **index >= config.events) {
+        return Err(format!(
+            "--fail-at {beyond} is beyond the last event ({})",
+            config.events.saturating_sub(1)
+        ));
+    }
+    let source = NexmarkSource {
+        config,
+        fail_at: Arc::new(fail_at),
+    };
+    build_query(env, query, source);
     Ok(())
 }
 

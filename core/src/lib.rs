@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 pub mod accumulator;
+pub mod config;
 pub mod error;
 pub mod function;
 pub mod graph;

@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use crate::accumulator::Accumulators;
+use crate::config::{CheckpointingOptions, RestartStrategy, RestoreOptions};
 use crate::graph::JobGraph;
 use crate::stream::StreamExecutionEnvironment;
 
@@ -17,6 +18,10 @@ pub struct JobArgs {
     pub arguments: Vec<String>,
     pub parallelism: u32,
     pub max_parallelism: u32,
+    pub checkpointing: CheckpointingOptions,
+    pub restart: RestartStrategy,
+    /// The savepoint or checkpoint the job starts from.
+    pub restore: Option<RestoreOptions>,
 }
 
 /// A named job program.
@@ -107,10 +112,11 @@ pub fn first_line(message: &str) -> String {
     line.strip_prefix("error: ").unwrap_or(&line).to_string()
 }
 
-/// Adds the options every job takes: `--parallelism`, `--max-parallelism`
-/// and `--allow-oversubscribe`.
+/// Adds the options every job takes: `--parallelism`, `--max-parallelism`,
+/// `--allow-oversubscribe`, and those of checkpoints, restarts and restore
+/// (see [`crate::config`]).
 pub fn with_job_options(command: clap::Command) -> clap::Command {
-    command
+    crate::config::add_options(command)
         .arg(
             clap::Arg::new("parallelism")
                 .long("parallelism")
@@ -139,10 +145,27 @@ pub fn with_job_options(command: clap::Command) -> clap::Command {
 }
 
 impl JobArgs {
+    /// A job's arguments with default options and `parallelism`.
+    pub fn new(arguments: Vec<String>, parallelism: u32) -> JobArgs {
+        JobArgs {
+            arguments,
+            parallelism,
+            max_parallelism: crate::key::DEFAULT_MAX_PARALLELISM,
+            checkpointing: CheckpointingOptions::default(),
+            restart: RestartStrategy::None,
+            restore: None,
+        }
+    }
+
     /// The job options from parsed arguments, with the raw arguments kept
     /// so that every process can parse them again.
     pub fn from_matches(arguments: Vec<String>, matches: &clap::ArgMatches) -> JobArgs {
+        let checkpointing = crate::config::checkpointing_from(matches);
+        let restart = crate::config::restart_from(matches, checkpointing.interval.is_some());
         JobArgs {
+            checkpointing,
+            restart,
+            restore: crate::config::restore_from(matches),
             arguments,
             parallelism: *matches
                 .get_one::<u32>("parallelism")
@@ -174,11 +197,7 @@ mod tests {
             build: panicking_build,
             report: report_accumulators,
         };
-        let args = JobArgs {
-            arguments: Vec::new(),
-            parallelism: 1,
-            max_parallelism: 128,
-        };
+        let args = JobArgs::new(Vec::new(), 1);
         let error = program.job_graph(&args).err().expect("the build panicked");
         assert_eq!(
             error,

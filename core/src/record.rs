@@ -84,9 +84,22 @@ where
     }
 
     fn write_value(&self, writer: &mut StateWriter) -> Result<(), String> {
-        let bytes = rkyv::to_bytes::<RkyvError>(self).map_err(|error| error.to_string())?;
-        writer.put_bytes(&bytes);
-        Ok(())
+        // Snapshots write many small values: one scratch buffer per thread
+        // (and rkyv's per-thread arena) instead of two allocations each.
+        thread_local! {
+            static SCRATCH: std::cell::Cell<AlignedVec> = std::cell::Cell::new(AlignedVec::new());
+        }
+        let mut scratch = SCRATCH.take();
+        scratch.clear();
+        let result = rkyv::api::high::to_bytes_in::<_, RkyvError>(self, scratch);
+        match result {
+            Ok(bytes) => {
+                writer.put_bytes(&bytes);
+                SCRATCH.set(bytes);
+                Ok(())
+            }
+            Err(error) => Err(error.to_string()),
+        }
     }
 
     fn read_value(reader: &mut StateReader<'_>) -> Result<Self, String> {

@@ -173,6 +173,11 @@ impl<K: Key, V: Clone + 'static> StateTable<K, V> {
         self.groups.iter().map(|group| group.len()).sum()
     }
 
+    /// Every key and its value, over all key groups.
+    pub fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
+        self.groups.iter().flat_map(|group| group.iter())
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -654,6 +659,12 @@ pub struct TimerService<K, N> {
     queue: BTreeMap<Timestamp, Vec<(K, N)>>,
     registered: HashSet<(K, N, Timestamp)>,
     deduplicate: bool,
+}
+
+/// The timers part of every key group when an operator derives its timers
+/// from its state instead of writing them (a count of 0 per key group).
+pub(crate) fn no_timers(group_count: usize) -> Vec<Vec<u8>> {
+    vec![0u32.to_le_bytes().to_vec(); group_count]
 }
 
 impl<K: Key, N: Hash + Eq + Clone> TimerService<K, N> {

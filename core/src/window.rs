@@ -30,7 +30,7 @@ use crate::key::Key;
 use crate::operator::{OperatorContext, Output, TaskHead};
 use crate::record::Record;
 use crate::snapshot::{CheckpointBarrier, StateReader, StateWriter, TaskSnapshot};
-use crate::state::{KeyedStateStore, TimerService, ValueCodec};
+use crate::state::{no_timers, KeyedStateStore, TimerService, ValueCodec};
 use crate::time::{Timestamp, MIN_WATERMARK, NO_TIMESTAMP};
 
 /// A window of event time `[start, end)`.
@@ -254,26 +254,48 @@ where
             "window-contents",
             window_contents_codec(accumulator),
         );
-        let mut timers = TimerService::new(false);
-        if let Some(restored) = context.take_restored() {
+        let restored = context.take_restored();
+        if let Some(restored) = &restored {
             store
-                .restore(&restored.key_groups, |_, reader| timers.restore_group(reader))
+                .restore(&restored.key_groups, |_, reader| {
+                    TimerService::<K, TimeWindow>::new(false).restore_group(reader)
+                })
                 .unwrap_or_else(|error| context.restore_failed(&error));
         }
-        WindowOperator {
+        let mut operator = WindowOperator {
             key_selector,
             assigner,
             allowed_lateness,
             aggregation,
             store,
             table,
-            timers,
             watermark: MIN_WATERMARK,
             scratch: Vec::new(),
             new_windows: Vec::new(),
             next,
             operator_name: context.operator_name.clone(),
             context: context.clone(),
+            timers: TimerService::new(false),
+        };
+        if restored.is_some() {
+            operator.register_restored_timers();
+        }
+        operator
+    }
+
+    /// Timers are not written into checkpoints: every window in state has
+    /// exactly the timers [`WindowOperator::register`] gives it, so a
+    /// restore registers them again. (The watermark starts over, so every
+    /// firing timer is registered.)
+    fn register_restored_timers(&mut self) {
+        let windows: Vec<(K, TimeWindow)> = self
+            .store
+            .table::<WindowContents<A>>(self.table)
+            .iter()
+            .flat_map(|(key, contents)| contents.iter().map(move |(window, _)| (key.clone(), *window)))
+            .collect();
+        for (key, window) in windows {
+            self.register(&key, &window);
         }
     }
 
@@ -501,10 +523,7 @@ where
         self.next.end_of_input();
     }
     fn snapshot(&mut self, barrier: &CheckpointBarrier, snapshot: &mut TaskSnapshot) {
-        let timers = self
-            .timers
-            .encode_by_group(&self.store)
-            .expect("encoding timers into memory");
+        let timers = no_timers(self.store.key_groups().count());
         snapshot.add(self.context.capture(Some(self.store.capture(timers)), Vec::new()));
         self.next.snapshot(barrier, snapshot);
     }
@@ -584,8 +603,16 @@ where
         let mut timers = TimerService::new(false);
         if let Some(restored) = context.take_restored() {
             store
-                .restore(&restored.key_groups, |_, reader| timers.restore_group(reader))
+                .restore(&restored.key_groups, |_, reader| {
+                    TimerService::<K, TimeWindow>::new(false).restore_group(reader)
+                })
                 .unwrap_or_else(|error| context.restore_failed(&error));
+            // As the window operator: every window in state has one timer.
+            for (key, contents) in store.table::<JoinContents<L, R>>(table).iter() {
+                for (window, _, _) in contents {
+                    timers.register(key, window, window.max_timestamp());
+                }
+            }
         }
         WindowJoinHead {
             left_key,
@@ -736,10 +763,7 @@ where
         self.next.end_of_input();
     }
     fn on_barrier(&mut self, barrier: &CheckpointBarrier, snapshot: &mut TaskSnapshot) {
-        let timers = self
-            .timers
-            .encode_by_group(&self.store)
-            .expect("encoding timers into memory");
+        let timers = no_timers(self.store.key_groups().count());
         snapshot.add(self.context.capture(Some(self.store.capture(timers)), Vec::new()));
         self.next.snapshot(barrier, snapshot);
     }

@@ -6,21 +6,27 @@
 //! - [`taskmanager`]: the TaskManager: its slots are glommio executors
 //!   pinned one per core; it deploys subtasks into them and wires their
 //!   channels.
-//! - [`task`]: the task loop that drives a subtask's operators.
+//! - [`task`]: the task loop that drives a subtask's operators, barrier
+//!   alignment and the snapshot's asynchronous phase.
+//! - [`coordinator`]: the checkpoint coordinator of a JobMaster;
+//!   [`restart`]: restart strategies. Both plain structs without I/O.
 //! - [`local`]: the local mini-cluster, a JobManager and a TaskManager in one
 //!   process, as Flink's MiniCluster.
 //!
 //! JobManager and TaskManager only talk through the messages of
 //! [`messages`], so that the standalone cluster changes the transport, not
-//! the protocol. Depends on strom-core (jobs), strom-net (channels) and, for
-//! checkpoints later, strom-state.
+//! the protocol. Depends on strom-core (jobs), strom-net (channels) and
+//! strom-state (checkpoint files), and is the one crate that wires them.
 #![forbid(unsafe_code)]
 
+pub mod coordinator;
 pub mod jobmanager;
 pub mod local;
 pub mod messages;
+pub mod rest;
+pub mod restart;
 pub mod task;
 pub mod taskmanager;
 
-pub use local::{LocalCluster, LocalClusterConfig};
-pub use messages::{JobId, JobResult};
+pub use local::{JobManagerHandle, LocalCluster, LocalClusterConfig};
+pub use messages::{JobEvent, JobId, JobResult};

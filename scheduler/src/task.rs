@@ -11,15 +11,28 @@
 //!    channel is full (backpressure); when no input is ready, partial
 //!    buffers are flushed first (adaptive flushing), and a busy task flushes
 //!    them at least every `BUFFER_TIMEOUT`;
-//! 4. once every input has ended (or the source has finished) the final
+//! 4. checkpoints: a source task takes the barrier the coordinator sends
+//!    through its mailbox between two polls; an input task that reads
+//!    barrier `n` on a channel stops reading that channel until every input
+//!    channel that has not ended has delivered `n` (alignment, for
+//!    exactly-once), then snapshots. Either way the snapshot's synchronous
+//!    phase (capture, barrier forwarded downstream) runs between two
+//!    records, and its asynchronous phase (serialize, write the file
+//!    durably, acknowledge) runs beside the task on the same slot, yielding
+//!    between key groups, with the file written on a blocking thread. A
+//!    newer barrier during alignment abandons the older checkpoint;
+//! 5. once every input has ended (or the source has finished) the final
 //!    watermark and end-of-input go downstream and the task reports its
 //!    accumulators;
-//! 5. a panic in user code fails the task with the operator's name; a closed
+//! 6. a panic in user code fails the task with the operator's name; a closed
 //!    channel means the job was cancelled, and the task just stops.
 
+use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
+use std::rc::Rc;
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -31,12 +44,15 @@ use strom_core::error::TaskError;
 use strom_core::graph::{TaskInstance, TaskSetup};
 use strom_core::operator::{OutputQueue, SourceHead, TaskHead};
 use strom_core::record::StreamElement;
+use strom_core::snapshot::{CheckpointBarrier, TaskRestore, TaskSnapshot};
 use strom_core::source::SourceStatus;
 use strom_core::time::{ValveOutput, WatermarkValve};
 use strom_core::JobGraph;
 use strom_net::channel::{
     ChannelReceiver, ChannelSender, ConnectedChannelReceiver, ConnectedChannelSender,
 };
+
+use strom_state::OperatorSubtaskState;
 
 use crate::messages::{JobId, ToJobManager, ToTaskManager};
 
@@ -48,11 +64,27 @@ const BUFFER_TIMEOUT: Duration = Duration::from_millis(100);
 /// How long a source with nothing available waits before polling again.
 const SOURCE_IDLE_POLL_INTERVAL: Duration = Duration::from_millis(1);
 
+/// What the TaskManager tells a running task.
+#[derive(Debug)]
+pub enum TaskCommand {
+    /// Inject this barrier (source tasks only).
+    TriggerCheckpoint(CheckpointBarrier),
+    /// Every task's state of the checkpoint is durable.
+    CheckpointComplete(u64),
+}
+
+/// A task's commands, filled by its slot and read by the task between
+/// records. Both live on the slot's thread.
+pub type TaskMailbox = Rc<RefCell<VecDeque<TaskCommand>>>;
+
 /// One subtask to run, with its channels.
 pub struct TaskDeployment {
     pub job: JobId,
+    pub attempt: u32,
     pub vertex: usize,
     pub subtask: u32,
+    /// The state its operators start from.
+    pub restore: TaskRestore,
     /// Input channels with the logical input (0, or 1 for a second input).
     pub inputs: Vec<(ChannelReceiver, usize)>,
     /// Output channels, in the order the task's writers index them.
@@ -68,10 +100,23 @@ enum Stop {
 
 struct TaskRun<'a> {
     graph: &'a JobGraph,
+    job: JobId,
+    attempt: u32,
     vertex: usize,
     subtask: u32,
     setup: TaskSetup,
     outputs: Vec<ConnectedChannelSender>,
+    mailbox: TaskMailbox,
+    reports: Sender<ToTaskManager>,
+}
+
+/// Barrier alignment of an input task (see the module's protocol, step 4).
+struct Alignment {
+    barrier: CheckpointBarrier,
+    started: Instant,
+    /// Channels that delivered the barrier and are not read until the
+    /// snapshot.
+    blocked: Vec<bool>,
 }
 
 impl TaskRun<'_> {
@@ -122,6 +167,21 @@ impl TaskRun<'_> {
         let queue = self.setup.queue.clone();
         let mut last_flush = Instant::now();
         loop {
+            loop {
+                let command = self.mailbox.borrow_mut().pop_front();
+                match command {
+                    None => break,
+                    Some(TaskCommand::TriggerCheckpoint(barrier)) => {
+                        let started = Instant::now();
+                        let mut snapshot = TaskSnapshot::default();
+                        self.guarded(|| head.snapshot(&barrier, &mut snapshot))?;
+                        self.persist(barrier, snapshot, started.elapsed());
+                    }
+                    Some(TaskCommand::CheckpointComplete(id)) => {
+                        self.guarded(|| head.checkpoint_complete(id))?;
+                    }
+                }
+            }
             let status = self.guarded(|| head.poll(SOURCE_POLL_BUDGET_RECORDS))?;
             if last_flush.elapsed() >= BUFFER_TIMEOUT {
                 self.guarded(|| head.flush())?;
@@ -150,13 +210,17 @@ impl TaskRun<'_> {
         let queue = self.setup.queue.clone();
         let mut valve = WatermarkValve::new(inputs.len());
         let mut ended = vec![false; inputs.len()];
+        // Ended, or blocked by alignment: not read now.
+        let mut skipped = vec![false; inputs.len()];
         let mut ended_count = 0;
         let mut next_channel = 0;
         let mut last_flush = Instant::now();
+        let mut alignment: Option<Alignment> = None;
         while ended_count < inputs.len() {
+            self.take_commands(&mut *head)?;
             let ready = poll_once(NextElement {
                 inputs: &mut inputs,
-                ended: &ended,
+                skipped: &skipped,
                 start: next_channel,
             })
             .await;
@@ -169,7 +233,7 @@ impl TaskRun<'_> {
                     self.drain(&queue).await?;
                     NextElement {
                         inputs: &mut inputs,
-                        ended: &ended,
+                        skipped: &skipped,
                         start: next_channel,
                     }
                     .await
@@ -202,7 +266,37 @@ impl TaskRun<'_> {
                 }
                 StreamElement::EndOfInput => {
                     ended[channel] = true;
+                    skipped[channel] = true;
                     ended_count += 1;
+                    self.try_complete_alignment(&mut *head, &mut alignment, &ended, &mut skipped)?;
+                }
+                StreamElement::Barrier(barrier) => {
+                    let newer = alignment.as_ref().is_none_or(|current| {
+                        barrier.checkpoint_id > current.barrier.checkpoint_id
+                    });
+                    if let Some(current) = alignment.as_ref().filter(|_| newer) {
+                        // A newer checkpoint overtook the one being aligned:
+                        // that one can no longer complete.
+                        self.decline(
+                            current.barrier.checkpoint_id,
+                            "a newer barrier arrived during alignment".to_string(),
+                        );
+                        alignment = None;
+                        skipped.copy_from_slice(&ended);
+                    }
+                    if newer {
+                        alignment = Some(Alignment {
+                            barrier,
+                            started: Instant::now(),
+                            blocked: vec![false; inputs.len()],
+                        });
+                    }
+                    // An older barrier is one of an abandoned checkpoint.
+                    if let Some(current) = alignment.as_mut() {
+                        current.blocked[channel] = true;
+                        skipped[channel] = true;
+                    }
+                    self.try_complete_alignment(&mut *head, &mut alignment, &ended, &mut skipped)?;
                 }
             }
             if last_flush.elapsed() >= BUFFER_TIMEOUT {
@@ -214,6 +308,118 @@ impl TaskRun<'_> {
         }
         self.guarded(|| head.end_of_input())?;
         self.drain(&queue).await
+    }
+
+    /// Snapshots once every channel that has not ended delivered the
+    /// barrier, and reads all channels again.
+    fn try_complete_alignment(
+        &self,
+        head: &mut dyn TaskHead,
+        alignment: &mut Option<Alignment>,
+        ended: &[bool],
+        skipped: &mut [bool],
+    ) -> Result<(), Stop> {
+        let Some(current) = alignment.as_ref() else {
+            return Ok(());
+        };
+        let aligned = (0..ended.len()).all(|channel| ended[channel] || current.blocked[channel]);
+        if !aligned {
+            return Ok(());
+        }
+        let current = alignment.take().expect("an alignment");
+        let started = Instant::now();
+        let mut snapshot = TaskSnapshot::default();
+        self.guarded(|| head.on_barrier(&current.barrier, &mut snapshot))?;
+        let _alignment_duration = started.duration_since(current.started);
+        self.persist(current.barrier, snapshot, started.elapsed());
+        skipped.copy_from_slice(ended);
+        Ok(())
+    }
+
+    /// Runs the commands the slot left in the mailbox.
+    fn take_commands(&self, head: &mut dyn TaskHead) -> Result<(), Stop> {
+        loop {
+            let command = self.mailbox.borrow_mut().pop_front();
+            match command {
+                None => return Ok(()),
+                // Barriers reach input tasks through their channels.
+                Some(TaskCommand::TriggerCheckpoint(_)) => {}
+                Some(TaskCommand::CheckpointComplete(id)) => {
+                    self.guarded(|| head.checkpoint_complete(id))?;
+                }
+            }
+        }
+    }
+
+    /// The asynchronous phase of a snapshot: serializes the captures one
+    /// key group at a time, writes the task's state file durably on a
+    /// blocking thread, and acknowledges (or declines) to the JobMaster.
+    fn persist(&self, barrier: CheckpointBarrier, snapshot: TaskSnapshot, pause: Duration) {
+        let (job, attempt, vertex, subtask) = (self.job, self.attempt, self.vertex, self.subtask);
+        let reports = self.reports.clone();
+        let checkpoint_id = barrier.checkpoint_id;
+        glommio::spawn_local(async move {
+            let written = async {
+                let mut serialized = snapshot.empty_snapshots();
+                for item in snapshot.work_items() {
+                    snapshot.serialize_item(item, &mut serialized)?;
+                    glommio::yield_if_needed().await;
+                }
+                // Releases the key groups shared with the operators.
+                drop(snapshot);
+                let states: Vec<OperatorSubtaskState> = serialized
+                    .into_iter()
+                    .map(|operator| OperatorSubtaskState {
+                        operator_id: operator.operator_id,
+                        operator_name: operator.operator_name,
+                        subtask_index: operator.subtask_index,
+                        parallelism: operator.parallelism,
+                        max_parallelism: operator.max_parallelism,
+                        key_groups: operator.key_groups,
+                        operator_state: operator.operator_state,
+                    })
+                    .collect();
+                let directory = barrier.target.clone();
+                let file_name = format!("task-{vertex}-{subtask}.state");
+                glommio::executor()
+                    .spawn_blocking(move || {
+                        strom_state::write_task_state(&directory, &file_name, &states)
+                            .map_err(|error| error.to_string())
+                    })
+                    .await
+            }
+            .await;
+            let report = match written {
+                Ok(handle) => ToJobManager::AcknowledgeCheckpoint {
+                    job,
+                    attempt,
+                    vertex,
+                    subtask,
+                    checkpoint_id,
+                    handle,
+                    pause,
+                },
+                Err(reason) => ToJobManager::DeclineCheckpoint {
+                    job,
+                    attempt,
+                    checkpoint_id,
+                    reason: format!("subtask {subtask} of vertex {vertex}: {reason}"),
+                },
+            };
+            let _ = reports.send(ToTaskManager::Report(report));
+        })
+        .detach();
+    }
+
+    fn decline(&self, checkpoint_id: u64, reason: String) {
+        let _ = self
+            .reports
+            .send(ToTaskManager::Report(ToJobManager::DeclineCheckpoint {
+                job: self.job,
+                attempt: self.attempt,
+                checkpoint_id,
+                reason,
+            }));
     }
 
     fn apply(&self, head: &mut dyn TaskHead, output: ValveOutput) -> Result<(), Stop> {
@@ -236,12 +442,13 @@ impl TaskRun<'_> {
     }
 }
 
-/// The next element of any input channel that has not ended, starting the
-/// search at `start` so that no channel starves. `None` as the element:
-/// the channel closed before its end-of-input.
+/// The next element of any input channel that is not skipped (ended, or
+/// blocked by alignment), starting the search at `start` so that no channel
+/// starves. `None` as the element: the channel closed before its
+/// end-of-input.
 struct NextElement<'a> {
     inputs: &'a mut [(ConnectedChannelReceiver, usize)],
-    ended: &'a [bool],
+    skipped: &'a [bool],
     start: usize,
 }
 
@@ -253,7 +460,7 @@ impl Future for NextElement<'_> {
         let start = self.start;
         for offset in 0..count {
             let channel = (start + offset) % count;
-            if self.ended[channel] {
+            if self.skipped[channel] {
                 continue;
             }
             if let Poll::Ready(element) = Pin::new(&mut self.inputs[channel].0).poll_next(context) {
@@ -294,11 +501,13 @@ async fn connect(
 }
 
 /// Runs one subtask to its end and reports how it ended.
-pub async fn run_task(graph: Arc<JobGraph>, deployment: TaskDeployment) {
+pub async fn run_task(graph: Arc<JobGraph>, deployment: TaskDeployment, mailbox: TaskMailbox) {
     let TaskDeployment {
         job,
+        attempt,
         vertex,
         subtask,
+        restore,
         inputs,
         outputs,
         reports,
@@ -306,10 +515,14 @@ pub async fn run_task(graph: Arc<JobGraph>, deployment: TaskDeployment) {
     let (inputs, outputs) = connect(inputs, outputs).await;
     let run = TaskRun {
         graph: &graph,
+        job,
+        attempt,
         vertex,
         subtask,
-        setup: TaskSetup::new(),
+        setup: TaskSetup::new(restore),
         outputs,
+        mailbox,
+        reports: reports.clone(),
     };
     let result = match run.guarded(|| graph.instantiate(vertex, subtask, &run.setup)) {
         Err(stop) => Err(stop),
@@ -319,12 +532,14 @@ pub async fn run_task(graph: Arc<JobGraph>, deployment: TaskDeployment) {
     let report = match result {
         Ok(()) => ToJobManager::TaskFinished {
             job,
+            attempt,
             vertex,
             subtask,
             accumulators: run.setup.accumulators.borrow().clone(),
         },
         Err(Stop::Failed(error)) => ToJobManager::TaskFailed {
             job,
+            attempt,
             vertex,
             subtask,
             error: error.to_string(),

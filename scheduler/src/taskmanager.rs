@@ -6,12 +6,16 @@ use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::path::Path;
+
 use glommio::{LocalExecutorBuilder, Placement};
+use strom_core::key::KeyGroupRange;
+use strom_core::snapshot::{CheckpointBarrier, OperatorRestore, TaskRestore};
 use strom_core::{JobGraph, Program};
 use strom_net::channel::{channel, ChannelReceiver, ChannelSender};
 
 use crate::messages::{JobId, ToJobManager, ToTaskManager};
-use crate::task::{run_task, TaskDeployment};
+use crate::task::{run_task, TaskCommand, TaskDeployment, TaskMailbox};
 
 /// How often an idle slot looks for commands. Commands (deploy, cancel) are
 /// rare, so a millisecond costs nothing and keeps slots free of locks.
@@ -31,8 +35,19 @@ const SLOT_START_TIMEOUT: Duration = Duration::from_secs(10);
 enum SlotCommand {
     Deploy {
         job: JobId,
+        attempt: u32,
         graph: Arc<JobGraph>,
         tasks: Vec<TaskDeployment>,
+    },
+    TriggerCheckpoint {
+        job: JobId,
+        attempt: u32,
+        barrier: CheckpointBarrier,
+    },
+    CheckpointComplete {
+        job: JobId,
+        attempt: u32,
+        checkpoint_id: u64,
     },
     Cancel {
         job: JobId,
@@ -144,16 +159,47 @@ impl TaskManager {
             match message {
                 ToTaskManager::DeployJob {
                     job,
+                    attempt,
                     program,
                     args,
                     slots,
+                    restore,
                 } => {
-                    if let Err(error) = self.deploy(job, &program, &args, &slots) {
+                    if let Err(error) =
+                        self.deploy(job, attempt, &program, &args, &slots, restore.as_deref())
+                    {
                         let _ = self.job_manager.send(ToJobManager::TaskFailed {
                             job,
+                            attempt,
                             vertex: 0,
                             subtask: 0,
                             error,
+                        });
+                    }
+                }
+                ToTaskManager::TriggerCheckpoint {
+                    job,
+                    attempt,
+                    barrier,
+                } => {
+                    for slot in &self.slots {
+                        let _ = slot.commands.send(SlotCommand::TriggerCheckpoint {
+                            job,
+                            attempt,
+                            barrier: barrier.clone(),
+                        });
+                    }
+                }
+                ToTaskManager::CheckpointComplete {
+                    job,
+                    attempt,
+                    checkpoint_id,
+                } => {
+                    for slot in &self.slots {
+                        let _ = slot.commands.send(SlotCommand::CheckpointComplete {
+                            job,
+                            attempt,
+                            checkpoint_id,
                         });
                     }
                 }
@@ -180,9 +226,11 @@ impl TaskManager {
     fn deploy(
         &self,
         job: JobId,
+        attempt: u32,
         program_name: &str,
         args: &strom_core::JobArgs,
         slots: &[Vec<u32>],
+        restore: Option<&Path>,
     ) -> Result<(), String> {
         let program = self
             .programs
@@ -207,6 +255,10 @@ impl TaskManager {
                 self.id
             ));
         }
+        let restored = restore
+            .map(|path| strom_state::read_checkpoint(path).map_err(|error| error.to_string()))
+            .transpose()?;
+        let operators = graph.operators();
         // One channel per (edge, producer, consumer) pair.
         let mut senders: HashMap<(usize, u32, u32), ChannelSender> = HashMap::new();
         let mut receivers: HashMap<(usize, u32, u32), ChannelReceiver> = HashMap::new();
@@ -252,10 +304,33 @@ impl TaskManager {
                         self.slots.len()
                     ));
                 }
+                let mut task_restore = TaskRestore::default();
+                if let Some(restored) = &restored {
+                    let key_groups =
+                        KeyGroupRange::for_subtask(graph.max_parallelism, vertex.parallelism, subtask);
+                    for (operator_id, _, operator_vertex) in &operators {
+                        if *operator_vertex != vertex.id || !restored.has_operator(operator_id) {
+                            continue;
+                        }
+                        task_restore.operators.insert(
+                            operator_id.clone(),
+                            OperatorRestore {
+                                key_groups: restored.keyed_state(operator_id, key_groups),
+                                operator_state: restored.operator_state(
+                                    operator_id,
+                                    subtask,
+                                    vertex.parallelism,
+                                ),
+                            },
+                        );
+                    }
+                }
                 per_slot[slot].push(TaskDeployment {
                     job,
+                    attempt,
                     vertex: vertex.id,
                     subtask,
+                    restore: task_restore,
                     inputs,
                     outputs,
                     reports: self.inbox_sender.clone(),
@@ -267,6 +342,7 @@ impl TaskManager {
                 slot.commands
                     .send(SlotCommand::Deploy {
                         job,
+                        attempt,
                         graph: graph.clone(),
                         tasks,
                     })
@@ -277,33 +353,90 @@ impl TaskManager {
     }
 }
 
+/// The tasks of one attempt of a job in a slot.
+struct SlotJob {
+    attempt: u32,
+    handles: Vec<glommio::task::JoinHandle<()>>,
+    /// Every task's mailbox, and whether it is a source task.
+    mailboxes: Vec<(bool, TaskMailbox)>,
+}
+
 /// The life of a slot: run the subtasks deployed into it; cancelling a job
 /// drops its subtasks, which closes their channels so that their peers in
 /// other slots stop too.
 async fn slot_main(commands: Receiver<SlotCommand>, ready: Sender<()>) {
     let _ = ready.send(());
-    let mut running: HashMap<JobId, Vec<glommio::task::JoinHandle<()>>> = HashMap::new();
+    let mut running: HashMap<JobId, SlotJob> = HashMap::new();
     loop {
         match commands.try_recv() {
-            Ok(SlotCommand::Deploy { job, graph, tasks }) => {
-                let handles = tasks
-                    .into_iter()
-                    .map(|deployment| {
-                        glommio::spawn_local(run_task(graph.clone(), deployment)).detach()
-                    })
-                    .collect::<Vec<_>>();
-                running.entry(job).or_default().extend(handles);
+            Ok(SlotCommand::Deploy {
+                job,
+                attempt,
+                graph,
+                tasks,
+            }) => {
+                let slot_job = running.entry(job).or_insert_with(|| SlotJob {
+                    attempt,
+                    handles: Vec::new(),
+                    mailboxes: Vec::new(),
+                });
+                if slot_job.attempt != attempt {
+                    // What is left of an older attempt goes first.
+                    for handle in slot_job.handles.drain(..) {
+                        handle.cancel();
+                    }
+                    slot_job.mailboxes.clear();
+                    slot_job.attempt = attempt;
+                }
+                for deployment in tasks {
+                    let mailbox = TaskMailbox::default();
+                    let is_source = graph.vertices[deployment.vertex].is_source;
+                    slot_job.mailboxes.push((is_source, mailbox.clone()));
+                    slot_job.handles.push(
+                        glommio::spawn_local(run_task(graph.clone(), deployment, mailbox)).detach(),
+                    );
+                }
+            }
+            Ok(SlotCommand::TriggerCheckpoint {
+                job,
+                attempt,
+                barrier,
+            }) => {
+                if let Some(slot_job) = running.get(&job).filter(|slot_job| slot_job.attempt == attempt) {
+                    for (_, mailbox) in slot_job.mailboxes.iter().filter(|(is_source, _)| *is_source) {
+                        mailbox
+                            .borrow_mut()
+                            .push_back(TaskCommand::TriggerCheckpoint(barrier.clone()));
+                    }
+                }
+            }
+            Ok(SlotCommand::CheckpointComplete {
+                job,
+                attempt,
+                checkpoint_id,
+            }) => {
+                if let Some(slot_job) = running.get(&job).filter(|slot_job| slot_job.attempt == attempt) {
+                    for (_, mailbox) in &slot_job.mailboxes {
+                        mailbox
+                            .borrow_mut()
+                            .push_back(TaskCommand::CheckpointComplete(checkpoint_id));
+                    }
+                }
             }
             Ok(SlotCommand::Cancel { job }) => {
                 // Cancelling a finished task does nothing, so the JobManager
                 // sends this for every job that ends, to release the handles.
-                for handle in running.remove(&job).unwrap_or_default() {
-                    handle.cancel();
+                if let Some(slot_job) = running.remove(&job) {
+                    for handle in slot_job.handles {
+                        handle.cancel();
+                    }
                 }
             }
             Ok(SlotCommand::Shutdown) | Err(TryRecvError::Disconnected) => {
-                for handle in running.into_values().flatten() {
-                    handle.cancel();
+                for slot_job in running.into_values() {
+                    for handle in slot_job.handles {
+                        handle.cancel();
+                    }
                 }
                 return;
             }

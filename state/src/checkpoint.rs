@@ -218,7 +218,11 @@ pub fn write_task_state(
             operator.parallelism,
             operator.max_parallelism
         );
-        let mut key_groups: Vec<u32> = operator.key_groups.iter().map(|(group, _)| *group).collect();
+        let mut key_groups: Vec<u32> = operator
+            .key_groups
+            .iter()
+            .map(|(group, _)| *group)
+            .collect();
         key_groups.sort_unstable();
         assert!(
             key_groups.windows(2).all(|pair| pair[0] < pair[1]),
@@ -226,7 +230,9 @@ pub fn write_task_state(
             operator.operator_id
         );
         assert!(
-            key_groups.last().is_none_or(|group| *group < operator.max_parallelism),
+            key_groups
+                .last()
+                .is_none_or(|group| *group < operator.max_parallelism),
             "operator '{}' hands over a key group beyond max parallelism {}",
             operator.operator_id,
             operator.max_parallelism
@@ -320,9 +326,15 @@ pub fn write_task_state(
 ///
 /// Fails without writing if the metadata does not describe a restorable
 /// checkpoint, or a state file it names is missing or has another size.
-pub fn write_metadata(checkpoint_dir: &Path, metadata: &CheckpointMetadata) -> Result<(), StateError> {
+pub fn write_metadata(
+    checkpoint_dir: &Path,
+    metadata: &CheckpointMetadata,
+) -> Result<(), StateError> {
     let metadata_path = checkpoint_dir.join(METADATA_FILE_NAME);
-    if let Some(problem) = validate_metadata(&metadata_path, metadata).into_iter().next() {
+    if let Some(problem) = validate_metadata(&metadata_path, metadata)
+        .into_iter()
+        .next()
+    {
         return Err(problem);
     }
     for task in &metadata.tasks {
@@ -345,7 +357,10 @@ pub fn write_metadata(checkpoint_dir: &Path, metadata: &CheckpointMetadata) -> R
     // Check before writing: the file must decode to what we were given.
     let decoded = decode_metadata(&metadata_path, &bytes)
         .unwrap_or_else(|problem| panic!("encoded metadata fails its own verification: {problem}"));
-    assert_eq!(&decoded, metadata, "encoded metadata decodes to something else");
+    assert_eq!(
+        &decoded, metadata,
+        "encoded metadata decodes to something else"
+    );
     write_file_atomically(checkpoint_dir, METADATA_FILE_NAME, &bytes)
 }
 
@@ -398,6 +413,14 @@ impl RestoredCheckpoint {
         &self.operators
     }
 
+    /// Whether the snapshot holds state of `operator_id`. An operator it does
+    /// not hold starts empty; one it holds that the new job lacks is state
+    /// that would be dropped, which the caller decides about.
+    pub fn has_operator(&self, operator_id: &str) -> bool {
+        self.operator(operator_id).is_some()
+    }
+
+    /// The state of `operator_id`, if the snapshot holds any.
     pub fn operator(&self, operator_id: &str) -> Option<&RestoredOperator> {
         self.operators
             .iter()
@@ -430,7 +453,12 @@ impl RestoredCheckpoint {
     /// numbered `j = 0, 1, ...` and element `j` goes to new subtask
     /// `j % new_parallelism` (Flink's round-robin list state
     /// redistribution). Empty for an unknown operator.
-    pub fn operator_state(&self, operator_id: &str, new_subtask: u32, new_parallelism: u32) -> Vec<Vec<u8>> {
+    pub fn operator_state(
+        &self,
+        operator_id: &str,
+        new_subtask: u32,
+        new_parallelism: u32,
+    ) -> Vec<Vec<u8>> {
         assert!(
             new_subtask < new_parallelism,
             "subtask {new_subtask} of parallelism {new_parallelism}"
@@ -443,7 +471,9 @@ impl RestoredCheckpoint {
             .iter()
             .flat_map(|subtask| subtask.operator_state.iter())
             .enumerate()
-            .filter(|(element, _)| *element as u64 % u64::from(new_parallelism) == u64::from(new_subtask))
+            .filter(|(element, _)| {
+                *element as u64 % u64::from(new_parallelism) == u64::from(new_subtask)
+            })
             .map(|(_, blob)| blob.clone())
             .collect()
     }
@@ -459,7 +489,10 @@ impl RestoredCheckpoint {
 pub fn read_checkpoint(path: &Path) -> Result<RestoredCheckpoint, StateError> {
     let (directory, metadata_path) = resolve_checkpoint_path(path)?;
     let (metadata, metadata_size) = read_metadata(&metadata_path)?;
-    if let Some(problem) = validate_metadata(&metadata_path, &metadata).into_iter().next() {
+    if let Some(problem) = validate_metadata(&metadata_path, &metadata)
+        .into_iter()
+        .next()
+    {
         return Err(problem);
     }
 
@@ -512,7 +545,9 @@ pub fn read_checkpoint(path: &Path) -> Result<RestoredCheckpoint, StateError> {
         assert!(blocks.next().is_none());
     }
     for operator in &mut operators {
-        operator.subtasks.sort_unstable_by_key(|subtask| subtask.subtask_index);
+        operator
+            .subtasks
+            .sort_unstable_by_key(|subtask| subtask.subtask_index);
         // Validation guarantees every subtask exactly once.
         assert!(operator
             .subtasks
@@ -536,15 +571,27 @@ pub(crate) fn resolve_checkpoint_path(path: &Path) -> Result<(PathBuf, PathBuf),
     let parent = match path.parent() {
         Some(parent) if parent.as_os_str().is_empty() => Path::new("."),
         Some(parent) => parent,
-        None => return Err(StateError::NoCheckpoint { path: path.to_path_buf() }),
+        None => {
+            return Err(StateError::NoCheckpoint {
+                path: path.to_path_buf(),
+            })
+        }
     };
     if path.is_file() {
         return Ok((parent.to_path_buf(), path.to_path_buf()));
     }
-    if path.file_name().is_some_and(|name| name == METADATA_FILE_NAME) && parent.is_dir() {
-        return Err(StateError::MissingMetadata { path: path.to_path_buf() });
+    if path
+        .file_name()
+        .is_some_and(|name| name == METADATA_FILE_NAME)
+        && parent.is_dir()
+    {
+        return Err(StateError::MissingMetadata {
+            path: path.to_path_buf(),
+        });
     }
-    Err(StateError::NoCheckpoint { path: path.to_path_buf() })
+    Err(StateError::NoCheckpoint {
+        path: path.to_path_buf(),
+    })
 }
 
 /// Reads, checks and decodes a metadata file; returns it and its size.
@@ -571,7 +618,10 @@ fn decode_metadata(metadata_path: &Path, bytes: &[u8]) -> Result<CheckpointMetad
 }
 
 /// Every way `metadata` fails to describe a restorable checkpoint.
-pub(crate) fn validate_metadata(metadata_path: &Path, metadata: &CheckpointMetadata) -> Vec<StateError> {
+pub(crate) fn validate_metadata(
+    metadata_path: &Path,
+    metadata: &CheckpointMetadata,
+) -> Vec<StateError> {
     struct OperatorSeen<'a> {
         operator_id: &'a str,
         parallelism: u32,
@@ -597,7 +647,10 @@ pub(crate) fn validate_metadata(metadata_path: &Path, metadata: &CheckpointMetad
         }
         for (position, operator) in task.operators.iter().enumerate() {
             let id = operator.operator_id.as_str();
-            if task.operators[..position].iter().any(|other| other.operator_id == id) {
+            if task.operators[..position]
+                .iter()
+                .any(|other| other.operator_id == id)
+            {
                 problem(format!("operator '{id}' appears twice in '{file}'"));
                 continue;
             }
@@ -634,7 +687,9 @@ pub(crate) fn validate_metadata(metadata_path: &Path, metadata: &CheckpointMetad
                     seen.last_mut().expect("just pushed")
                 }
             };
-            if (entry.parallelism, entry.max_parallelism) != (operator.parallelism, operator.max_parallelism) {
+            if (entry.parallelism, entry.max_parallelism)
+                != (operator.parallelism, operator.max_parallelism)
+            {
                 problem(format!(
                     "operator '{id}' has parallelism {} and max parallelism {} in '{file}', but \
                      {} and {} elsewhere",
@@ -782,14 +837,21 @@ fn file_crc_problem(path: &Path, bytes: &[u8], handle: &TaskStateHandle) -> Opti
 }
 
 /// Checks that the file's blocks are exactly the handle's, in order.
-fn match_handle(path: &Path, blocks: &[ParsedBlock], handle: &TaskStateHandle) -> Option<StateError> {
+fn match_handle(
+    path: &Path,
+    blocks: &[ParsedBlock],
+    handle: &TaskStateHandle,
+) -> Option<StateError> {
     let names = operator_names(handle);
     let expected: Vec<(BlockHeader, u64)> = handle
         .operators
         .iter()
         .enumerate()
         .flat_map(|(operator_index, operator)| {
-            let keyed = operator.key_groups.iter().map(move |block| (BlockKind::KeyGroup, block));
+            let keyed = operator
+                .key_groups
+                .iter()
+                .map(move |block| (BlockKind::KeyGroup, block));
             let elements = operator
                 .operator_state
                 .iter()
@@ -835,4 +897,384 @@ fn match_handle(path: &Path, blocks: &[ParsedBlock], handle: &TaskStateHandle) -
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::*;
+    use std::fs::OpenOptions;
+
+    fn flip_bit(path: &Path, offset: u64) {
+        let mut bytes = fs::read(path).unwrap();
+        bytes[offset as usize] ^= 0x10;
+        fs::write(path, bytes).unwrap();
+    }
+
+    fn truncate(path: &Path, length: u64) {
+        OpenOptions::new()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_len(length)
+            .unwrap();
+    }
+
+    /// Reads `dir`, expecting an error whose message names `file`; returns it.
+    fn read_error(dir: &Path, file: &str) -> StateError {
+        let error = read_checkpoint(dir).expect_err("the damage must be detected");
+        let message = error.to_string();
+        assert!(
+            message.contains(&dir.join(file).display().to_string()),
+            "'{message}' does not name {file}"
+        );
+        error
+    }
+
+    #[test]
+    fn a_checkpoint_reads_back_as_written() {
+        let dir = TempDir::new("round-trip");
+        let written = write_sample_checkpoint(dir.path(), 7, 2, SnapshotKind::Checkpoint);
+        // Through the directory and through the metadata file alike.
+        for path in [
+            dir.path().to_path_buf(),
+            dir.path().join(METADATA_FILE_NAME),
+        ] {
+            let restored = read_checkpoint(&path).unwrap();
+            assert_eq!(restored.metadata(), &written);
+            assert_eq!(restored.path(), dir.path());
+            let ids: Vec<&str> = restored
+                .operators()
+                .iter()
+                .map(|o| o.operator_id.as_str())
+                .collect();
+            assert_eq!(ids, [SOURCE_ID, WINDOW_ID]);
+            for subtask in 0..2 {
+                let expected = sample_task_operators(subtask, 2);
+                for (operator, expected) in restored.operators().iter().zip(&expected) {
+                    assert_eq!(operator.parallelism, 2);
+                    assert_eq!(operator.max_parallelism, MAX_PARALLELISM);
+                    let state = &operator.subtasks[subtask as usize];
+                    assert_eq!(state.file_name, sample_file_name(subtask));
+                    assert_eq!(state.key_groups, expected.key_groups);
+                    assert_eq!(state.operator_state, expected.operator_state);
+                }
+            }
+            let on_disk: u64 = fs::read_dir(dir.path())
+                .unwrap()
+                .map(|entry| entry.unwrap().metadata().unwrap().len())
+                .sum();
+            assert_eq!(restored.total_size_bytes(), on_disk);
+        }
+        // No temporary file is left behind.
+        let mut names: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["_metadata", "task-0.state", "task-1.state"]);
+    }
+
+    #[test]
+    fn keyed_state_is_restored_exactly_once_at_another_parallelism() {
+        for (old, new) in [(2, 3), (3, 1), (2, 2)] {
+            let dir = TempDir::new("rescale");
+            write_sample_checkpoint(dir.path(), 1, old, SnapshotKind::Savepoint);
+            let restored = read_checkpoint(dir.path()).unwrap();
+            let mut seen = vec![0u32; MAX_PARALLELISM as usize];
+            for subtask in 0..new {
+                let range = KeyGroupRange::for_subtask(MAX_PARALLELISM, new, subtask);
+                for (group, blob) in restored.keyed_state(WINDOW_ID, range) {
+                    assert!(range.contains(group));
+                    assert_eq!(Some(blob), sample_key_group_blob(group));
+                    seen[group as usize] += 1;
+                }
+            }
+            for group in 0..MAX_PARALLELISM {
+                let expected = u32::from(sample_key_group_blob(group).is_some());
+                assert_eq!(
+                    seen[group as usize], expected,
+                    "{old}->{new}: key group {group}"
+                );
+            }
+            // The source has no keyed state, an unknown operator has nothing.
+            let all = KeyGroupRange {
+                start: 0,
+                end: MAX_PARALLELISM,
+            };
+            assert!(restored.keyed_state(SOURCE_ID, all).is_empty());
+            assert!(restored.keyed_state("9:new operator", all).is_empty());
+        }
+    }
+
+    #[test]
+    fn operator_state_is_redistributed_round_robin() {
+        let dir = TempDir::new("round-robin");
+        write_sample_checkpoint(dir.path(), 1, 2, SnapshotKind::Checkpoint);
+        let restored = read_checkpoint(dir.path()).unwrap();
+        let element = |text: &str| text.as_bytes().to_vec();
+        // Old subtask 0 held splits 0.0, 0.1; old subtask 1 held 1.0, 1.1, 1.2.
+        assert_eq!(
+            restored.operator_state(SOURCE_ID, 0, 3),
+            [element("split 0.0"), element("split 1.1")]
+        );
+        assert_eq!(
+            restored.operator_state(SOURCE_ID, 1, 3),
+            [element("split 0.1"), element("split 1.2")]
+        );
+        assert_eq!(
+            restored.operator_state(SOURCE_ID, 2, 3),
+            [element("split 1.0")]
+        );
+        let mut all = sample_source_elements(0);
+        all.extend(sample_source_elements(1));
+        assert_eq!(restored.operator_state(SOURCE_ID, 0, 1), all);
+        assert!(restored.operator_state(WINDOW_ID, 0, 1).is_empty());
+    }
+
+    #[test]
+    fn a_flipped_bit_in_a_payload_is_named() {
+        let dir = TempDir::new("flip-payload");
+        let metadata = write_sample_checkpoint(dir.path(), 3, 2, SnapshotKind::Checkpoint);
+        let block = &metadata.tasks[1].operators[1].key_groups[4];
+        flip_bit(&dir.path().join("task-1.state"), block.offset + 24 + 3);
+        let message = read_error(dir.path(), "task-1.state").to_string();
+        assert!(
+            message.contains(&format!(
+                "(key group {} of operator '{WINDOW_ID}') fails its checksum",
+                block.index
+            )),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_flipped_bit_in_a_block_header_is_named() {
+        let dir = TempDir::new("flip-header");
+        let metadata = write_sample_checkpoint(dir.path(), 3, 2, SnapshotKind::Checkpoint);
+        // The length field: a reader trusting it would run off the block.
+        let block = &metadata.tasks[0].operators[1].key_groups[2];
+        flip_bit(&dir.path().join("task-0.state"), block.offset + 12);
+        let message = read_error(dir.path(), "task-0.state").to_string();
+        assert!(
+            message.contains("has a header that fails its checksum"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_truncated_state_file_is_named() {
+        let dir = TempDir::new("truncated");
+        let metadata = write_sample_checkpoint(dir.path(), 3, 2, SnapshotKind::Checkpoint);
+        let task = &metadata.tasks[0];
+        let path = dir.path().join(&task.file_name);
+        let block = &task.operators[1].key_groups[5];
+        // Mid-block, exactly at a block boundary, and just before the footer.
+        for length in [block.offset + 24 + 2, block.offset, task.file_size - 24] {
+            truncate(&path, length);
+            let error = read_error(dir.path(), &task.file_name);
+            assert!(
+                matches!(error, StateError::Truncated { size, expected, .. }
+                    if size == length && expected == task.file_size),
+                "{error}"
+            );
+            assert!(error.to_string().contains(&format!(
+                "is truncated: {length} bytes, the metadata records {}",
+                task.file_size
+            )));
+            // Without the metadata's size, the file's own structure shows it.
+            let bytes = fs::read(&path).unwrap();
+            let parsed = parse_state_file(&path, &bytes, &[]);
+            assert!(!parsed.structure_intact && !parsed.problems.is_empty());
+        }
+    }
+
+    #[test]
+    fn a_missing_state_file_is_named() {
+        let dir = TempDir::new("missing-file");
+        write_sample_checkpoint(dir.path(), 3, 2, SnapshotKind::Checkpoint);
+        fs::remove_file(dir.path().join("task-1.state")).unwrap();
+        let error = read_error(dir.path(), "task-1.state");
+        assert!(matches!(error, StateError::MissingFile { .. }), "{error}");
+        assert!(error.to_string().ends_with("is missing"));
+    }
+
+    #[test]
+    fn a_missing_metadata_file_means_an_incomplete_checkpoint() {
+        let dir = TempDir::new("missing-metadata");
+        write_sample_checkpoint(dir.path(), 3, 2, SnapshotKind::Checkpoint);
+        fs::remove_file(dir.path().join(METADATA_FILE_NAME)).unwrap();
+        for path in [
+            dir.path().to_path_buf(),
+            dir.path().join(METADATA_FILE_NAME),
+        ] {
+            let error = read_checkpoint(&path).unwrap_err();
+            assert!(
+                matches!(error, StateError::MissingMetadata { .. }),
+                "{error}"
+            );
+            assert_eq!(
+                error.to_string(),
+                format!(
+                    "no metadata file '{}': the checkpoint never completed, or this is not a \
+                     checkpoint directory",
+                    dir.path().join(METADATA_FILE_NAME).display()
+                )
+            );
+        }
+        let nowhere = dir.path().join("no such checkpoint");
+        assert!(matches!(
+            read_checkpoint(&nowhere),
+            Err(StateError::NoCheckpoint { .. })
+        ));
+    }
+
+    #[test]
+    fn a_flipped_bit_in_the_metadata_is_named() {
+        let dir = TempDir::new("flip-metadata");
+        write_sample_checkpoint(dir.path(), 3, 2, SnapshotKind::Checkpoint);
+        let path = dir.path().join(METADATA_FILE_NAME);
+        let size = fs::metadata(&path).unwrap().len();
+        // In the header and in the body.
+        for offset in [20, size / 2] {
+            flip_bit(&path, offset);
+            let error = read_error(dir.path(), METADATA_FILE_NAME);
+            assert!(matches!(error, StateError::Damaged { .. }), "{error}");
+            assert!(error.to_string().contains("fails its checksum"), "{error}");
+            flip_bit(&path, offset);
+        }
+        read_checkpoint(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn a_file_with_a_bad_magic_is_not_a_strom_file() {
+        let dir = TempDir::new("bad-magic");
+        write_sample_checkpoint(dir.path(), 3, 2, SnapshotKind::Checkpoint);
+        for file in ["task-0.state", METADATA_FILE_NAME] {
+            let path = dir.path().join(file);
+            let original = fs::read(&path).unwrap();
+            let mut bytes = original.clone();
+            bytes[..4].copy_from_slice(b"PK\x03\x04");
+            fs::write(&path, bytes).unwrap();
+            let error = read_error(dir.path(), file);
+            assert!(matches!(error, StateError::NotStromFile { .. }), "{error}");
+            assert!(error.to_string().contains("is not a Strom"), "{error}");
+            assert!(error.to_string().contains("b\"PK\\x03\\x04"), "{error}");
+            fs::write(&path, original).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_newer_format_version_is_refused_by_name() {
+        let dir = TempDir::new("newer");
+        write_sample_checkpoint(dir.path(), 3, 1, SnapshotKind::Checkpoint);
+        for file in ["task-0.state", METADATA_FILE_NAME] {
+            let path = dir.path().join(file);
+            let original = fs::read(&path).unwrap();
+            let mut bytes = original.clone();
+            bytes[8..12].copy_from_slice(&9u32.to_le_bytes());
+            fs::write(&path, bytes).unwrap();
+            let message = read_error(dir.path(), file).to_string();
+            assert!(
+                message.contains("format version 9, which is newer than this build reads (1)"),
+                "{message}"
+            );
+            fs::write(&path, original).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_state_file_from_another_checkpoint_is_refused() {
+        // Same structure, other content: only the recorded checksums tell.
+        let dir = TempDir::new("swapped");
+        let other = TempDir::new("swapped-other");
+        write_sample_checkpoint(dir.path(), 3, 2, SnapshotKind::Checkpoint);
+        let mut operators = sample_task_operators(0, 2);
+        operators[0].operator_state[0] = b"split 0.X".to_vec();
+        write_task_state(other.path(), "task-0.state", &operators).unwrap();
+        fs::copy(
+            other.path().join("task-0.state"),
+            dir.path().join("task-0.state"),
+        )
+        .unwrap();
+        let message = read_error(dir.path(), "task-0.state").to_string();
+        assert!(message.contains("the metadata records"), "{message}");
+    }
+
+    #[test]
+    fn metadata_that_misses_a_subtask_is_not_written() {
+        let dir = TempDir::new("incomplete");
+        let task =
+            write_task_state(dir.path(), "task-0.state", &sample_task_operators(0, 2)).unwrap();
+        let metadata = CheckpointMetadata {
+            job_name: "q5".to_string(),
+            checkpoint_id: 1,
+            kind: SnapshotKind::Checkpoint,
+            timestamp_ms: 0,
+            tasks: vec![task],
+        };
+        let error = write_metadata(dir.path(), &metadata).unwrap_err();
+        assert!(matches!(error, StateError::Inconsistent { .. }), "{error}");
+        assert!(
+            error.to_string().contains("no state for subtask(s) 1"),
+            "{error}"
+        );
+        assert!(!dir.path().join(METADATA_FILE_NAME).exists());
+    }
+
+    #[test]
+    fn metadata_whose_state_file_is_missing_is_not_written() {
+        let dir = TempDir::new("unwritten");
+        let task =
+            write_task_state(dir.path(), "task-0.state", &sample_task_operators(0, 1)).unwrap();
+        fs::remove_file(dir.path().join("task-0.state")).unwrap();
+        let metadata = CheckpointMetadata {
+            job_name: "q5".to_string(),
+            checkpoint_id: 1,
+            kind: SnapshotKind::Checkpoint,
+            timestamp_ms: 0,
+            tasks: vec![task],
+        };
+        let error = write_metadata(dir.path(), &metadata).unwrap_err();
+        assert!(matches!(error, StateError::MissingFile { .. }), "{error}");
+    }
+
+    #[test]
+    fn an_empty_task_and_empty_blobs_round_trip() {
+        let dir = TempDir::new("empty");
+        let operators = vec![OperatorSubtaskState {
+            operator_id: "2:map".to_string(),
+            operator_name: "map".to_string(),
+            subtask_index: 0,
+            parallelism: 1,
+            max_parallelism: 1,
+            key_groups: vec![(0, Vec::new())],
+            operator_state: vec![Vec::new()],
+        }];
+        let tasks = vec![
+            write_task_state(dir.path(), "a.state", &operators).unwrap(),
+            write_task_state(dir.path(), "b.state", &[]).unwrap(),
+        ];
+        let metadata = CheckpointMetadata {
+            job_name: "empty".to_string(),
+            checkpoint_id: 0,
+            kind: SnapshotKind::Checkpoint,
+            timestamp_ms: 0,
+            tasks,
+        };
+        write_metadata(dir.path(), &metadata).unwrap();
+        let restored = read_checkpoint(dir.path()).unwrap();
+        assert_eq!(
+            restored.keyed_state("2:map", KeyGroupRange { start: 0, end: 1 }),
+            [(0, Vec::new())]
+        );
+        assert_eq!(restored.operator_state("2:map", 0, 1), [Vec::<u8>::new()]);
+    }
+
+    #[test]
+    fn task_state_handles_can_travel_between_threads() {
+        fn assert_send_clone<T: Send + Clone + 'static>() {}
+        assert_send_clone::<TaskStateHandle>();
+        assert_send_clone::<CheckpointMetadata>();
+    }
 }

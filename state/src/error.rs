@@ -160,10 +160,18 @@ impl fmt::Display for StateError {
                 path.display()
             ),
             StateError::Damaged { path, problem } => {
-                write!(f, "checkpoint file '{}' is damaged: {problem}", path.display())
+                write!(
+                    f,
+                    "checkpoint file '{}' is damaged: {problem}",
+                    path.display()
+                )
             }
             StateError::Inconsistent { path, problem } => {
-                write!(f, "checkpoint '{}' is inconsistent: {problem}", path.display())
+                write!(
+                    f,
+                    "checkpoint '{}' is inconsistent: {problem}",
+                    path.display()
+                )
             }
             StateError::BlockTooLarge {
                 path,

@@ -92,9 +92,12 @@ pub const METADATA_HEADER_SIZE: u64 = 32;
 const _: () = assert!(STATE_FILE_MAGIC.len() + 4 + 4 == STATE_FILE_HEADER_SIZE as usize);
 const _: () = assert!(6 * 4 == BLOCK_HEADER_SIZE as usize);
 const _: () = assert!(STATE_FILE_FOOTER_MAGIC.len() + 4 + 8 + 4 == STATE_FILE_FOOTER_SIZE as usize);
-const _: () = assert!(METADATA_FILE_MAGIC.len() + 4 + 4 + 8 + 4 + 4 == METADATA_HEADER_SIZE as usize);
+const _: () =
+    assert!(METADATA_FILE_MAGIC.len() + 4 + 4 + 8 + 4 + 4 == METADATA_HEADER_SIZE as usize);
 // The metadata body starts 16-byte aligned relative to the file start, which
 // keeps the rkyv archive's alignment if the file is ever mapped.
+// (`u64::is_multiple_of` needs Rust 1.87; the workspace supports 1.85.)
+#[allow(clippy::manual_is_multiple_of)]
 const _: () = assert!(METADATA_HEADER_SIZE % 16 == 0);
 
 /// Suffix of the temporary name a file is written under before its rename.
@@ -150,11 +153,19 @@ pub(crate) fn crc32(bytes: &[u8]) -> u32 {
 }
 
 fn u32_at(bytes: &[u8], offset: usize) -> u32 {
-    u32::from_le_bytes(bytes[offset..offset + 4].try_into().expect("a 4-byte slice"))
+    u32::from_le_bytes(
+        bytes[offset..offset + 4]
+            .try_into()
+            .expect("a 4-byte slice"),
+    )
 }
 
 fn u64_at(bytes: &[u8], offset: usize) -> u64 {
-    u64::from_le_bytes(bytes[offset..offset + 8].try_into().expect("an 8-byte slice"))
+    u64::from_le_bytes(
+        bytes[offset..offset + 8]
+            .try_into()
+            .expect("an 8-byte slice"),
+    )
 }
 
 /// Builds a state file in memory: header, then blocks, then [`finish`] adds
@@ -211,7 +222,8 @@ impl StateFileEncoder {
         let footer_offset = self.bytes.len() as u64;
         let footer_start = self.bytes.len();
         self.bytes.extend_from_slice(&STATE_FILE_FOOTER_MAGIC);
-        self.bytes.extend_from_slice(&self.block_count.to_le_bytes());
+        self.bytes
+            .extend_from_slice(&self.block_count.to_le_bytes());
         self.bytes.extend_from_slice(&footer_offset.to_le_bytes());
         let footer_crc32 = crc32(&self.bytes[footer_start..]);
         self.bytes.extend_from_slice(&footer_crc32.to_le_bytes());
@@ -578,9 +590,8 @@ pub(crate) fn write_file_atomically(
         file.sync_all()
             .map_err(|error| StateError::io("fsync", &temporary_path, error))?;
         drop(file);
-        fs::rename(&temporary_path, &final_path).map_err(|error| {
-            StateError::io("rename a temporary file to", &final_path, error)
-        })?;
+        fs::rename(&temporary_path, &final_path)
+            .map_err(|error| StateError::io("rename a temporary file to", &final_path, error))?;
         sync_directory(dir)
     })();
     if result.is_err() {

@@ -88,7 +88,9 @@ pub fn inspect(path: &Path) -> InspectReport {
             return report;
         }
     };
-    report.problems.extend(validate_metadata(&metadata_path, &metadata));
+    report
+        .problems
+        .extend(validate_metadata(&metadata_path, &metadata));
 
     for task in &metadata.tasks {
         let file_intact = match verify_task_file(&directory, task) {
@@ -99,14 +101,22 @@ pub fn inspect(path: &Path) -> InspectReport {
             }
         };
         for operator in &task.operators {
-            let mut key_groups: Vec<u32> = operator.key_groups.iter().map(|block| block.index).collect();
+            let mut key_groups: Vec<u32> = operator
+                .key_groups
+                .iter()
+                .map(|block| block.index)
+                .collect();
             key_groups.sort_unstable();
             let subtask = InspectedSubtask {
                 subtask_index: operator.subtask_index,
                 file_name: task.file_name.clone(),
                 file_size: task.file_size,
                 key_groups,
-                keyed_state_bytes: operator.key_groups.iter().map(|block| u64::from(block.length)).sum(),
+                keyed_state_bytes: operator
+                    .key_groups
+                    .iter()
+                    .map(|block| u64::from(block.length))
+                    .sum(),
                 operator_state_count: operator.operator_state.len() as u32,
                 operator_state_bytes: operator
                     .operator_state
@@ -132,7 +142,9 @@ pub fn inspect(path: &Path) -> InspectReport {
         }
     }
     for operator in &mut report.operators {
-        operator.subtasks.sort_by_key(|subtask| subtask.subtask_index);
+        operator
+            .subtasks
+            .sort_by_key(|subtask| subtask.subtask_index);
     }
     report.metadata = Some(metadata);
     report.metadata_size_bytes = Some(metadata_size);
@@ -146,7 +158,12 @@ impl fmt::Display for InspectReport {
             None => writeln!(f, "  metadata:   unreadable (see problems)")?,
             Some(metadata) => {
                 writeln!(f, "  job:        {}", metadata.job_name)?;
-                writeln!(f, "  {:<11} {}", format!("{}:", metadata.kind), metadata.checkpoint_id)?;
+                writeln!(
+                    f,
+                    "  {:<11} {}",
+                    format!("{}:", metadata.kind),
+                    metadata.checkpoint_id
+                )?;
                 writeln!(
                     f,
                     "  taken:      {} ({} ms since the epoch)",
@@ -167,7 +184,10 @@ impl fmt::Display for InspectReport {
             writeln!(
                 f,
                 "operator '{}' ({}), parallelism {}, max parallelism {}",
-                operator.operator_id, operator.operator_name, operator.parallelism, operator.max_parallelism
+                operator.operator_id,
+                operator.operator_name,
+                operator.parallelism,
+                operator.max_parallelism
             )?;
             let rows: Vec<Vec<String>> = operator
                 .subtasks
@@ -177,7 +197,11 @@ impl fmt::Display for InspectReport {
                         subtask.subtask_index.to_string(),
                         subtask.file_name.clone(),
                         subtask.file_size.to_string(),
-                        format!("{} ({})", compact_ranges(&subtask.key_groups), subtask.key_groups.len()),
+                        format!(
+                            "{} ({})",
+                            compact_ranges(&subtask.key_groups),
+                            subtask.key_groups.len()
+                        ),
                         subtask.keyed_state_bytes.to_string(),
                         subtask.operator_state_count.to_string(),
                         subtask.operator_state_bytes.to_string(),
@@ -267,11 +291,16 @@ fn format_utc(timestamp_ms: u64) -> String {
     let days = (seconds / 86_400) as i64 + 719_468;
     let era = days.div_euclid(146_097);
     let day_of_era = days.rem_euclid(146_097);
-    let year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
     let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
     let month_index = (5 * day_of_year + 2) / 153;
     let day = day_of_year - (153 * month_index + 2) / 5 + 1;
-    let month = if month_index < 10 { month_index + 3 } else { month_index - 9 };
+    let month = if month_index < 10 {
+        month_index + 3
+    } else {
+        month_index - 9
+    };
     let year = year_of_era + era * 400 + i64::from(month <= 2);
     format!(
         "{year:04}-{month:02}-{day:02} {hour:02}:{minute:02}:{second:02}.{:03} UTC",
@@ -282,13 +311,18 @@ fn format_utc(timestamp_ms: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::checkpoint::{SnapshotKind, METADATA_FILE_NAME};
+    use crate::test_support::*;
 
     #[test]
     fn key_groups_print_as_ranges() {
         assert_eq!(compact_ranges(&[]), "-");
         assert_eq!(compact_ranges(&[3]), "3");
         assert_eq!(compact_ranges(&[0, 1, 2, 5, 7, 8]), "0-2, 5, 7-8");
-        assert_eq!(compact_ranges(&[u32::MAX - 1, u32::MAX]), format!("{}-{}", u32::MAX - 1, u32::MAX));
+        assert_eq!(
+            compact_ranges(&[u32::MAX - 1, u32::MAX]),
+            format!("{}-{}", u32::MAX - 1, u32::MAX)
+        );
     }
 
     #[test]
@@ -296,5 +330,87 @@ mod tests {
         assert_eq!(format_utc(0), "1970-01-01 00:00:00.000 UTC");
         assert_eq!(format_utc(951_782_400_123), "2000-02-29 00:00:00.123 UTC");
         assert_eq!(format_utc(1_714_564_800_000), "2024-05-01 12:00:00.000 UTC");
+    }
+
+    #[test]
+    fn an_intact_checkpoint_is_reported_in_full() {
+        let dir = TempDir::new("inspect-intact");
+        write_sample_checkpoint(dir.path(), 42, 2, SnapshotKind::Checkpoint);
+        let report = inspect(dir.path());
+        assert!(report.is_intact(), "{report}");
+        assert_eq!(report.operators.len(), 2);
+        let window = &report.operators[1];
+        assert_eq!(window.operator_id, WINDOW_ID);
+        assert_eq!(
+            (window.parallelism, window.max_parallelism),
+            (2, MAX_PARALLELISM)
+        );
+        assert_eq!(window.subtasks[1].file_name, "task-1.state");
+        assert_eq!(window.subtasks[1].key_groups.len(), 64 - 13);
+        assert_eq!(report.operators[0].subtasks[1].operator_state_count, 3);
+        let text = report.to_string();
+        for expected in [
+            "job:        nexmark q5",
+            "checkpoint: 42",
+            "2024-05-01 12:00:00.042 UTC",
+            "operator '3:window(q5)' (q5 window), parallelism 2, max parallelism 128",
+            "1-4, 6-9, 11-14",
+            "intact: every check holds",
+        ] {
+            assert!(text.contains(expected), "no '{expected}' in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn a_damaged_checkpoint_reports_every_problem() {
+        let dir = TempDir::new("inspect-damaged");
+        let metadata = write_sample_checkpoint(dir.path(), 42, 3, SnapshotKind::Checkpoint);
+        // Two damaged blocks in task 0, task 1 truncated, task 2 intact.
+        let path = dir.path().join("task-0.state");
+        let mut bytes = std::fs::read(&path).unwrap();
+        for block in &metadata.tasks[0].operators[1].key_groups[1..3] {
+            bytes[(block.offset + 24) as usize] ^= 1;
+        }
+        std::fs::write(&path, bytes).unwrap();
+        let path = dir.path().join("task-1.state");
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 30]).unwrap();
+
+        let report = inspect(dir.path());
+        assert!(!report.is_intact());
+        let messages: Vec<String> = report.problems.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            messages
+                .iter()
+                .filter(|m| m.contains("task-0.state") && m.contains("fails its checksum"))
+                .count(),
+            2,
+            "{messages:#?}"
+        );
+        assert!(messages
+            .iter()
+            .any(|m| m.contains("task-1.state") && m.contains("is truncated")));
+        assert!(!messages.iter().any(|m| m.contains("task-2.state")));
+        let window = &report.operators[1];
+        let intact: Vec<bool> = window.subtasks.iter().map(|s| s.file_intact).collect();
+        assert_eq!(intact, [false, false, true]);
+        let text = report.to_string();
+        assert!(
+            text.contains("DAMAGED") && text.contains("NOT INTACT"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_missing_metadata_file_is_reported() {
+        let dir = TempDir::new("inspect-no-metadata");
+        write_sample_checkpoint(dir.path(), 1, 1, SnapshotKind::Checkpoint);
+        std::fs::remove_file(dir.path().join(METADATA_FILE_NAME)).unwrap();
+        let report = inspect(dir.path());
+        assert!(!report.is_intact());
+        assert!(report.metadata.is_none());
+        let text = report.to_string();
+        assert!(text.contains("metadata:   unreadable"), "{text}");
+        assert!(text.contains("the checkpoint never completed"), "{text}");
     }
 }

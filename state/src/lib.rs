@@ -43,3 +43,6 @@ pub use checkpoint::{
 pub use error::StateError;
 pub use inspect::{inspect, InspectReport, InspectedOperator, InspectedSubtask};
 pub use storage::{create_savepoint_dir, latest_completed_checkpoint, CheckpointStorage};
+
+#[cfg(test)]
+mod test_support;

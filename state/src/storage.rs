@@ -48,8 +48,15 @@ pub struct CheckpointStorage {
 impl CheckpointStorage {
     /// Creates `checkpoint_dir/job_dir_name/` (and its parents) durably.
     /// `retained` (at least 1) is how many completed checkpoints are kept.
-    pub fn new(checkpoint_dir: &Path, job_dir_name: &str, retained: u32) -> Result<Self, StateError> {
-        assert!(retained >= 1, "at least one completed checkpoint must be kept");
+    pub fn new(
+        checkpoint_dir: &Path,
+        job_dir_name: &str,
+        retained: u32,
+    ) -> Result<Self, StateError> {
+        assert!(
+            retained >= 1,
+            "at least one completed checkpoint must be kept"
+        );
         assert!(
             crate::file_format::is_plain_file_name(job_dir_name),
             "'{job_dir_name}' cannot name a job directory"
@@ -57,11 +64,14 @@ impl CheckpointStorage {
         let root = checkpoint_dir.join(job_dir_name);
         fs::create_dir_all(&root).map_err(|error| StateError::io("create", &root, error))?;
         sync_directory(checkpoint_dir)?;
-        if let Some(parent) = checkpoint_dir.parent().filter(|parent| !parent.as_os_str().is_empty()) {
+        if let Some(parent) = checkpoint_dir
+            .parent()
+            .filter(|parent| !parent.as_os_str().is_empty())
+        {
             sync_directory(parent)?;
         }
-        let latest_completed = latest_completed_checkpoint(&root)
-            .and_then(|path| checkpoint_id_of(&path));
+        let latest_completed =
+            latest_completed_checkpoint(&root).and_then(|path| checkpoint_id_of(&path));
         Ok(CheckpointStorage {
             root,
             retained,
@@ -98,7 +108,9 @@ impl CheckpointStorage {
     pub fn complete(&mut self, id: u64) -> Result<Vec<PathBuf>, StateError> {
         let metadata_path = self.checkpoint_path(id).join(METADATA_FILE_NAME);
         if !metadata_path.is_file() {
-            return Err(StateError::MissingMetadata { path: metadata_path });
+            return Err(StateError::MissingMetadata {
+                path: metadata_path,
+            });
         }
         self.latest_completed = Some(self.latest_completed.map_or(id, |latest| latest.max(id)));
 
@@ -115,7 +127,7 @@ impl CheckpointStorage {
                 deleted.push(path);
             }
         }
-        completed.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        completed.sort_unstable_by_key(|(id, _)| std::cmp::Reverse(*id));
         for (_, path) in completed.into_iter().skip(self.retained as usize) {
             remove_checkpoint_dir(&path)?;
             deleted.push(path);
@@ -155,11 +167,21 @@ pub fn latest_completed_checkpoint(job_root: &Path) -> Option<PathBuf> {
 /// `target_dir/savepoint-<job_name>-<id>-<6 random hex digits>` durably and
 /// returns its path. Characters of `job_name` other than ASCII letters,
 /// digits, `-` and `_` become `_`.
-pub fn create_savepoint_dir(target_dir: &Path, job_name: &str, id: u64) -> Result<PathBuf, StateError> {
+pub fn create_savepoint_dir(
+    target_dir: &Path,
+    job_name: &str,
+    id: u64,
+) -> Result<PathBuf, StateError> {
     fs::create_dir_all(target_dir).map_err(|error| StateError::io("create", target_dir, error))?;
     let job: String = job_name
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     let mut last_error = None;
     for _ in 0..SAVEPOINT_NAME_ATTEMPTS_MAX {
@@ -172,7 +194,9 @@ pub fn create_savepoint_dir(target_dir: &Path, job_name: &str, id: u64) -> Resul
                 sync_directory(target_dir)?;
                 return Ok(path);
             }
-            Err(error) if error.kind() == ErrorKind::AlreadyExists => last_error = Some((path, error)),
+            Err(error) if error.kind() == ErrorKind::AlreadyExists => {
+                last_error = Some((path, error))
+            }
             Err(error) => return Err(StateError::io("create", &path, error)),
         }
     }
@@ -182,7 +206,10 @@ pub fn create_savepoint_dir(target_dir: &Path, job_name: &str, id: u64) -> Resul
 
 /// The id of a `chk-<id>` directory, from its name.
 pub fn checkpoint_id_of(path: &Path) -> Option<u64> {
-    let digits = path.file_name()?.to_str()?.strip_prefix(CHECKPOINT_DIR_PREFIX)?;
+    let digits = path
+        .file_name()?
+        .to_str()?
+        .strip_prefix(CHECKPOINT_DIR_PREFIX)?;
     if digits.is_empty() || !digits.bytes().all(|byte| byte.is_ascii_digit()) {
         return None;
     }
@@ -214,4 +241,117 @@ fn remove_checkpoint_dir(path: &Path) -> Result<(), StateError> {
         Err(error) => return Err(StateError::io("delete", &metadata_path, error)),
     }
     fs::remove_dir_all(path).map_err(|error| StateError::io("delete", path, error))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::{read_checkpoint, SnapshotKind};
+    use crate::test_support::{write_sample_checkpoint, TempDir};
+
+    fn checkpoint(storage: &CheckpointStorage, id: u64) -> PathBuf {
+        let dir = storage.create_checkpoint_dir(id).unwrap();
+        write_sample_checkpoint(&dir, id, 1, SnapshotKind::Checkpoint);
+        dir
+    }
+
+    fn remaining(storage: &CheckpointStorage) -> Vec<u64> {
+        let mut ids: Vec<u64> = list_checkpoint_dirs(storage.root())
+            .unwrap()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    #[test]
+    fn only_the_newest_retained_checkpoints_are_kept() {
+        let base = TempDir::new("retention");
+        let mut storage =
+            CheckpointStorage::new(&base.path().join("checkpoints"), "job-a", 2).unwrap();
+        assert_eq!(
+            storage.root(),
+            base.path().join("checkpoints").join("job-a")
+        );
+        assert!(storage.complete(1).is_err(), "chk-1 has no metadata yet");
+        checkpoint(&storage, 1);
+        assert_eq!(storage.complete(1).unwrap(), Vec::<PathBuf>::new());
+        checkpoint(&storage, 2);
+        assert_eq!(storage.complete(2).unwrap(), Vec::<PathBuf>::new());
+        checkpoint(&storage, 3);
+        assert_eq!(
+            storage.complete(3).unwrap(),
+            vec![storage.checkpoint_path(1)]
+        );
+        assert_eq!(remaining(&storage), [2, 3]);
+        assert_eq!(storage.latest_completed(), Some(3));
+        read_checkpoint(&storage.checkpoint_path(2)).unwrap();
+    }
+
+    #[test]
+    fn aborted_older_checkpoints_are_removed_and_newer_ones_left_alone() {
+        let base = TempDir::new("aborted");
+        let mut storage = CheckpointStorage::new(base.path(), "job", 2).unwrap();
+        checkpoint(&storage, 1);
+        storage.complete(1).unwrap();
+        // chk-2 aborted halfway (a state file, no metadata); chk-3 was
+        // discarded explicitly; chk-5 is still in flight while 4 completes.
+        let aborted = storage.create_checkpoint_dir(2).unwrap();
+        fs::write(aborted.join("task-0.state"), b"partial").unwrap();
+        let discarded = storage.create_checkpoint_dir(3).unwrap();
+        storage.discard(3).unwrap();
+        assert!(!discarded.exists());
+        storage.discard(3).unwrap();
+        let pending = storage.create_checkpoint_dir(5).unwrap();
+        fs::write(pending.join("task-0.state"), b"in flight").unwrap();
+        checkpoint(&storage, 4);
+        assert_eq!(storage.complete(4).unwrap(), vec![aborted]);
+        assert_eq!(remaining(&storage), [1, 4, 5]);
+        assert!(pending.join("task-0.state").exists());
+    }
+
+    #[test]
+    fn the_latest_completed_checkpoint_has_metadata() {
+        let base = TempDir::new("latest");
+        let mut storage = CheckpointStorage::new(base.path(), "job", 3).unwrap();
+        assert_eq!(latest_completed_checkpoint(storage.root()), None);
+        checkpoint(&storage, 8);
+        storage.complete(8).unwrap();
+        // Numeric, not lexical, order: 9 < 10; chk-10 never completed.
+        checkpoint(&storage, 9);
+        storage.create_checkpoint_dir(10).unwrap();
+        fs::create_dir(storage.root().join("chk-x")).unwrap();
+        fs::create_dir(storage.root().join("chk-+11")).unwrap();
+        assert_eq!(
+            latest_completed_checkpoint(storage.root()),
+            Some(storage.checkpoint_path(9))
+        );
+        assert_eq!(
+            latest_completed_checkpoint(&base.path().join("nothing")),
+            None
+        );
+        // A new storage on the same root picks up where the old one was.
+        let reopened = CheckpointStorage::new(base.path(), "job", 3).unwrap();
+        assert_eq!(reopened.latest_completed(), Some(9));
+    }
+
+    #[test]
+    fn savepoints_get_fresh_self_contained_directories() {
+        let base = TempDir::new("savepoints");
+        let target = base.path().join("savepoints");
+        let first = create_savepoint_dir(&target, "nexmark q5/run", 12).unwrap();
+        let second = create_savepoint_dir(&target, "nexmark q5/run", 12).unwrap();
+        assert_ne!(first, second);
+        let name = first.file_name().unwrap().to_str().unwrap();
+        assert!(name.starts_with("savepoint-nexmark_q5_run-12-"), "{name}");
+        assert_eq!(name.len(), "savepoint-nexmark_q5_run-12-".len() + 6);
+        write_sample_checkpoint(&first, 12, 2, SnapshotKind::Savepoint);
+        // Self-contained: it restores after the directory moved.
+        let moved = base.path().join("moved");
+        fs::rename(&first, &moved).unwrap();
+        let restored = read_checkpoint(&moved).unwrap();
+        assert_eq!(restored.metadata().kind, SnapshotKind::Savepoint);
+        assert_eq!(restored.metadata().checkpoint_id, 12);
+    }
 }

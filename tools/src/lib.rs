@@ -5,13 +5,16 @@
 //! calls [`main_with_programs`] with their programs: the same command line,
 //! with their programs beside (or instead of) the built-in ones.
 
+mod client;
+
 use std::process::ExitCode;
+use std::sync::mpsc;
 
 use clap::{Arg, ArgMatches, Command};
 use strom_core::program::JobOutcome;
 use strom_core::{JobArgs, Program};
 use strom_scheduler::taskmanager::allowed_cpus;
-use strom_scheduler::{LocalCluster, LocalClusterConfig};
+use strom_scheduler::{JobEvent, LocalCluster, LocalClusterConfig};
 
 /// Exit code of a bad argument (as clap's).
 const EXIT_USAGE: u8 = 2;
@@ -72,6 +75,23 @@ fn command(programs: &[Program]) -> Command {
                 .subcommands(program_commands("Plan")),
         )
         .subcommand(Command::new("programs").about("List the job programs this binary knows"))
+        .subcommand(
+            Command::new("checkpoint")
+                .about("Look into checkpoints and savepoints")
+                .subcommand_required(true)
+                .subcommand(
+                    Command::new("inspect")
+                        .about("List what a checkpoint or savepoint holds (operators, key groups, sizes) and check every checksum")
+                        .arg(
+                            Arg::new("path")
+                                .required(true)
+                                .value_name("PATH")
+                                .value_parser(clap::value_parser!(std::path::PathBuf))
+                                .help("The checkpoint's or savepoint's directory, or its _metadata file"),
+                        ),
+                ),
+        )
+        .subcommands(client::commands())
         .arg(Arg::new("quiet").long("quiet").hide(true).action(clap::ArgAction::SetTrue))
 }
 
@@ -109,6 +129,24 @@ pub fn main_with_programs(programs: Vec<Program>) -> ExitCode {
         }
     };
     match matches.subcommand() {
+        Some(("checkpoint", checkpoint_matches)) => {
+            let Some(("inspect", inspect_matches)) = checkpoint_matches.subcommand() else {
+                unreachable!("clap requires a known subcommand")
+            };
+            let path = inspect_matches
+                .get_one::<std::path::PathBuf>("path")
+                .expect("the path is required");
+            let report = strom_state::inspect(path);
+            print!("{report}");
+            if report.is_intact() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_JOB_FAILED)
+            }
+        }
+        Some((name, client_matches)) if client::commands().iter().any(|command| command.get_name() == name) => {
+            client::run(name, client_matches)
+        }
         Some(("programs", _)) => {
             for program in &programs {
                 println!("{}\t{}", program.name, program.about);
@@ -187,7 +225,26 @@ fn run_local(program: &Program, job_args: &JobArgs, matches: &ArgMatches) -> Exi
         Ok(cluster) => cluster,
         Err(message) => return fail(EXIT_JOB_FAILED, &message),
     };
-    match cluster.execute(program.name, job_args.clone()) {
+    let (events, event_inbox) = mpsc::channel();
+    let printer = std::thread::spawn(move || {
+        for event in event_inbox {
+            print_event(&event);
+        }
+    });
+    let result = cluster.execute_with_events(program.name, job_args.clone(), Some(events));
+    // The sender went with the job: the printer ends once all is printed.
+    let _ = printer.join();
+    match result {
+        Ok(result) if result.stopped_with_savepoint.is_some() => {
+            let path = result.stopped_with_savepoint.expect("a savepoint");
+            println!(
+                "job {} stopped with savepoint {}",
+                result.job_id,
+                path.display()
+            );
+            shutdown_within(cluster, CLUSTER_SHUTDOWN_TIMEOUT);
+            ExitCode::SUCCESS
+        }
         Ok(result) => {
             let outcome = JobOutcome {
                 accumulators: result.accumulators,
@@ -206,5 +263,51 @@ fn run_local(program: &Program, job_args: &JobArgs, matches: &ArgMatches) -> Exi
             // them to unwind: a failed job ends the process at once.
             std::process::exit(i32::from(EXIT_JOB_FAILED));
         }
+    }
+}
+
+/// One line on standard error per thing that happens to a running job.
+fn print_event(event: &JobEvent) {
+    match event {
+        JobEvent::Submitted {
+            job_id,
+            job_name,
+            restored_from,
+        } => {
+            eprintln!("job {job_id} ({job_name}) submitted");
+            if let Some(path) = restored_from {
+                eprintln!("restoring from {}", path.display());
+            }
+        }
+        JobEvent::CheckpointCompleted {
+            id,
+            savepoint,
+            path,
+            duration,
+            size_bytes,
+            pause_max,
+        } => eprintln!(
+            "{} {id} completed in {} ms, {size_bytes} bytes, longest stream pause {} us: {}",
+            if *savepoint { "savepoint" } else { "checkpoint" },
+            duration.as_millis(),
+            pause_max.as_micros(),
+            path.display()
+        ),
+        JobEvent::CheckpointAborted { id, reason } => {
+            eprintln!("checkpoint {id} aborted: {reason}")
+        }
+        JobEvent::Restarting {
+            restart,
+            delay,
+            cause,
+            from_checkpoint,
+        } => eprintln!(
+            "restart {restart} in {} ms from {}: {cause}",
+            delay.as_millis(),
+            from_checkpoint
+                .as_ref()
+                .map(|path| path.display().to_string())
+                .unwrap_or_else(|| "the start".to_string())
+        ),
     }
 }

@@ -77,11 +77,7 @@ fn run_engine(
     ]
     .map(String::from)
     .to_vec();
-    let args = JobArgs {
-        arguments,
-        parallelism,
-        max_parallelism: 128,
-    };
+    let args = JobArgs::new(arguments, parallelism);
     let result = cluster
         .execute(NEXMARK_PROGRAM.name, args)
         .map_err(anyhow::Error::msg)?;
