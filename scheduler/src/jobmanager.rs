@@ -636,11 +636,14 @@ impl JobManager {
                         )
                     })
                     .unwrap_or_default();
+                let gave_up = master
+                    .backoff
+                    .describe()
+                    .map(|why| format!(" (no more restarts: {why})"))
+                    .unwrap_or_default();
                 let _ = master.reply.send(Err(format!(
-                    "job '{}' failed: {error} (restarts: {}; {}){kept}",
+                    "job '{}' failed: {error}{gave_up}{kept}",
                     master.name,
-                    master.backoff.restarts(),
-                    master.backoff.describe()
                 )));
             }
         }

@@ -67,16 +67,15 @@ impl RestartBackoff {
         delay
     }
 
-    /// Says why the job fails for good, for its error message.
-    pub fn describe(&self) -> String {
+    /// Why the job fails for good after restarts, for its error message;
+    /// `None` when it never restarts.
+    pub fn describe(&self) -> Option<String> {
         match &self.strategy {
-            RestartStrategy::None => "the restart strategy is none".to_string(),
-            RestartStrategy::FixedDelay { attempts, .. } => {
-                format!("fixed-delay allows {attempts} restarts, all used")
-            }
-            RestartStrategy::ExponentialDelay { attempts, .. } => {
-                format!("exponential-delay allows {attempts} restarts, all used")
-            }
+            RestartStrategy::None => None,
+            RestartStrategy::FixedDelay { attempts, .. }
+            | RestartStrategy::ExponentialDelay { attempts, .. } => Some(format!(
+                "all {attempts} restarts the restart strategy allows were used"
+            )),
         }
     }
 }

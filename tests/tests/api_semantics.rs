@@ -125,9 +125,8 @@ const fn program(
 
 fn job_args(parallelism: u32, max_parallelism: u32) -> JobArgs {
     JobArgs {
-        arguments: Vec::new(),
-        parallelism,
         max_parallelism,
+        ..JobArgs::new(Vec::new(), parallelism)
     }
 }
 

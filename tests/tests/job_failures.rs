@@ -74,31 +74,19 @@ fn invalid_jobs_are_refused_before_they_run() {
 fn the_job_manager_refuses_an_invalid_job_without_running_any_of_it() {
     let cluster = LocalCluster::start(test_programs(), LocalClusterConfig { slot_count: 1 })
         .expect("a local cluster");
-    let args = JobArgs {
-        arguments: Vec::new(),
-        parallelism: 1,
-        max_parallelism: 128,
-    };
+    let args = JobArgs::new(Vec::new(), 1);
     for program in ["cycle", "over-max-parallelism"] {
         let error = cluster
             .execute(program, args.clone())
             .expect_err("an invalid job is refused");
         assert!(error.starts_with("invalid job: "), "{error}");
     }
-    let too_wide = JobArgs {
-        arguments: Vec::new(),
-        parallelism: 200,
-        max_parallelism: 128,
-    };
+    let too_wide = JobArgs::new(Vec::new(), 200);
     let error = cluster
         .execute("count", too_wide)
         .expect_err("parallelism above max parallelism is refused");
     assert!(error.contains("parallelism 200"), "{error}");
-    let needs_more_slots = JobArgs {
-        arguments: Vec::new(),
-        parallelism: 2,
-        max_parallelism: 128,
-    };
+    let needs_more_slots = JobArgs::new(Vec::new(), 2);
     let error = cluster
         .execute("count", needs_more_slots)
         .expect_err("a job needing 2 slots on 1 is refused");

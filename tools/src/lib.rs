@@ -14,6 +14,7 @@ use clap::{Arg, ArgMatches, Command};
 use strom_core::program::JobOutcome;
 use strom_core::{JobArgs, Program};
 use strom_scheduler::taskmanager::allowed_cpus;
+use strom_scheduler::rest::RestServer;
 use strom_scheduler::{JobEvent, LocalCluster, LocalClusterConfig};
 
 /// Exit code of a bad argument (as clap's).
@@ -64,6 +65,22 @@ fn command(programs: &[Program]) -> Command {
             Command::new("local")
                 .about("Run a job program on an embedded local cluster (a JobManager and a TaskManager in this process)")
                 .subcommand_required(true)
+                .arg(
+                    Arg::new("rest-port")
+                        .long("rest-port")
+                        .value_name("PORT")
+                        .default_value("8081")
+                        .value_parser(clap::value_parser!(u16))
+                        .help("The port of the REST API (for `strom savepoint`, `stop`, `list`, `cancel`); if it is taken, any free port; 0: any free port"),
+                )
+                .arg(
+                    Arg::new("bind")
+                        .long("bind")
+                        .value_name("ADDRESS")
+                        .default_value("127.0.0.1")
+                        .value_parser(clap::value_parser!(std::net::IpAddr))
+                        .help("The address the REST API listens on"),
+                )
                 .subcommand_value_name("PROGRAM")
                 .subcommands(program_commands("Run")),
         )
@@ -170,7 +187,9 @@ pub fn main_with_programs(programs: Vec<Program>) -> ExitCode {
             if verb == "plan" {
                 plan(program, &job_args)
             } else {
-                run_local(program, &job_args, program_matches)
+                let bind = *verb_matches.get_one::<std::net::IpAddr>("bind").expect("a default");
+                let port = *verb_matches.get_one::<u16>("rest-port").expect("a default");
+                run_local(program, &job_args, program_matches, (bind, port).into())
             }
         }
         _ => unreachable!("clap requires a known subcommand"),
@@ -200,7 +219,12 @@ fn plan(program: &Program, job_args: &JobArgs) -> ExitCode {
     }
 }
 
-fn run_local(program: &Program, job_args: &JobArgs, matches: &ArgMatches) -> ExitCode {
+fn run_local(
+    program: &Program,
+    job_args: &JobArgs,
+    matches: &ArgMatches,
+    rest_address: std::net::SocketAddr,
+) -> ExitCode {
     if let Err(message) = check_parallelism(job_args) {
         return fail(EXIT_USAGE, &message);
     }
@@ -225,6 +249,20 @@ fn run_local(program: &Program, job_args: &JobArgs, matches: &ArgMatches) -> Exi
         Ok(cluster) => cluster,
         Err(message) => return fail(EXIT_JOB_FAILED, &message),
     };
+    let rest = RestServer::start(cluster.job_manager(), rest_address, None).or_else(|_| {
+        // The port is taken (another job, another cluster): any port will do.
+        RestServer::start(cluster.job_manager(), (rest_address.ip(), 0).into(), None)
+    });
+    let rest = match rest {
+        Ok(rest) => {
+            eprintln!("REST API at http://{}", rest.local_addr());
+            Some(rest)
+        }
+        Err(message) => {
+            eprintln!("warning: no REST API: {message}");
+            None
+        }
+    };
     let (events, event_inbox) = mpsc::channel();
     let printer = std::thread::spawn(move || {
         for event in event_inbox {
@@ -234,6 +272,9 @@ fn run_local(program: &Program, job_args: &JobArgs, matches: &ArgMatches) -> Exi
     let result = cluster.execute_with_events(program.name, job_args.clone(), Some(events));
     // The sender went with the job: the printer ends once all is printed.
     let _ = printer.join();
+    if let Some(rest) = rest {
+        rest.stop();
+    }
     match result {
         Ok(result) if result.stopped_with_savepoint.is_some() => {
             let path = result.stopped_with_savepoint.expect("a savepoint");
