@@ -39,6 +39,9 @@ pub struct NexmarkSource {
     /// Event indices at which the subtask that produces them fails, once
     /// per process (`--fail-at`), so that recovery can be seen.
     pub fail_at: Arc<Vec<u64>>,
+    /// At most this many events per second over all subtasks (0: as fast
+    /// as possible), so that a run lasts long enough to watch.
+    pub events_per_second: u64,
 }
 
 /// The `--fail-at` indices that have failed already in this process.
@@ -49,14 +52,21 @@ impl NexmarkSource {
         NexmarkSource {
             config,
             fail_at: Arc::new(Vec::new()),
+            events_per_second: 0,
         }
     }
 
-    fn reader(&self, splits: IndexSplits) -> Box<dyn SourceReader<Event>> {
+    fn reader(&self, splits: IndexSplits, parallelism: u32) -> Box<dyn SourceReader<Event>> {
+        let pace = (self.events_per_second > 0).then(|| Pace {
+            started: std::time::Instant::now(),
+            events_per_second: self.events_per_second as f64 / f64::from(parallelism),
+            emitted: 0,
+        });
         Box::new(NexmarkReader {
             generator: self.config.generator(),
             splits,
             fail_at: self.fail_at.clone(),
+            pace,
         })
     }
 }
@@ -67,16 +77,19 @@ impl Source<Event> for NexmarkSource {
     }
 
     fn create_reader(&self, subtask_index: u32, parallelism: u32) -> Box<dyn SourceReader<Event>> {
-        self.reader(IndexSplits::fresh(subtask_index, parallelism, self.config.events))
+        self.reader(
+            IndexSplits::fresh(subtask_index, parallelism, self.config.events),
+            parallelism,
+        )
     }
 
     fn restore_reader(
         &self,
         _subtask_index: u32,
-        _parallelism: u32,
+        parallelism: u32,
         state: Vec<Vec<u8>>,
     ) -> Result<Box<dyn SourceReader<Event>>, String> {
-        Ok(self.reader(IndexSplits::restore(&state)?))
+        Ok(self.reader(IndexSplits::restore(&state)?, parallelism))
     }
 }
 
@@ -84,13 +97,23 @@ struct NexmarkReader {
     generator: Generator,
     splits: IndexSplits,
     fail_at: Arc<Vec<u64>>,
+    pace: Option<Pace>,
+}
+
+/// A reader's share of `--events-per-second`.
+struct Pace {
+    started: std::time::Instant,
+    events_per_second: f64,
+    emitted: u64,
 }
 
 impl NexmarkReader {
     /// Fails the first time this process reaches a `--fail-at` index.
     #[cold]
     fn inject_failure(&self, index: u64) {
-        let mut failed = FAILED_AT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut failed = FAILED_AT
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         if !failed.contains(&index) {
             failed.push(index);
             drop(failed);
@@ -101,6 +124,16 @@ impl NexmarkReader {
 
 impl SourceReader<Event> for NexmarkReader {
     fn poll_next(&mut self, output: &mut dyn SourceOutput<Event>, budget: usize) -> SourceStatus {
+        let mut budget = budget;
+        if let Some(pace) = &mut self.pace {
+            let due = (pace.started.elapsed().as_secs_f64() * pace.events_per_second) as u64;
+            let allowed = due.saturating_sub(pace.emitted).min(budget as u64) as usize;
+            if allowed == 0 && !self.splits.is_finished() {
+                return SourceStatus::NothingAvailable;
+            }
+            pace.emitted += allowed as u64;
+            budget = allowed;
+        }
         for _ in 0..budget {
             let Some(index) = self.splits.next_index() else {
                 return SourceStatus::Finished;
@@ -510,6 +543,14 @@ fn nexmark_command() -> clap::Command {
                 .value_parser(clap::value_parser!(u64))
                 .help("Fail the source subtask that produces event I when it reaches it, once each, to see recovery"),
         )
+        .arg(
+            clap::Arg::new("events-per-second")
+                .long("events-per-second")
+                .value_name("RATE")
+                .default_value("0")
+                .value_parser(clap::value_parser!(u64))
+                .help("Generate at most this many events per second (0: as fast as possible)"),
+        )
 }
 
 fn query_and_config(matches: &clap::ArgMatches) -> (Query, GeneratorConfig) {
@@ -544,6 +585,9 @@ fn build_nexmark(
     let source = NexmarkSource {
         config,
         fail_at: Arc::new(fail_at),
+        events_per_second: *matches
+            .get_one::<u64>("events-per-second")
+            .expect("--events-per-second has a default"),
     };
     build_query(env, query, source);
     Ok(())

@@ -22,12 +22,12 @@ use std::sync::Arc;
 use crate::accumulator::Accumulators;
 use crate::error::GraphError;
 use crate::key::{KeyGroupRange, DEFAULT_MAX_PARALLELISM, MAX_PARALLELISM_UPPER_BOUND};
-use crate::snapshot::TaskRestore;
 use crate::operator::{
     ChannelSelector, Discard, FanOut, OperatorContext, Output, OutputQueue, RecordWriter,
     SourceHead, TaskHead,
 };
 use crate::record::Record;
+use crate::snapshot::TaskRestore;
 
 pub type NodeId = usize;
 

@@ -106,10 +106,7 @@ pub trait KeyHash {
     label = "the key selector returns `{Self}`",
     note = "a key must implement `strom_core::KeyHash` (a stable hash), `Hash`, `Eq`, `Clone`, `Send` and rkyv's `Archive`, `Serialize` and `Deserialize`; floats, pointers and hash maps cannot be keys"
 )]
-pub trait Key:
-    crate::record::Record + KeyHash + std::hash::Hash + Eq + std::fmt::Debug
-{
-}
+pub trait Key: crate::record::Record + KeyHash + std::hash::Hash + Eq + std::fmt::Debug {}
 
 impl<T> Key for T where T: crate::record::Record + KeyHash + std::hash::Hash + Eq + std::fmt::Debug {}
 

@@ -74,7 +74,10 @@ pub struct OperatorContext {
 impl OperatorContext {
     /// This operator's state in the checkpoint the task starts from.
     pub fn take_restored(&self) -> Option<OperatorRestore> {
-        self.restore.borrow_mut().operators.remove(&self.operator_id)
+        self.restore
+            .borrow_mut()
+            .operators
+            .remove(&self.operator_id)
     }
 
     /// A capture of this operator's state at a barrier.
@@ -674,7 +677,9 @@ impl<K: Key> KeyedRuntime<K> {
         let mut timers = TimerService::new(true);
         if let Some(restored) = context.take_restored() {
             store
-                .restore(&restored.key_groups, |_, reader| timers.restore_group(reader))
+                .restore(&restored.key_groups, |_, reader| {
+                    timers.restore_group(reader)
+                })
                 .unwrap_or_else(|error| context.restore_failed(&error));
         }
         KeyedRuntime {

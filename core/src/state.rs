@@ -70,7 +70,9 @@ impl<V: Record> ValueCodec<Vec<V>> {
         ValueCodec::new(
             |values: &Vec<V>, writer| {
                 writer.put_u32(values.len() as u32);
-                values.iter().try_for_each(|value| value.write_value(writer))
+                values
+                    .iter()
+                    .try_for_each(|value| value.write_value(writer))
             },
             |reader| {
                 let count = reader.u32()?;
@@ -191,8 +193,11 @@ trait ErasedTable {
     fn capture(&self) -> Box<dyn TableCapture>;
     /// Reads one key group's entries, as [`TableCapture::write_group`]
     /// wrote them, into the table.
-    fn restore_group(&mut self, group_index: usize, reader: &mut StateReader<'_>)
-        -> Result<(), String>;
+    fn restore_group(
+        &mut self,
+        group_index: usize,
+        reader: &mut StateReader<'_>,
+    ) -> Result<(), String>;
 }
 
 /// One table's share of a snapshot.
@@ -460,7 +465,10 @@ impl KeyedCapture for StoreCapture {
             self.tables[table].write_group(group_index, &mut writer)?;
         }
         writer.bytes.extend_from_slice(timers);
-        Ok(Some((self.key_groups.start + group_index as u32, writer.bytes)))
+        Ok(Some((
+            self.key_groups.start + group_index as u32,
+            writer.bytes,
+        )))
     }
 }
 
@@ -744,8 +752,9 @@ impl<K: Key, N: Hash + Eq + Clone> TimerService<K, N> {
     where
         N: Record,
     {
-        let mut groups: Vec<Vec<(Timestamp, &K, &N)>> =
-            (0..store.key_groups().count()).map(|_| Vec::new()).collect();
+        let mut groups: Vec<Vec<(Timestamp, &K, &N)>> = (0..store.key_groups().count())
+            .map(|_| Vec::new())
+            .collect();
         for (timestamp, timers) in &self.queue {
             for (key, namespace) in timers {
                 groups[store.group_index(key)].push((*timestamp, key, namespace));

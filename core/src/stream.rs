@@ -34,8 +34,8 @@ use crate::operator::{
     KeyedRuntime, MapOperator, Output, SinkOperator, SourceTask, Tracked,
 };
 use crate::record::Record;
-use crate::state::ValueCodec;
 use crate::source::{CollectionSource, Source};
+use crate::state::ValueCodec;
 use crate::time::{Timestamp, WatermarkStrategy};
 use crate::window::{
     AggregateFunction, TimeWindow, WindowAggregation, WindowAssigner, WindowJoinHead,

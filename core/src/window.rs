@@ -292,7 +292,11 @@ where
             .store
             .table::<WindowContents<A>>(self.table)
             .iter()
-            .flat_map(|(key, contents)| contents.iter().map(move |(window, _)| (key.clone(), *window)))
+            .flat_map(|(key, contents)| {
+                contents
+                    .iter()
+                    .map(move |(window, _)| (key.clone(), *window))
+            })
             .collect();
         for (key, window) in windows {
             self.register(&key, &window);
@@ -524,7 +528,10 @@ where
     }
     fn snapshot(&mut self, barrier: &CheckpointBarrier, snapshot: &mut TaskSnapshot) {
         let timers = no_timers(self.store.key_groups().count());
-        snapshot.add(self.context.capture(Some(self.store.capture(timers)), Vec::new()));
+        snapshot.add(
+            self.context
+                .capture(Some(self.store.capture(timers)), Vec::new()),
+        );
         self.next.snapshot(barrier, snapshot);
     }
     fn checkpoint_complete(&mut self, checkpoint_id: u64) {
@@ -577,7 +584,9 @@ where
                         writer.put_u32(lefts.len() as u32);
                         lefts.iter().try_for_each(|left| left.write_value(writer))?;
                         writer.put_u32(rights.len() as u32);
-                        rights.iter().try_for_each(|right| right.write_value(writer))?;
+                        rights
+                            .iter()
+                            .try_for_each(|right| right.write_value(writer))?;
                     }
                     Ok(())
                 },
@@ -764,7 +773,10 @@ where
     }
     fn on_barrier(&mut self, barrier: &CheckpointBarrier, snapshot: &mut TaskSnapshot) {
         let timers = no_timers(self.store.key_groups().count());
-        snapshot.add(self.context.capture(Some(self.store.capture(timers)), Vec::new()));
+        snapshot.add(
+            self.context
+                .capture(Some(self.store.capture(timers)), Vec::new()),
+        );
         self.next.snapshot(barrier, snapshot);
     }
     fn checkpoint_complete(&mut self, checkpoint_id: u64) {
@@ -864,7 +876,13 @@ mod tests {
         allowed_lateness: i64,
         emitted: &Emissions,
     ) -> impl Output<u64> {
-        summing_operator_from(assigner, allowed_lateness, emitted, Default::default(), |_| 0)
+        summing_operator_from(
+            assigner,
+            allowed_lateness,
+            emitted,
+            Default::default(),
+            |_| 0,
+        )
     }
 
     /// The same, keyed by `key`, starting from `restore`.
@@ -940,10 +958,13 @@ mod tests {
     #[test]
     fn a_restored_window_operator_fires_what_the_snapshot_held() {
         let by_digit: fn(&u64) -> u64 = |record| record % 10;
-        let sliding = WindowAssigner::sliding(Duration::from_millis(100), Duration::from_millis(50));
+        let sliding =
+            WindowAssigner::sliding(Duration::from_millis(100), Duration::from_millis(50));
         let uninterrupted = Emissions::default();
-        let mut operator = summing_operator_from(sliding, 0, &uninterrupted, Default::default(), by_digit);
-        let records: Vec<(u64, Timestamp)> = (0..200).map(|index| (index, index as i64 * 3)).collect();
+        let mut operator =
+            summing_operator_from(sliding, 0, &uninterrupted, Default::default(), by_digit);
+        let records: Vec<(u64, Timestamp)> =
+            (0..200).map(|index| (index, index as i64 * 3)).collect();
         for (record, timestamp) in &records {
             operator.push(*record, *timestamp);
             if *record == 120 {
@@ -986,7 +1007,12 @@ mod tests {
             restored.push(*record, *timestamp);
         }
         restored.watermark(crate::time::MAX_WATERMARK);
-        let mut resumed: Vec<_> = before.borrow().iter().chain(after.borrow().iter()).copied().collect();
+        let mut resumed: Vec<_> = before
+            .borrow()
+            .iter()
+            .chain(after.borrow().iter())
+            .copied()
+            .collect();
         let mut expected = uninterrupted.borrow().clone();
         resumed.sort();
         expected.sort();

@@ -38,7 +38,9 @@ pub type TaskKey = (usize, u32);
 pub enum CheckpointKind {
     Checkpoint,
     /// Triggered by a person; `stop`: the job ends once it is complete.
-    Savepoint { stop: bool },
+    Savepoint {
+        stop: bool,
+    },
 }
 
 /// A checkpoint waiting for acknowledgements.
@@ -220,7 +222,11 @@ impl<H> CheckpointCoordinator<H> {
 
     /// A task could not take part: the checkpoint is aborted.
     pub fn decline(&mut self, id: u64) -> Option<PendingCheckpoint<H>> {
-        if self.pending.as_ref().is_some_and(|pending| pending.id == id) {
+        if self
+            .pending
+            .as_ref()
+            .is_some_and(|pending| pending.id == id)
+        {
             self.abort_pending()
         } else {
             None
@@ -318,14 +324,26 @@ mod tests {
         let id = coordinator.trigger(later, 0, CheckpointKind::Checkpoint, "/c/chk-1".into());
         assert_eq!(id, 1);
         assert!(!coordinator.periodic_due(later + Duration::from_secs(1)));
-        assert!(matches!(coordinator.acknowledge(1, (0, 0), "a"), Acknowledged::Waiting));
-        assert!(matches!(coordinator.acknowledge(1, (0, 0), "a"), Acknowledged::Ignored));
-        assert!(matches!(coordinator.acknowledge(7, (1, 0), "b"), Acknowledged::Ignored));
+        assert!(matches!(
+            coordinator.acknowledge(1, (0, 0), "a"),
+            Acknowledged::Waiting
+        ));
+        assert!(matches!(
+            coordinator.acknowledge(1, (0, 0), "a"),
+            Acknowledged::Ignored
+        ));
+        assert!(matches!(
+            coordinator.acknowledge(7, (1, 0), "b"),
+            Acknowledged::Ignored
+        ));
         let Acknowledged::AllAcknowledged(pending) = coordinator.acknowledge(1, (1, 0), "b") else {
             panic!("both tasks acknowledged");
         };
         assert_eq!(pending.acknowledgements.len(), 2);
-        assert!(coordinator.latest().is_none(), "complete only once the metadata is durable");
+        assert!(
+            coordinator.latest().is_none(),
+            "complete only once the metadata is durable"
+        );
         coordinator.complete(completed(1), later);
         assert_eq!(coordinator.latest().map(|latest| latest.id), Some(1));
         // The minimum pause counts from the completion.
@@ -339,10 +357,20 @@ mod tests {
         let mut coordinator = CheckpointCoordinator::<()>::new(options(10), vec![(0, 0)], 5, start);
         let at = start + Duration::from_millis(10);
         let first = coordinator.trigger(at, 0, CheckpointKind::Checkpoint, "/a".into());
-        assert!(coordinator.expire(at + Duration::from_millis(999)).is_none());
-        assert_eq!(coordinator.expire(at + Duration::from_millis(1000)).map(|p| p.id), Some(first));
+        assert!(coordinator
+            .expire(at + Duration::from_millis(999))
+            .is_none());
+        assert_eq!(
+            coordinator
+                .expire(at + Duration::from_millis(1000))
+                .map(|p| p.id),
+            Some(first)
+        );
         let second = coordinator.trigger(at, 0, CheckpointKind::Checkpoint, "/b".into());
-        assert!(coordinator.decline(first).is_none(), "a stale decline changes nothing");
+        assert!(
+            coordinator.decline(first).is_none(),
+            "a stale decline changes nothing"
+        );
         assert_eq!(coordinator.decline(second).map(|p| p.id), Some(second));
         let third = coordinator.trigger(at, 0, CheckpointKind::Checkpoint, "/c".into());
         assert_eq!(coordinator.restart(at).map(|p| p.id), Some(third));

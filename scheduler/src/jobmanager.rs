@@ -63,7 +63,9 @@ impl RegisteredTaskManager {
 enum JobState {
     Running,
     /// The attempt failed; the next one starts at `at`.
-    Restarting { at: Instant },
+    Restarting {
+        at: Instant,
+    },
 }
 
 /// A savepoint someone asked for.
@@ -190,8 +192,8 @@ impl JobManager {
             .filter_map(|master| match master.state {
                 JobState::Restarting { at } => Some(at),
                 JobState::Running => {
-                    let savepoint_waiting = !master.savepoint_requests.is_empty()
-                        && master.coordinator.can_trigger();
+                    let savepoint_waiting =
+                        !master.savepoint_requests.is_empty() && master.coordinator.can_trigger();
                     if savepoint_waiting {
                         Some(Instant::now())
                     } else {
@@ -236,13 +238,14 @@ impl JobManager {
         if !master.savepoint_requests.is_empty() {
             let request = master.savepoint_requests.remove(0);
             let id = master.coordinator.next_id();
-            let directory = match strom_state::create_savepoint_dir(&request.target, &master.name, id) {
-                Ok(directory) => directory,
-                Err(error) => {
-                    let _ = request.reply.send(Err(error.to_string()));
-                    return;
-                }
-            };
+            let directory =
+                match strom_state::create_savepoint_dir(&request.target, &master.name, id) {
+                    Ok(directory) => directory,
+                    Err(error) => {
+                        let _ = request.reply.send(Err(error.to_string()));
+                        return;
+                    }
+                };
             let kind = CheckpointKind::Savepoint { stop: request.stop };
             master.savepoint_in_flight = Some((id, request));
             self.trigger(job, now, kind, directory);
@@ -282,18 +285,24 @@ impl JobManager {
             target: Arc::new(directory),
             is_savepoint,
         };
-        let _ = self.task_managers[master.task_manager]
-            .sender
-            .send(ToTaskManager::TriggerCheckpoint {
-                job,
-                attempt: master.attempt,
-                barrier,
-            });
+        let _ =
+            self.task_managers[master.task_manager]
+                .sender
+                .send(ToTaskManager::TriggerCheckpoint {
+                    job,
+                    attempt: master.attempt,
+                    barrier,
+                });
     }
 
     /// A pending checkpoint was aborted: its files go, a savepoint's
     /// requester hears why.
-    fn aborted(&mut self, job: JobId, pending: PendingCheckpoint<(TaskStateHandle, Duration)>, reason: String) {
+    fn aborted(
+        &mut self,
+        job: JobId,
+        pending: PendingCheckpoint<(TaskStateHandle, Duration)>,
+        reason: String,
+    ) {
         let Some(master) = self.jobs.get_mut(&job) else {
             return;
         };
@@ -362,13 +371,18 @@ impl JobManager {
                 handle,
                 pause,
             } => {
-                let Some(master) = self.jobs.get_mut(&job).filter(|master| master.attempt == attempt) else {
+                let Some(master) = self
+                    .jobs
+                    .get_mut(&job)
+                    .filter(|master| master.attempt == attempt)
+                else {
                     return;
                 };
-                if let Acknowledged::AllAcknowledged(pending) = master
-                    .coordinator
-                    .acknowledge(checkpoint_id, (vertex, subtask), (handle, pause))
-                {
+                if let Acknowledged::AllAcknowledged(pending) = master.coordinator.acknowledge(
+                    checkpoint_id,
+                    (vertex, subtask),
+                    (handle, pause),
+                ) {
                     self.all_acknowledged(job, pending);
                 }
             }
@@ -378,7 +392,11 @@ impl JobManager {
                 checkpoint_id,
                 reason,
             } => {
-                let Some(master) = self.jobs.get_mut(&job).filter(|master| master.attempt == attempt) else {
+                let Some(master) = self
+                    .jobs
+                    .get_mut(&job)
+                    .filter(|master| master.attempt == attempt)
+                else {
                     return;
                 };
                 if let Some(pending) = master.coordinator.decline(checkpoint_id) {
@@ -461,7 +479,11 @@ impl JobManager {
     }
 
     /// Every task acknowledged: the metadata file completes the checkpoint.
-    fn all_acknowledged(&mut self, job: JobId, pending: PendingCheckpoint<(TaskStateHandle, Duration)>) {
+    fn all_acknowledged(
+        &mut self,
+        job: JobId,
+        pending: PendingCheckpoint<(TaskStateHandle, Duration)>,
+    ) {
         let master = self.jobs.get_mut(&job).expect("a known job");
         let is_savepoint = matches!(pending.kind, CheckpointKind::Savepoint { .. });
         let pause_max = pending
@@ -500,7 +522,9 @@ impl JobManager {
             duration: pending.triggered_at.elapsed(),
             size_bytes: metadata.state_size_bytes(),
         };
-        master.coordinator.complete(completed.clone(), Instant::now());
+        master
+            .coordinator
+            .complete(completed.clone(), Instant::now());
         master.event(JobEvent::CheckpointCompleted {
             id: pending.id,
             savepoint: is_savepoint,
@@ -520,13 +544,13 @@ impl JobManager {
         // Tasks commit what a checkpoint covers; an intermediate savepoint
         // commits nothing (as in Flink), a stopping one does.
         if !is_savepoint || stop {
-            let _ = self.task_managers[master.task_manager]
-                .sender
-                .send(ToTaskManager::CheckpointComplete {
+            let _ = self.task_managers[master.task_manager].sender.send(
+                ToTaskManager::CheckpointComplete {
                     job,
                     attempt: master.attempt,
                     checkpoint_id: pending.id,
-                });
+                },
+            );
         }
         if let Some((id, request)) = master.savepoint_in_flight.take() {
             if id == pending.id {
@@ -553,17 +577,19 @@ impl JobManager {
     }
 
     fn task_finished(&mut self, job: JobId, attempt: u32, accumulators: &Accumulators) {
-        let Some(master) = self
-            .jobs
-            .get_mut(&job)
-            .filter(|master| master.attempt == attempt && matches!(master.state, JobState::Running))
-        else {
+        let Some(master) = self.jobs.get_mut(&job).filter(|master| {
+            master.attempt == attempt && matches!(master.state, JobState::Running)
+        }) else {
             return;
         };
         master.accumulators.merge(accumulators);
         master.subtasks_remaining -= 1;
         if let Some(pending) = master.coordinator.task_finished() {
-            self.aborted(job, pending, "a task finished before acknowledging".to_string());
+            self.aborted(
+                job,
+                pending,
+                "a task finished before acknowledging".to_string(),
+            );
         }
         let master = self.jobs.get_mut(&job).expect("a known job");
         if master.subtasks_remaining > 0 {
@@ -572,10 +598,14 @@ impl JobManager {
         let master = self.jobs.remove(&job).expect("the job is known");
         self.release(job, &master);
         if let Some((_, request)) = master.savepoint_in_flight {
-            let _ = request.reply.send(Err("the job finished first".to_string()));
+            let _ = request
+                .reply
+                .send(Err("the job finished first".to_string()));
         }
         for request in master.savepoint_requests {
-            let _ = request.reply.send(Err("the job finished first".to_string()));
+            let _ = request
+                .reply
+                .send(Err("the job finished first".to_string()));
         }
         // A finished job needs no checkpoint to resume from (as in Flink).
         if let Some(storage) = &master.storage {
@@ -597,11 +627,9 @@ impl JobManager {
     fn task_failed(&mut self, job: JobId, attempt: u32, error: String) {
         // Later reports of the failed attempt's cancelled subtasks find an
         // older attempt and are dropped.
-        let Some(master) = self
-            .jobs
-            .get_mut(&job)
-            .filter(|master| master.attempt == attempt && matches!(master.state, JobState::Running))
-        else {
+        let Some(master) = self.jobs.get_mut(&job).filter(|master| {
+            master.attempt == attempt && matches!(master.state, JobState::Running)
+        }) else {
             return;
         };
         let now = Instant::now();
@@ -657,20 +685,23 @@ impl JobManager {
         master.subtasks_remaining = master.subtask_count;
         master.accumulators = Accumulators::default();
         master.coordinator.restart(Instant::now());
-        let deployed = self.task_managers[master.task_manager]
-            .sender
-            .send(ToTaskManager::DeployJob {
-                job,
-                attempt: master.attempt,
-                program: master.program.clone(),
-                args: master.args.clone(),
-                slots: master.slots.clone(),
-                restore: master.restore_path.clone(),
-            });
+        let deployed =
+            self.task_managers[master.task_manager]
+                .sender
+                .send(ToTaskManager::DeployJob {
+                    job,
+                    attempt: master.attempt,
+                    program: master.program.clone(),
+                    args: master.args.clone(),
+                    slots: master.slots.clone(),
+                    restore: master.restore_path.clone(),
+                });
         if deployed.is_err() {
             let master = self.jobs.remove(&job).expect("a known job");
             self.release(job, &master);
-            let _ = master.reply.send(Err("the TaskManager is gone".to_string()));
+            let _ = master
+                .reply
+                .send(Err("the TaskManager is gone".to_string()));
         }
     }
 
@@ -698,8 +729,10 @@ impl JobManager {
         // slot is taken: a damaged one fails here, naming the file.
         let mut first_checkpoint_id = 1;
         if let Some(restore) = &args.restore {
-            let restored = strom_state::read_checkpoint(&restore.path).map_err(|error| error.to_string())?;
-            let restored_id = check_restore(&restored, &job_graph, restore.allow_non_restored_state)?;
+            let restored =
+                strom_state::read_checkpoint(&restore.path).map_err(|error| error.to_string())?;
+            let restored_id =
+                check_restore(&restored, &job_graph, restore.allow_non_restored_state)?;
             first_checkpoint_id = restored_id + 1;
         }
         let slots_required = job_graph.slots_required();
@@ -761,9 +794,7 @@ impl JobManager {
             subtasks_remaining: tasks.len(),
             accumulators: Accumulators::default(),
             started_at: Instant::now(),
-            state: JobState::Restarting {
-                at: Instant::now(),
-            },
+            state: JobState::Restarting { at: Instant::now() },
             reply: reply.clone(),
             events,
             coordinator: CheckpointCoordinator::new(
@@ -793,7 +824,10 @@ impl JobManager {
 /// The path of a checkpoint's directory as a person gives it: the
 /// directory itself or its metadata file.
 pub fn checkpoint_directory(path: &Path) -> &Path {
-    if path.file_name().is_some_and(|name| name == strom_state::METADATA_FILE_NAME) {
+    if path
+        .file_name()
+        .is_some_and(|name| name == strom_state::METADATA_FILE_NAME)
+    {
         path.parent().unwrap_or(path)
     } else {
         path

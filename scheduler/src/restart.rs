@@ -95,7 +95,10 @@ mod tests {
         assert_eq!(backoff.on_failure(now), Some(Duration::from_millis(10)));
         assert_eq!(backoff.on_failure(now), None);
         assert_eq!(backoff.restarts(), 2);
-        assert_eq!(RestartBackoff::new(RestartStrategy::None).on_failure(now), None);
+        assert_eq!(
+            RestartBackoff::new(RestartStrategy::None).on_failure(now),
+            None
+        );
     }
 
     #[test]

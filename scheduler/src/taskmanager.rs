@@ -306,8 +306,11 @@ impl TaskManager {
                 }
                 let mut task_restore = TaskRestore::default();
                 if let Some(restored) = &restored {
-                    let key_groups =
-                        KeyGroupRange::for_subtask(graph.max_parallelism, vertex.parallelism, subtask);
+                    let key_groups = KeyGroupRange::for_subtask(
+                        graph.max_parallelism,
+                        vertex.parallelism,
+                        subtask,
+                    );
                     for (operator_id, _, operator_vertex) in &operators {
                         if *operator_vertex != vertex.id || !restored.has_operator(operator_id) {
                             continue;
@@ -402,8 +405,15 @@ async fn slot_main(commands: Receiver<SlotCommand>, ready: Sender<()>) {
                 attempt,
                 barrier,
             }) => {
-                if let Some(slot_job) = running.get(&job).filter(|slot_job| slot_job.attempt == attempt) {
-                    for (_, mailbox) in slot_job.mailboxes.iter().filter(|(is_source, _)| *is_source) {
+                if let Some(slot_job) = running
+                    .get(&job)
+                    .filter(|slot_job| slot_job.attempt == attempt)
+                {
+                    for (_, mailbox) in slot_job
+                        .mailboxes
+                        .iter()
+                        .filter(|(is_source, _)| *is_source)
+                    {
                         mailbox
                             .borrow_mut()
                             .push_back(TaskCommand::TriggerCheckpoint(barrier.clone()));
@@ -415,7 +425,10 @@ async fn slot_main(commands: Receiver<SlotCommand>, ready: Sender<()>) {
                 attempt,
                 checkpoint_id,
             }) => {
-                if let Some(slot_job) = running.get(&job).filter(|slot_job| slot_job.attempt == attempt) {
+                if let Some(slot_job) = running
+                    .get(&job)
+                    .filter(|slot_job| slot_job.attempt == attempt)
+                {
                     for (_, mailbox) in &slot_job.mailboxes {
                         mailbox
                             .borrow_mut()

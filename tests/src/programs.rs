@@ -21,6 +21,7 @@ pub fn test_programs() -> Vec<Program> {
         CYCLE_PROGRAM,
         OVER_MAX_PARALLELISM_PROGRAM,
         COUNT_PROGRAM,
+        crate::sequence::SEQUENCE_PROGRAM,
     ]
 }
 

@@ -13,8 +13,8 @@ use std::sync::mpsc;
 use clap::{Arg, ArgMatches, Command};
 use strom_core::program::JobOutcome;
 use strom_core::{JobArgs, Program};
-use strom_scheduler::taskmanager::allowed_cpus;
 use strom_scheduler::rest::RestServer;
+use strom_scheduler::taskmanager::allowed_cpus;
 use strom_scheduler::{JobEvent, LocalCluster, LocalClusterConfig};
 
 /// Exit code of a bad argument (as clap's).
@@ -161,7 +161,11 @@ pub fn main_with_programs(programs: Vec<Program>) -> ExitCode {
                 ExitCode::from(EXIT_JOB_FAILED)
             }
         }
-        Some((name, client_matches)) if client::commands().iter().any(|command| command.get_name() == name) => {
+        Some((name, client_matches))
+            if client::commands()
+                .iter()
+                .any(|command| command.get_name() == name) =>
+        {
             client::run(name, client_matches)
         }
         Some(("programs", _)) => {
@@ -187,7 +191,9 @@ pub fn main_with_programs(programs: Vec<Program>) -> ExitCode {
             if verb == "plan" {
                 plan(program, &job_args)
             } else {
-                let bind = *verb_matches.get_one::<std::net::IpAddr>("bind").expect("a default");
+                let bind = *verb_matches
+                    .get_one::<std::net::IpAddr>("bind")
+                    .expect("a default");
                 let port = *verb_matches.get_one::<u16>("rest-port").expect("a default");
                 run_local(program, &job_args, program_matches, (bind, port).into())
             }
@@ -329,7 +335,11 @@ fn print_event(event: &JobEvent) {
             pause_max,
         } => eprintln!(
             "{} {id} completed in {} ms, {size_bytes} bytes, longest stream pause {} us: {}",
-            if *savepoint { "savepoint" } else { "checkpoint" },
+            if *savepoint {
+                "savepoint"
+            } else {
+                "checkpoint"
+            },
             duration.as_millis(),
             pause_max.as_micros(),
             path.display()
