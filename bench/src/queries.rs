@@ -6,6 +6,7 @@
 //! each subtask's rows into the `rows` and `checksum` accumulators, which the
 //! JobManager merges (a wrapping sum, like the checksum itself).
 
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,6 +20,7 @@ use strom_core::{
     AggregateFunction, DataStream, KeyedCoProcessFunction, ListState, StreamExecutionEnvironment,
     TimeWindow, Timestamp, WatermarkStrategy, WindowAssigner,
 };
+use strom_scheduler::file_sink::FileSink;
 
 use crate::nexmark::model::{
     tumbling_window_start, Q5_WINDOW_SIZE_MS, Q5_WINDOW_SLIDE_MS, Q7_WINDOW_SIZE_MS,
@@ -238,20 +240,58 @@ fn auctions(events: DataStream<Event>) -> DataStream<Auction> {
         .name("auctions")
 }
 
-/// Builds query `query` over `config`'s events into `env`.
-pub fn build_query(env: &StreamExecutionEnvironment, query: Query, source: NexmarkSource) {
-    let sink = AnswerSink::default();
-    let name = format!("answer sink {}", query.name());
+/// Where a query's rows go: the answer sink and, with `--output`, a file
+/// sink that writes them as lines, committed by checkpoints.
+struct RowSinks {
+    query: Query,
+    output: Option<PathBuf>,
+}
+
+impl RowSinks {
+    fn add<R: AnswerRow + strom_core::Record>(&self, rows: DataStream<R>) {
+        if let Some(directory) = &self.output {
+            rows.clone()
+                .add_sink(FileSink::new(
+                    directory.clone(),
+                    |row: &R, line: &mut String| {
+                        let _ = row.write_row(line);
+                    },
+                ))
+                .name(&format!("file sink {}", self.query.name()));
+        }
+        rows.add_sink(AnswerSink::default())
+            .name(&format!("answer sink {}", self.query.name()));
+    }
+}
+
+/// Ends a stream of rows in the query's sinks.
+trait AddRowSinks {
+    fn add_sink_with(self, sinks: &RowSinks);
+}
+
+impl<R: AnswerRow + strom_core::Record> AddRowSinks for DataStream<R> {
+    fn add_sink_with(self, sinks: &RowSinks) {
+        sinks.add(self);
+    }
+}
+
+/// Builds query `query` over `source`'s events into `env`.
+pub fn build_query(
+    env: &StreamExecutionEnvironment,
+    query: Query,
+    source: NexmarkSource,
+    output: Option<PathBuf>,
+) {
+    let sinks = RowSinks { query, output };
     match query {
         Query::Q0 => {
-            bids(events(env, source.clone())).add_sink(sink).name(&name);
+            sinks.add(bids(events(env, source.clone())));
         }
         Query::Q1 => {
             bids(events(env, source.clone()))
                 .map(|bid| Q1Row::from_bid(&bid))
                 .name("q1 euro")
-                .add_sink(sink)
-                .name(&name);
+                .add_sink_with(&sinks);
         }
         Query::Q2 => {
             bids(events(env, source.clone()))
@@ -259,8 +299,7 @@ pub fn build_query(env: &StreamExecutionEnvironment, query: Query, source: Nexma
                 .name("q2 filter")
                 .map(|bid| Q2Row::from_bid(&bid))
                 .name("q2 project")
-                .add_sink(sink)
-                .name(&name);
+                .add_sink_with(&sinks);
         }
         Query::Q3 => {
             let events = events(env, source.clone());
@@ -275,8 +314,7 @@ pub fn build_query(env: &StreamExecutionEnvironment, query: Query, source: Nexma
                 .connect(auctions.key_by(|auction| auction.seller))
                 .process(LocalItemSuggestion::default())
                 .name("q3 join")
-                .add_sink(sink)
-                .name(&name);
+                .add_sink_with(&sinks);
         }
         Query::Q5 => {
             let size = Duration::from_millis(Q5_WINDOW_SIZE_MS);
@@ -301,8 +339,7 @@ pub fn build_query(env: &StreamExecutionEnvironment, query: Query, source: Nexma
                 .key_by(|row| row.window_end)
                 .process(TopPerWindow::new(|row: &Q5Row| row.count))
                 .name("q5 hot items")
-                .add_sink(sink)
-                .name(&name);
+                .add_sink_with(&sinks);
         }
         Query::Q7 => {
             let size = Duration::from_millis(Q7_WINDOW_SIZE_MS);
@@ -330,8 +367,7 @@ pub fn build_query(env: &StreamExecutionEnvironment, query: Query, source: Nexma
                 .key_by(|row| row.window_end)
                 .process(TopPerWindow::new(|row: &Q7Row| row.price))
                 .name("q7 highest bid")
-                .add_sink(sink)
-                .name(&name);
+                .add_sink_with(&sinks);
         }
         Query::Q8 => {
             let events = events(env, source.clone());
@@ -349,8 +385,7 @@ pub fn build_query(env: &StreamExecutionEnvironment, query: Query, source: Nexma
                     window_end: tumbling_window_start(person.date_time, size) + size,
                 })
                 .name("q8 new users")
-                .add_sink(sink)
-                .name(&name);
+                .add_sink_with(&sinks);
         }
     }
 }
@@ -544,6 +579,13 @@ fn nexmark_command() -> clap::Command {
                 .help("Fail the source subtask that produces event I when it reaches it, once each, to see recovery"),
         )
         .arg(
+            clap::Arg::new("output")
+                .long("output")
+                .value_name("DIR")
+                .value_parser(clap::value_parser!(PathBuf))
+                .help("Also write the rows, one a line, into part files in DIR, committed exactly once by checkpoints"),
+        )
+        .arg(
             clap::Arg::new("events-per-second")
                 .long("events-per-second")
                 .value_name("RATE")
@@ -589,7 +631,12 @@ fn build_nexmark(
             .get_one::<u64>("events-per-second")
             .expect("--events-per-second has a default"),
     };
-    build_query(env, query, source);
+    build_query(
+        env,
+        query,
+        source,
+        matches.get_one::<PathBuf>("output").cloned(),
+    );
     Ok(())
 }
 

@@ -27,7 +27,7 @@ use crate::operator::{
     SourceHead, TaskHead,
 };
 use crate::record::Record;
-use crate::snapshot::TaskRestore;
+use crate::snapshot::{Committable, TaskRestore};
 
 pub type NodeId = usize;
 
@@ -790,6 +790,7 @@ impl JobGraph {
                 tracker: setup.tracker.clone(),
                 operator_id: self.operator_id(*node_id),
                 restore: setup.restore.clone(),
+                committables: setup.committables.clone(),
             };
             if position == 0 {
                 return match &node.kind {
@@ -822,6 +823,8 @@ pub struct TaskSetup {
     pub tracker: Rc<Cell<usize>>,
     /// The state the task's operators start from (empty on a fresh start).
     pub restore: Rc<RefCell<TaskRestore>>,
+    /// What the task's sinks leave to commit when the job has finished.
+    pub committables: Rc<RefCell<Vec<Committable>>>,
 }
 
 impl TaskSetup {
@@ -831,6 +834,7 @@ impl TaskSetup {
             accumulators: Rc::new(RefCell::new(Accumulators::default())),
             tracker: Rc::new(Cell::new(0)),
             restore: Rc::new(RefCell::new(restore)),
+            committables: Rc::default(),
         }
     }
 }

@@ -23,7 +23,8 @@ use crate::function::{
 use crate::key::{subtask_for_key_group, Key, KeyGroupAssigner, KeyGroupRange};
 use crate::record::{Record, StreamElement, StreamRecord};
 use crate::snapshot::{
-    CheckpointBarrier, KeyedCapture, OperatorCapture, OperatorRestore, TaskRestore, TaskSnapshot,
+    CheckpointBarrier, Committable, KeyedCapture, OperatorCapture, OperatorRestore, TaskRestore,
+    TaskSnapshot,
 };
 use crate::source::{SourceOutput, SourceReader, SourceStatus};
 use crate::state::{KeyedStateStore, TimerService};
@@ -69,6 +70,8 @@ pub struct OperatorContext {
     /// The state the task starts from, which each operator takes its share
     /// of when it is created.
     pub restore: Rc<RefCell<TaskRestore>>,
+    /// What sinks leave to commit once the whole job has finished.
+    pub committables: Rc<RefCell<Vec<Committable>>>,
 }
 
 impl OperatorContext {

@@ -226,6 +226,17 @@ impl TaskSnapshot {
     }
 }
 
+/// A file a sink staged and that becomes visible only once the job has
+/// finished: the end of a bounded job commits what no checkpoint covered
+/// (see [`crate::function::SinkFunction::finish`]). The JobMaster renames
+/// `from` to `to` after every task has finished, before it reports the
+/// job's result.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Committable {
+    pub from: PathBuf,
+    pub to: PathBuf,
+}
+
 /// The state one operator subtask starts from.
 #[derive(Clone, Debug, Default)]
 pub struct OperatorRestore {

@@ -904,6 +904,7 @@ mod tests {
             tracker: Default::default(),
             operator_id: "1:window".to_string(),
             restore: std::rc::Rc::new(std::cell::RefCell::new(restore)),
+            committables: Default::default(),
         };
         WindowOperator::new(
             Arc::new(key),

@@ -20,7 +20,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use strom_core::snapshot::CheckpointBarrier;
+use strom_core::snapshot::{CheckpointBarrier, Committable};
 use strom_core::{Accumulators, JobArgs, JobGraph, Program};
 use strom_state::{
     CheckpointMetadata, CheckpointStorage, RestoredCheckpoint, SnapshotKind, TaskStateHandle,
@@ -97,6 +97,8 @@ struct JobMaster {
     /// what the job was submitted with.
     restore_path: Option<PathBuf>,
     backoff: RestartBackoff,
+    /// What the finished tasks of this attempt left to commit.
+    committables: Vec<Committable>,
     savepoint_requests: Vec<SavepointRequest>,
     /// The savepoint being taken, and who waits for it.
     savepoint_in_flight: Option<(u64, SavepointRequest)>,
@@ -353,8 +355,9 @@ impl JobManager {
                 job,
                 attempt,
                 accumulators,
+                committables,
                 ..
-            } => self.task_finished(job, attempt, &accumulators),
+            } => self.task_finished(job, attempt, &accumulators, committables),
             ToJobManager::TaskFailed {
                 job,
                 attempt,
@@ -576,13 +579,20 @@ impl JobManager {
         }
     }
 
-    fn task_finished(&mut self, job: JobId, attempt: u32, accumulators: &Accumulators) {
+    fn task_finished(
+        &mut self,
+        job: JobId,
+        attempt: u32,
+        accumulators: &Accumulators,
+        committables: Vec<Committable>,
+    ) {
         let Some(master) = self.jobs.get_mut(&job).filter(|master| {
             master.attempt == attempt && matches!(master.state, JobState::Running)
         }) else {
             return;
         };
         master.accumulators.merge(accumulators);
+        master.committables.extend(committables);
         master.subtasks_remaining -= 1;
         if let Some(pending) = master.coordinator.task_finished() {
             self.aborted(
@@ -606,6 +616,15 @@ impl JobManager {
             let _ = request
                 .reply
                 .send(Err("the job finished first".to_string()));
+        }
+        // Every task has finished: what the sinks staged since the last
+        // checkpoint is the job's, exactly once, and becomes visible now.
+        if let Err(error) = commit_all(&master.committables) {
+            let _ = master.reply.send(Err(format!(
+                "job '{}' failed to commit its output: {error}",
+                master.name
+            )));
+            return;
         }
         // A finished job needs no checkpoint to resume from (as in Flink).
         if let Some(storage) = &master.storage {
@@ -684,6 +703,8 @@ impl JobManager {
         master.state = JobState::Running;
         master.subtasks_remaining = master.subtask_count;
         master.accumulators = Accumulators::default();
+        // A failed attempt's staged files stay uncommitted (and hidden).
+        master.committables.clear();
         master.coordinator.restart(Instant::now());
         let deployed =
             self.task_managers[master.task_manager]
@@ -806,6 +827,7 @@ impl JobManager {
             storage,
             restore_path: args.restore.as_ref().map(|restore| restore.path.clone()),
             backoff: RestartBackoff::new(args.restart.clone()),
+            committables: Vec::new(),
             savepoint_requests: Vec::new(),
             savepoint_in_flight: None,
             args,
@@ -819,6 +841,34 @@ impl JobManager {
         self.deploy_attempt(job);
         Ok(())
     }
+}
+
+/// Renames every staged file to its final name, durably. A file already
+/// renamed (its final name exists, its staged name does not) counts as
+/// committed, so that committing twice does no harm.
+pub fn commit_all(committables: &[Committable]) -> Result<(), String> {
+    let mut directories = std::collections::BTreeSet::new();
+    for committable in committables {
+        if !committable.from.exists() && committable.to.exists() {
+            continue;
+        }
+        std::fs::rename(&committable.from, &committable.to).map_err(|error| {
+            format!(
+                "cannot commit '{}' as '{}': {error}",
+                committable.from.display(),
+                committable.to.display()
+            )
+        })?;
+        if let Some(parent) = committable.to.parent() {
+            directories.insert(parent.to_path_buf());
+        }
+    }
+    for directory in directories {
+        std::fs::File::open(&directory)
+            .and_then(|handle| handle.sync_all())
+            .map_err(|error| format!("cannot sync directory '{}': {error}", directory.display()))?;
+    }
+    Ok(())
 }
 
 /// The path of a checkpoint's directory as a person gives it: the
@@ -914,6 +964,7 @@ mod tests {
                 vertex,
                 subtask,
                 accumulators: Accumulators::default(),
+                committables: Vec::new(),
             };
             job_manager.handle(finished);
         }

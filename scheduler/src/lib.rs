@@ -20,6 +20,7 @@
 #![forbid(unsafe_code)]
 
 pub mod coordinator;
+pub mod file_sink;
 pub mod jobmanager;
 pub mod local;
 pub mod messages;

@@ -26,7 +26,7 @@ use std::path::PathBuf;
 use std::sync::mpsc::Sender;
 use std::time::Duration;
 
-use strom_core::snapshot::CheckpointBarrier;
+use strom_core::snapshot::{CheckpointBarrier, Committable};
 use strom_core::{Accumulators, JobArgs};
 use strom_state::TaskStateHandle;
 
@@ -149,6 +149,8 @@ pub enum ToJobManager {
         vertex: usize,
         subtask: u32,
         accumulators: Accumulators,
+        /// Files its sinks staged, to commit when the job has finished.
+        committables: Vec<Committable>,
     },
     TaskFailed {
         job: JobId,

@@ -536,6 +536,7 @@ pub async fn run_task(graph: Arc<JobGraph>, deployment: TaskDeployment, mailbox:
             vertex,
             subtask,
             accumulators: run.setup.accumulators.borrow().clone(),
+            committables: run.setup.committables.borrow().clone(),
         },
         Err(Stop::Failed(error)) => ToJobManager::TaskFailed {
             job,

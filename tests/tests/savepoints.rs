@@ -192,6 +192,20 @@ fn restore(query: &str, parallelism: &str, savepoint: &str, extra: &[&str]) -> F
     strom(&arguments)
 }
 
+/// Asserts that a run from `savepoint` said it restored from it and ended
+/// with the q5 reference answer. A run that ignored the savepoint and read
+/// the input from the start would print the same answer, hence the first
+/// check; the damage tests show that the state files are read.
+fn assert_resumes_with_the_reference_answer(finished: &Finished, savepoint: &str, what: &str) {
+    assert!(
+        finished
+            .stderr
+            .contains(&format!("restoring from {savepoint}")),
+        "{what} does not say it restores from {savepoint}: {finished:?}"
+    );
+    assert_prints_the_reference_answer(finished, what);
+}
+
 /// Asserts a run ended with the q5 reference answer as its first line.
 fn assert_prints_the_reference_answer(finished: &Finished, what: &str) {
     assert_eq!(finished.code, Some(0), "{what}: {finished:?}");
@@ -286,8 +300,9 @@ fn q5_stopped_with_a_savepoint_resumes_at_another_parallelism_with_the_uninterru
             &[]
         };
         let resumed = restore("q5", to, &savepoint, extra);
-        assert_prints_the_reference_answer(
+        assert_resumes_with_the_reference_answer(
             &resumed,
+            &savepoint,
             &format!("q5 stopped at parallelism {from} and resumed at {to}"),
         );
     }
@@ -323,7 +338,11 @@ fn a_savepoint_taken_while_the_job_runs_restores_and_the_job_goes_on() {
     );
     assert!(Path::new(&savepoint).join("_metadata").is_file());
     let resumed = restore("q5", "2", &savepoint, &[]);
-    assert_prints_the_reference_answer(&resumed, "q5 resumed from a savepoint of a running job");
+    assert_resumes_with_the_reference_answer(
+        &resumed,
+        &savepoint,
+        "q5 resumed from a savepoint of a running job",
+    );
 }
 
 /// How a test damages its copy of a savepoint; returns the damaged file.
