@@ -32,6 +32,10 @@ use crate::coordinator::{
 use crate::messages::{JobEvent, JobId, JobResult, JobStatus, ToJobManager, ToTaskManager};
 use crate::restart::RestartBackoff;
 
+/// What a task acknowledged: its state file, how long its stream paused,
+/// how long it aligned.
+type Acknowledgement = (TaskStateHandle, Duration, Duration);
+
 /// How long the JobManager sleeps when no timer is due: it wakes for every
 /// message anyway.
 const IDLE_WAKE_INTERVAL: Duration = Duration::from_secs(1);
@@ -91,7 +95,7 @@ struct JobMaster {
     state: JobState,
     reply: Sender<Result<JobResult, String>>,
     events: Option<Sender<JobEvent>>,
-    coordinator: CheckpointCoordinator<(TaskStateHandle, Duration)>,
+    coordinator: CheckpointCoordinator<Acknowledgement>,
     storage: Option<CheckpointStorage>,
     /// What the next attempt restores: the latest completed checkpoint, or
     /// what the job was submitted with.
@@ -299,12 +303,7 @@ impl JobManager {
 
     /// A pending checkpoint was aborted: its files go, a savepoint's
     /// requester hears why.
-    fn aborted(
-        &mut self,
-        job: JobId,
-        pending: PendingCheckpoint<(TaskStateHandle, Duration)>,
-        reason: String,
-    ) {
+    fn aborted(&mut self, job: JobId, pending: PendingCheckpoint<Acknowledgement>, reason: String) {
         let Some(master) = self.jobs.get_mut(&job) else {
             return;
         };
@@ -373,6 +372,7 @@ impl JobManager {
                 checkpoint_id,
                 handle,
                 pause,
+                alignment,
             } => {
                 let Some(master) = self
                     .jobs
@@ -384,7 +384,7 @@ impl JobManager {
                 if let Acknowledged::AllAcknowledged(pending) = master.coordinator.acknowledge(
                     checkpoint_id,
                     (vertex, subtask),
-                    (handle, pause),
+                    (handle, pause, alignment),
                 ) {
                     self.all_acknowledged(job, pending);
                 }
@@ -482,23 +482,25 @@ impl JobManager {
     }
 
     /// Every task acknowledged: the metadata file completes the checkpoint.
-    fn all_acknowledged(
-        &mut self,
-        job: JobId,
-        pending: PendingCheckpoint<(TaskStateHandle, Duration)>,
-    ) {
+    fn all_acknowledged(&mut self, job: JobId, pending: PendingCheckpoint<Acknowledgement>) {
         let master = self.jobs.get_mut(&job).expect("a known job");
         let is_savepoint = matches!(pending.kind, CheckpointKind::Savepoint { .. });
         let pause_max = pending
             .acknowledgements
             .iter()
-            .map(|(_, (_, pause))| *pause)
+            .map(|(_, (_, pause, _))| *pause)
+            .max()
+            .unwrap_or_default();
+        let alignment_max = pending
+            .acknowledgements
+            .iter()
+            .map(|(_, (_, _, alignment))| *alignment)
             .max()
             .unwrap_or_default();
         let mut tasks: Vec<(crate::coordinator::TaskKey, TaskStateHandle)> = pending
             .acknowledgements
             .iter()
-            .map(|(task, (handle, _))| (*task, handle.clone()))
+            .map(|(task, (handle, _, _))| (*task, handle.clone()))
             .collect();
         tasks.sort_by_key(|(task, _)| *task);
         let metadata = CheckpointMetadata {
@@ -535,6 +537,7 @@ impl JobManager {
             duration: completed.duration,
             size_bytes: completed.size_bytes,
             pause_max,
+            alignment_max,
         });
         let stop = matches!(pending.kind, CheckpointKind::Savepoint { stop: true });
         if !is_savepoint {

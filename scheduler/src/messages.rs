@@ -106,6 +106,9 @@ pub enum JobEvent {
         size_bytes: u64,
         /// The longest any task stopped its stream for the snapshot.
         pause_max: Duration,
+        /// The longest any task held back inputs that had delivered the
+        /// barrier while it waited for the others (alignment).
+        alignment_max: Duration,
     },
     CheckpointAborted {
         id: u64,
@@ -168,6 +171,8 @@ pub enum ToJobManager {
         handle: TaskStateHandle,
         /// How long the task's stream stood still for the snapshot.
         pause: Duration,
+        /// How long it held back inputs while aligning the barrier.
+        alignment: Duration,
     },
     DeclineCheckpoint {
         job: JobId,

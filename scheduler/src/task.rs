@@ -27,14 +27,14 @@
 //! 6. a panic in user code fails the task with the operator's name; a closed
 //!    channel means the job was cancelled, and the task just stops.
 
-use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
-use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -73,9 +73,42 @@ pub enum TaskCommand {
     CheckpointComplete(u64),
 }
 
-/// A task's commands, filled by its slot and read by the task between
-/// records. Both live on the slot's thread.
-pub type TaskMailbox = Rc<RefCell<VecDeque<TaskCommand>>>;
+/// A task's commands: filled by the TaskManager's thread, read by the task
+/// between two polls of its source or two input elements. The flag keeps
+/// the check per poll to one load; commands are rare.
+#[derive(Debug, Default)]
+pub struct Mailbox {
+    pending: AtomicBool,
+    commands: Mutex<VecDeque<TaskCommand>>,
+}
+
+impl Mailbox {
+    pub fn push(&self, command: TaskCommand) {
+        let mut commands = self
+            .commands
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        commands.push_back(command);
+        self.pending.store(true, Ordering::Release);
+    }
+
+    fn pop(&self) -> Option<TaskCommand> {
+        if !self.pending.load(Ordering::Acquire) {
+            return None;
+        }
+        let mut commands = self
+            .commands
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let command = commands.pop_front();
+        if commands.is_empty() {
+            self.pending.store(false, Ordering::Release);
+        }
+        command
+    }
+}
+
+pub type TaskMailbox = Arc<Mailbox>;
 
 /// One subtask to run, with its channels.
 pub struct TaskDeployment {
@@ -90,6 +123,8 @@ pub struct TaskDeployment {
     /// Output channels, in the order the task's writers index them.
     pub outputs: Vec<ChannelSender>,
     pub reports: Sender<ToTaskManager>,
+    /// Where the TaskManager leaves the task its commands.
+    pub mailbox: TaskMailbox,
 }
 
 enum Stop {
@@ -168,14 +203,13 @@ impl TaskRun<'_> {
         let mut last_flush = Instant::now();
         loop {
             loop {
-                let command = self.mailbox.borrow_mut().pop_front();
-                match command {
+                match self.mailbox.pop() {
                     None => break,
                     Some(TaskCommand::TriggerCheckpoint(barrier)) => {
                         let started = Instant::now();
                         let mut snapshot = TaskSnapshot::default();
                         self.guarded(|| head.snapshot(&barrier, &mut snapshot))?;
-                        self.persist(barrier, snapshot, started.elapsed());
+                        self.persist(barrier, snapshot, started.elapsed(), Duration::ZERO);
                     }
                     Some(TaskCommand::CheckpointComplete(id)) => {
                         self.guarded(|| head.checkpoint_complete(id))?;
@@ -330,8 +364,8 @@ impl TaskRun<'_> {
         let started = Instant::now();
         let mut snapshot = TaskSnapshot::default();
         self.guarded(|| head.on_barrier(&current.barrier, &mut snapshot))?;
-        let _alignment_duration = started.duration_since(current.started);
-        self.persist(current.barrier, snapshot, started.elapsed());
+        let alignment = started.duration_since(current.started);
+        self.persist(current.barrier, snapshot, started.elapsed(), alignment);
         skipped.copy_from_slice(ended);
         Ok(())
     }
@@ -339,8 +373,7 @@ impl TaskRun<'_> {
     /// Runs the commands the slot left in the mailbox.
     fn take_commands(&self, head: &mut dyn TaskHead) -> Result<(), Stop> {
         loop {
-            let command = self.mailbox.borrow_mut().pop_front();
-            match command {
+            match self.mailbox.pop() {
                 None => return Ok(()),
                 // Barriers reach input tasks through their channels.
                 Some(TaskCommand::TriggerCheckpoint(_)) => {}
@@ -354,7 +387,13 @@ impl TaskRun<'_> {
     /// The asynchronous phase of a snapshot: serializes the captures one
     /// key group at a time, writes the task's state file durably on a
     /// blocking thread, and acknowledges (or declines) to the JobMaster.
-    fn persist(&self, barrier: CheckpointBarrier, snapshot: TaskSnapshot, pause: Duration) {
+    fn persist(
+        &self,
+        barrier: CheckpointBarrier,
+        snapshot: TaskSnapshot,
+        pause: Duration,
+        alignment: Duration,
+    ) {
         let (job, attempt, vertex, subtask) = (self.job, self.attempt, self.vertex, self.subtask);
         let reports = self.reports.clone();
         let checkpoint_id = barrier.checkpoint_id;
@@ -398,6 +437,7 @@ impl TaskRun<'_> {
                     checkpoint_id,
                     handle,
                     pause,
+                    alignment,
                 },
                 Err(reason) => ToJobManager::DeclineCheckpoint {
                     job,
@@ -501,7 +541,7 @@ async fn connect(
 }
 
 /// Runs one subtask to its end and reports how it ended.
-pub async fn run_task(graph: Arc<JobGraph>, deployment: TaskDeployment, mailbox: TaskMailbox) {
+pub async fn run_task(graph: Arc<JobGraph>, deployment: TaskDeployment) {
     let TaskDeployment {
         job,
         attempt,
@@ -511,6 +551,7 @@ pub async fn run_task(graph: Arc<JobGraph>, deployment: TaskDeployment, mailbox:
         inputs,
         outputs,
         reports,
+        mailbox,
     } = deployment;
     let (inputs, outputs) = connect(inputs, outputs).await;
     let run = TaskRun {

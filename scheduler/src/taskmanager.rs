@@ -10,7 +10,7 @@ use std::path::Path;
 
 use glommio::{LocalExecutorBuilder, Placement};
 use strom_core::key::KeyGroupRange;
-use strom_core::snapshot::{CheckpointBarrier, OperatorRestore, TaskRestore};
+use strom_core::snapshot::{OperatorRestore, TaskRestore};
 use strom_core::{JobGraph, Program};
 use strom_net::channel::{channel, ChannelReceiver, ChannelSender};
 
@@ -39,16 +39,6 @@ enum SlotCommand {
         graph: Arc<JobGraph>,
         tasks: Vec<TaskDeployment>,
     },
-    TriggerCheckpoint {
-        job: JobId,
-        attempt: u32,
-        barrier: CheckpointBarrier,
-    },
-    CheckpointComplete {
-        job: JobId,
-        attempt: u32,
-        checkpoint_id: u64,
-    },
     Cancel {
         job: JobId,
     },
@@ -66,6 +56,9 @@ pub struct TaskManager {
     slots: Vec<Slot>,
     job_manager: Sender<ToJobManager>,
     inbox_sender: Sender<ToTaskManager>,
+    /// The mailboxes of the tasks of each job's current attempt, and
+    /// whether each is a source task.
+    mailboxes: HashMap<JobId, (u32, Vec<(bool, TaskMailbox)>)>,
 }
 
 /// The CPUs this process may run on, from `/proc/self/status`.
@@ -146,6 +139,7 @@ impl TaskManager {
             slots,
             job_manager,
             inbox_sender,
+            mailboxes: HashMap::new(),
         })
     }
 
@@ -154,7 +148,7 @@ impl TaskManager {
     }
 
     /// Handles messages until `Shutdown`, then stops the slots.
-    pub fn run(self, inbox: Receiver<ToTaskManager>) {
+    pub fn run(mut self, inbox: Receiver<ToTaskManager>) {
         while let Ok(message) = inbox.recv() {
             match message {
                 ToTaskManager::DeployJob {
@@ -182,12 +176,16 @@ impl TaskManager {
                     attempt,
                     barrier,
                 } => {
-                    for slot in &self.slots {
-                        let _ = slot.commands.send(SlotCommand::TriggerCheckpoint {
-                            job,
-                            attempt,
-                            barrier: barrier.clone(),
-                        });
+                    // Straight into the source tasks' mailboxes: a busy slot
+                    // takes the barrier at its next poll.
+                    if let Some((_, mailboxes)) = self
+                        .mailboxes
+                        .get(&job)
+                        .filter(|(deployed, _)| *deployed == attempt)
+                    {
+                        for (_, mailbox) in mailboxes.iter().filter(|(is_source, _)| *is_source) {
+                            mailbox.push(TaskCommand::TriggerCheckpoint(barrier.clone()));
+                        }
                     }
                 }
                 ToTaskManager::CheckpointComplete {
@@ -195,15 +193,18 @@ impl TaskManager {
                     attempt,
                     checkpoint_id,
                 } => {
-                    for slot in &self.slots {
-                        let _ = slot.commands.send(SlotCommand::CheckpointComplete {
-                            job,
-                            attempt,
-                            checkpoint_id,
-                        });
+                    if let Some((_, mailboxes)) = self
+                        .mailboxes
+                        .get(&job)
+                        .filter(|(deployed, _)| *deployed == attempt)
+                    {
+                        for (_, mailbox) in mailboxes {
+                            mailbox.push(TaskCommand::CheckpointComplete(checkpoint_id));
+                        }
                     }
                 }
                 ToTaskManager::CancelJob { job } => {
+                    self.mailboxes.remove(&job);
                     for slot in &self.slots {
                         let _ = slot.commands.send(SlotCommand::Cancel { job });
                     }
@@ -224,7 +225,7 @@ impl TaskManager {
     }
 
     fn deploy(
-        &self,
+        &mut self,
         job: JobId,
         attempt: u32,
         program_name: &str,
@@ -259,6 +260,7 @@ impl TaskManager {
             .map(|path| strom_state::read_checkpoint(path).map_err(|error| error.to_string()))
             .transpose()?;
         let operators = graph.operators();
+        let mut mailboxes = Vec::new();
         // One channel per (edge, producer, consumer) pair.
         let mut senders: HashMap<(usize, u32, u32), ChannelSender> = HashMap::new();
         let mut receivers: HashMap<(usize, u32, u32), ChannelReceiver> = HashMap::new();
@@ -328,7 +330,10 @@ impl TaskManager {
                         );
                     }
                 }
+                let mailbox = TaskMailbox::default();
+                mailboxes.push((vertex.is_source, mailbox.clone()));
                 per_slot[slot].push(TaskDeployment {
+                    mailbox,
                     job,
                     attempt,
                     vertex: vertex.id,
@@ -340,6 +345,7 @@ impl TaskManager {
                 });
             }
         }
+        self.mailboxes.insert(job, (attempt, mailboxes));
         for (slot, tasks) in self.slots.iter().zip(per_slot) {
             if !tasks.is_empty() {
                 slot.commands
@@ -360,8 +366,6 @@ impl TaskManager {
 struct SlotJob {
     attempt: u32,
     handles: Vec<glommio::task::JoinHandle<()>>,
-    /// Every task's mailbox, and whether it is a source task.
-    mailboxes: Vec<(bool, TaskMailbox)>,
 }
 
 /// The life of a slot: run the subtasks deployed into it; cancelling a job
@@ -381,59 +385,18 @@ async fn slot_main(commands: Receiver<SlotCommand>, ready: Sender<()>) {
                 let slot_job = running.entry(job).or_insert_with(|| SlotJob {
                     attempt,
                     handles: Vec::new(),
-                    mailboxes: Vec::new(),
                 });
                 if slot_job.attempt != attempt {
                     // What is left of an older attempt goes first.
                     for handle in slot_job.handles.drain(..) {
                         handle.cancel();
                     }
-                    slot_job.mailboxes.clear();
                     slot_job.attempt = attempt;
                 }
                 for deployment in tasks {
-                    let mailbox = TaskMailbox::default();
-                    let is_source = graph.vertices[deployment.vertex].is_source;
-                    slot_job.mailboxes.push((is_source, mailbox.clone()));
-                    slot_job.handles.push(
-                        glommio::spawn_local(run_task(graph.clone(), deployment, mailbox)).detach(),
-                    );
-                }
-            }
-            Ok(SlotCommand::TriggerCheckpoint {
-                job,
-                attempt,
-                barrier,
-            }) => {
-                if let Some(slot_job) = running
-                    .get(&job)
-                    .filter(|slot_job| slot_job.attempt == attempt)
-                {
-                    for (_, mailbox) in slot_job
-                        .mailboxes
-                        .iter()
-                        .filter(|(is_source, _)| *is_source)
-                    {
-                        mailbox
-                            .borrow_mut()
-                            .push_back(TaskCommand::TriggerCheckpoint(barrier.clone()));
-                    }
-                }
-            }
-            Ok(SlotCommand::CheckpointComplete {
-                job,
-                attempt,
-                checkpoint_id,
-            }) => {
-                if let Some(slot_job) = running
-                    .get(&job)
-                    .filter(|slot_job| slot_job.attempt == attempt)
-                {
-                    for (_, mailbox) in &slot_job.mailboxes {
-                        mailbox
-                            .borrow_mut()
-                            .push_back(TaskCommand::CheckpointComplete(checkpoint_id));
-                    }
+                    slot_job
+                        .handles
+                        .push(glommio::spawn_local(run_task(graph.clone(), deployment)).detach());
                 }
             }
             Ok(SlotCommand::Cancel { job }) => {

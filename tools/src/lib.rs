@@ -333,8 +333,9 @@ fn print_event(event: &JobEvent) {
             duration,
             size_bytes,
             pause_max,
+            alignment_max,
         } => eprintln!(
-            "{} {id} completed in {} ms, {size_bytes} bytes, longest stream pause {} us: {}",
+            "{} {id} completed in {} ms, {size_bytes} bytes, longest stream pause {} us, longest alignment {} us: {}",
             if *savepoint {
                 "savepoint"
             } else {
@@ -342,6 +343,7 @@ fn print_event(event: &JobEvent) {
             },
             duration.as_millis(),
             pause_max.as_micros(),
+            alignment_max.as_micros(),
             path.display()
         ),
         JobEvent::CheckpointAborted { id, reason } => {
