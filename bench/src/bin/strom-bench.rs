@@ -3,7 +3,9 @@
 //! `strom-bench throughput` runs every Nexmark query on the engine at
 //! parallelism 1 and 2 and, in the same invocation, the hand-written
 //! single-threaded baseline of the same query, so that the ratio between
-//! them holds on a shared, noisy machine.
+//! them holds on a shared, noisy machine. `strom-bench checkpoints` runs
+//! queries with and without periodic checkpoints in one invocation and
+//! prints the ratio, with what each checkpoint took.
 
 use std::time::{Duration, Instant};
 
@@ -13,7 +15,7 @@ use strom_bench::nexmark::{run_baseline, Answer, GeneratorConfig, Query};
 use strom_bench::queries::{answer_of, NEXMARK_PROGRAM};
 use strom_core::program::JobOutcome;
 use strom_core::JobArgs;
-use strom_scheduler::{LocalCluster, LocalClusterConfig};
+use strom_scheduler::{JobEvent, LocalCluster, LocalClusterConfig};
 
 #[derive(Parser)]
 #[command(name = "strom-bench", about = "Strom's benchmark harnesses", version)]
@@ -45,6 +47,30 @@ enum Harness {
         #[arg(long)]
         json: bool,
     },
+    /// What checkpoints cost: for each query, the throughput with a
+    /// checkpoint every interval as a ratio to none, in the same
+    /// invocation, and each checkpoint's duration, size, and the longest
+    /// pause and alignment it caused in the stream.
+    Checkpoints {
+        /// Events per run.
+        #[arg(long, default_value_t = 30_000_000)]
+        events: u64,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        #[arg(long, value_delimiter = ',', default_value = "q5,q8")]
+        queries: Vec<Query>,
+        #[arg(long, default_value_t = 2)]
+        parallelism: u32,
+        /// The checkpoint interval.
+        #[arg(long, default_value = "1s", value_parser = strom_core::config::parse_duration)]
+        interval: Duration,
+        /// Where checkpoints go (removed afterwards).
+        #[arg(long)]
+        checkpoint_dir: Option<std::path::PathBuf>,
+        /// Runs of each measurement; the fastest counts.
+        #[arg(long, default_value_t = 3)]
+        repetitions: u32,
+    },
 }
 
 struct Measurement {
@@ -60,6 +86,18 @@ fn run_engine(
     config: GeneratorConfig,
     parallelism: u32,
 ) -> anyhow::Result<(Answer, Duration)> {
+    let (answer, duration, _) = run_engine_with(query, config, parallelism, &[])?;
+    Ok((answer, duration))
+}
+
+/// Runs a query with extra job options; returns its answer, its duration
+/// and the checkpoints it completed.
+fn run_engine_with(
+    query: Query,
+    config: GeneratorConfig,
+    parallelism: u32,
+    options: &[String],
+) -> anyhow::Result<(Answer, Duration, Vec<JobEvent>)> {
     let cluster = LocalCluster::start(
         vec![NEXMARK_PROGRAM],
         LocalClusterConfig {
@@ -67,7 +105,7 @@ fn run_engine(
         },
     )
     .map_err(anyhow::Error::msg)?;
-    let arguments = [
+    let arguments: Vec<String> = [
         "--query",
         query.name(),
         "--events",
@@ -76,18 +114,29 @@ fn run_engine(
         &config.seed.to_string(),
     ]
     .map(String::from)
-    .to_vec();
-    let args = JobArgs::new(arguments, parallelism);
-    let result = cluster
-        .execute(NEXMARK_PROGRAM.name, args)
+    .into_iter()
+    .chain(options.iter().cloned())
+    .collect();
+    let matches = NEXMARK_PROGRAM
+        .parse(&arguments)
         .map_err(anyhow::Error::msg)?;
+    let mut args = JobArgs::from_matches(arguments, &matches);
+    args.parallelism = parallelism;
+    let (events, event_inbox) = std::sync::mpsc::channel();
+    let result = cluster
+        .execute_with_events(NEXMARK_PROGRAM.name, args, Some(events))
+        .map_err(anyhow::Error::msg)?;
+    let checkpoints: Vec<JobEvent> = event_inbox
+        .try_iter()
+        .filter(|event| matches!(event, JobEvent::CheckpointCompleted { .. }))
+        .collect();
     cluster.shutdown();
     let outcome = JobOutcome {
         accumulators: result.accumulators,
         duration: result.duration,
         slots_used: result.slots_used,
     };
-    Ok((answer_of(&outcome), result.duration))
+    Ok((answer_of(&outcome), result.duration, checkpoints))
 }
 
 fn fastest<T>(
@@ -216,5 +265,107 @@ fn main() -> anyhow::Result<()> {
             repetitions,
             json,
         } => throughput(events, seed, &queries, &parallelisms, repetitions, json),
+        Harness::Checkpoints {
+            events,
+            seed,
+            queries,
+            parallelism,
+            interval,
+            checkpoint_dir,
+            repetitions,
+        } => checkpoints(
+            GeneratorConfig { events, seed },
+            &queries,
+            parallelism,
+            interval,
+            checkpoint_dir,
+            repetitions,
+        ),
     }
+}
+
+fn checkpoints(
+    config: GeneratorConfig,
+    queries: &[Query],
+    parallelism: u32,
+    interval: Duration,
+    checkpoint_dir: Option<std::path::PathBuf>,
+    repetitions: u32,
+) -> anyhow::Result<()> {
+    let directory = checkpoint_dir.unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("strom-bench-checkpoints-{}", std::process::id()))
+    });
+    let options = [
+        "--checkpoint-interval".to_string(),
+        format!("{}ms", interval.as_millis()),
+        "--checkpoint-dir".to_string(),
+        directory.to_string_lossy().to_string(),
+    ];
+    println!(
+        "{} events, parallelism {parallelism}, a checkpoint every {} ms, fastest of {repetitions} runs",
+        config.events,
+        interval.as_millis()
+    );
+    println!(
+        "| query | none events/s | checkpointed events/s | ratio | checkpoints | duration median / max ms | size median / max MB | longest pause us | longest alignment ms |"
+    );
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for query in queries {
+        let (plain_answer, plain_duration) =
+            fastest(repetitions, || run_engine(*query, config, parallelism))?;
+        let mut checkpointed = None;
+        for _ in 0..repetitions {
+            let run = run_engine_with(*query, config, parallelism, &options)?;
+            if run.0 != plain_answer {
+                bail!("{}: the checkpointed run printed another answer", query.name());
+            }
+            if checkpointed
+                .as_ref()
+                .is_none_or(|best: &(Answer, Duration, Vec<JobEvent>)| run.1 < best.1)
+            {
+                checkpointed = Some(run);
+            }
+        }
+        let (_, duration, events) = checkpointed.expect("at least one run");
+        let _ = std::fs::remove_dir_all(&directory);
+        let mut durations = Vec::new();
+        let mut sizes = Vec::new();
+        let mut pause_max = Duration::ZERO;
+        let mut alignment_max = Duration::ZERO;
+        for event in &events {
+            if let JobEvent::CheckpointCompleted {
+                duration,
+                size_bytes,
+                pause_max: pause,
+                alignment_max: alignment,
+                ..
+            } = event
+            {
+                durations.push(*duration);
+                sizes.push(*size_bytes);
+                pause_max = pause_max.max(*pause);
+                alignment_max = alignment_max.max(*alignment);
+            }
+        }
+        durations.sort();
+        sizes.sort();
+        let rate = |duration: Duration| config.events as f64 / duration.as_secs_f64();
+        let median = |values: &[u64]| values.get(values.len() / 2).copied().unwrap_or(0);
+        let millis: Vec<u64> = durations.iter().map(|d| d.as_millis() as u64).collect();
+        println!(
+            "| {} | {:.1}M | {:.1}M | {:.2} | {} | {} / {} | {:.1} / {:.1} | {} | {:.1} |",
+            query.name(),
+            rate(plain_duration) / 1e6,
+            rate(duration) / 1e6,
+            rate(duration) / rate(plain_duration),
+            durations.len(),
+            median(&millis),
+            millis.last().copied().unwrap_or(0),
+            median(&sizes) as f64 / 1e6,
+            sizes.last().copied().unwrap_or(0) as f64 / 1e6,
+            pause_max.as_micros(),
+            alignment_max.as_secs_f64() * 1e3,
+        );
+    }
+    Ok(())
 }
