@@ -14,7 +14,7 @@ use strom_core::function::{Collector, KeyedContext, KeyedProcessFunction, SinkFu
 use strom_core::operator::OperatorContext;
 use strom_core::program::{JobOutcome, Program};
 use strom_core::snapshot::{IndexSplits, StateReader, StateWriter};
-use strom_core::source::{Boundedness, Source, SourceOutput, SourceReader, SourceStatus};
+use strom_core::source::{Boundedness, Pace, Source, SourceOutput, SourceReader, SourceStatus};
 use strom_core::state::{KeyedStateStore, ValueState};
 use strom_core::{
     AggregateFunction, DataStream, KeyedCoProcessFunction, ListState, StreamExecutionEnvironment,
@@ -59,11 +59,8 @@ impl NexmarkSource {
     }
 
     fn reader(&self, splits: IndexSplits, parallelism: u32) -> Box<dyn SourceReader<Event>> {
-        let pace = (self.events_per_second > 0).then(|| Pace {
-            started: std::time::Instant::now(),
-            events_per_second: self.events_per_second as f64 / f64::from(parallelism),
-            emitted: 0,
-        });
+        let pace = (self.events_per_second > 0)
+            .then(|| Pace::new(self.events_per_second as f64 / f64::from(parallelism)));
         Box::new(NexmarkReader {
             generator: self.config.generator(),
             splits,
@@ -99,59 +96,41 @@ struct NexmarkReader {
     generator: Generator,
     splits: IndexSplits,
     fail_at: Arc<Vec<u64>>,
+    /// Its share of `--events-per-second`.
     pace: Option<Pace>,
 }
 
-/// A reader's share of `--events-per-second`.
-struct Pace {
-    started: std::time::Instant,
-    events_per_second: f64,
-    emitted: u64,
-}
-
-impl NexmarkReader {
-    /// Fails the first time this process reaches a `--fail-at` index.
-    #[cold]
-    fn inject_failure(&self, index: u64) {
-        let mut failed = FAILED_AT
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if !failed.contains(&index) {
-            failed.push(index);
-            drop(failed);
-            panic!("injected failure at event {index} (--fail-at)");
-        }
+/// Fails the first time this process reaches a `--fail-at` index.
+#[cold]
+fn inject_failure(index: u64) {
+    let mut failed = FAILED_AT
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if !failed.contains(&index) {
+        failed.push(index);
+        drop(failed);
+        panic!("injected failure at event {index} (--fail-at)");
     }
 }
 
 impl SourceReader<Event> for NexmarkReader {
     fn poll_next(&mut self, output: &mut dyn SourceOutput<Event>, budget: usize) -> SourceStatus {
-        let mut budget = budget;
-        if let Some(pace) = &mut self.pace {
-            let due = (pace.started.elapsed().as_secs_f64() * pace.events_per_second) as u64;
-            let allowed = due.saturating_sub(pace.emitted).min(budget as u64) as usize;
-            if allowed == 0 && !self.splits.is_finished() {
-                return SourceStatus::NothingAvailable;
-            }
-            pace.emitted += allowed as u64;
-            budget = allowed;
+        let budget = match &mut self.pace {
+            Some(pace) => pace.allow(budget),
+            None => budget,
+        };
+        if budget == 0 && !self.splits.is_finished() {
+            return SourceStatus::NothingAvailable;
         }
-        for _ in 0..budget {
-            let Some(index) = self.splits.next_index() else {
-                return SourceStatus::Finished;
-            };
-            if !self.fail_at.is_empty() && self.fail_at.contains(&index) {
-                self.inject_failure(index);
+        let (generator, fail_at) = (&self.generator, &self.fail_at);
+        self.splits.read(budget, |index| {
+            if !fail_at.is_empty() && fail_at.contains(&index) {
+                inject_failure(index);
             }
-            let event = self.generator.event(index);
+            let event = generator.event(index);
             let timestamp = event.date_time() as Timestamp;
             output.collect_with_timestamp(event, timestamp);
-        }
-        if self.splits.is_finished() {
-            SourceStatus::Finished
-        } else {
-            SourceStatus::MoreAvailable
-        }
+        })
     }
 
     fn snapshot_state(&mut self) -> Result<Vec<Vec<u8>>, String> {

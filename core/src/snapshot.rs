@@ -28,6 +28,8 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::source::SourceStatus;
+
 /// The marker that splits a stream between two checkpoints.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CheckpointBarrier {
@@ -346,6 +348,23 @@ impl IndexSplits {
 
     pub fn is_finished(&self) -> bool {
         self.splits.iter().all(IndexSplit::is_finished)
+    }
+
+    /// Hands up to `budget` next indices to `each`, and says what a
+    /// reader over these splits reports after it.
+    #[inline]
+    pub fn read(&mut self, budget: usize, mut each: impl FnMut(u64)) -> SourceStatus {
+        for _ in 0..budget {
+            let Some(index) = self.next_index() else {
+                return SourceStatus::Finished;
+            };
+            each(index);
+        }
+        if self.is_finished() {
+            SourceStatus::Finished
+        } else {
+            SourceStatus::MoreAvailable
+        }
     }
 }
 

@@ -70,6 +70,34 @@ pub trait SourceReader<T> {
     }
 }
 
+/// Paces a reader at a rate, counted from its creation, so that a run lasts
+/// long enough to watch or to act on (checkpoints, savepoints, failures).
+#[derive(Clone, Debug)]
+pub struct Pace {
+    started: std::time::Instant,
+    records_per_second: f64,
+    emitted: u64,
+}
+
+impl Pace {
+    pub fn new(records_per_second: f64) -> Pace {
+        Pace {
+            started: std::time::Instant::now(),
+            records_per_second,
+            emitted: 0,
+        }
+    }
+
+    /// How many of `budget` records the reader may emit now (0: none yet);
+    /// they count as emitted.
+    pub fn allow(&mut self, budget: usize) -> usize {
+        let due = (self.started.elapsed().as_secs_f64() * self.records_per_second) as u64;
+        let allowed = due.saturating_sub(self.emitted).min(budget as u64);
+        self.emitted += allowed;
+        allowed as usize
+    }
+}
+
 /// A bounded source over a fixed list, split round robin over subtasks.
 pub struct CollectionSource<T> {
     records: Arc<Vec<T>>,
@@ -115,17 +143,10 @@ struct CollectionReader<T> {
 
 impl<T: Clone> SourceReader<T> for CollectionReader<T> {
     fn poll_next(&mut self, output: &mut dyn SourceOutput<T>, budget: usize) -> SourceStatus {
-        for _ in 0..budget {
-            let Some(index) = self.splits.next_index() else {
-                return SourceStatus::Finished;
-            };
-            output.collect(self.records[index as usize].clone());
-        }
-        if self.splits.is_finished() {
-            SourceStatus::Finished
-        } else {
-            SourceStatus::MoreAvailable
-        }
+        let records = &self.records;
+        self.splits.read(budget, |index| {
+            output.collect(records[index as usize].clone())
+        })
     }
 
     fn snapshot_state(&mut self) -> Result<Vec<Vec<u8>>, String> {
@@ -193,17 +214,9 @@ struct GeneratorReader<T> {
 
 impl<T> SourceReader<T> for GeneratorReader<T> {
     fn poll_next(&mut self, output: &mut dyn SourceOutput<T>, budget: usize) -> SourceStatus {
-        for _ in 0..budget {
-            let Some(index) = self.splits.next_index() else {
-                return SourceStatus::Finished;
-            };
-            output.collect((self.generate)(index));
-        }
-        if self.splits.is_finished() {
-            SourceStatus::Finished
-        } else {
-            SourceStatus::MoreAvailable
-        }
+        let generate = &self.generate;
+        self.splits
+            .read(budget, |index| output.collect(generate(index)))
     }
 
     fn snapshot_state(&mut self) -> Result<Vec<Vec<u8>>, String> {

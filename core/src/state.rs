@@ -395,6 +395,24 @@ impl<K: Key> KeyedStateStore<K> {
         })
     }
 
+    /// Captures every table, for an operator that derives its timers from
+    /// its state instead of writing them (windows).
+    pub(crate) fn capture_without_timers(&self) -> Box<dyn KeyedCapture> {
+        self.capture(no_timers(self.key_groups.count()))
+    }
+
+    /// Restores key groups captured by
+    /// [`KeyedStateStore::capture_without_timers`].
+    pub(crate) fn restore_without_timers(
+        &mut self,
+        key_groups: &[(u32, Vec<u8>)],
+    ) -> Result<(), String> {
+        self.restore(key_groups, |_, reader| match reader.u32()? {
+            0 => Ok(()),
+            count => Err(format!("{count} timers where none were written")),
+        })
+    }
+
     /// Restores key groups serialized by a capture. Returns each key
     /// group's timer bytes, for the operator to register.
     pub(crate) fn restore(
@@ -671,7 +689,7 @@ pub struct TimerService<K, N> {
 
 /// The timers part of every key group when an operator derives its timers
 /// from its state instead of writing them (a count of 0 per key group).
-pub(crate) fn no_timers(group_count: usize) -> Vec<Vec<u8>> {
+fn no_timers(group_count: usize) -> Vec<Vec<u8>> {
     vec![0u32.to_le_bytes().to_vec(); group_count]
 }
 

@@ -30,7 +30,7 @@ use crate::key::Key;
 use crate::operator::{OperatorContext, Output, TaskHead};
 use crate::record::Record;
 use crate::snapshot::{CheckpointBarrier, StateReader, StateWriter, TaskSnapshot};
-use crate::state::{no_timers, KeyedStateStore, TimerService, ValueCodec};
+use crate::state::{KeyedStateStore, TimerService, ValueCodec};
 use crate::time::{Timestamp, MIN_WATERMARK, NO_TIMESTAMP};
 
 /// A window of event time `[start, end)`.
@@ -257,9 +257,7 @@ where
         let restored = context.take_restored();
         if let Some(restored) = &restored {
             store
-                .restore(&restored.key_groups, |_, reader| {
-                    TimerService::<K, TimeWindow>::new(false).restore_group(reader)
-                })
+                .restore_without_timers(&restored.key_groups)
                 .unwrap_or_else(|error| context.restore_failed(&error));
         }
         let mut operator = WindowOperator {
@@ -527,10 +525,9 @@ where
         self.next.end_of_input();
     }
     fn snapshot(&mut self, barrier: &CheckpointBarrier, snapshot: &mut TaskSnapshot) {
-        let timers = no_timers(self.store.key_groups().count());
         snapshot.add(
             self.context
-                .capture(Some(self.store.capture(timers)), Vec::new()),
+                .capture(Some(self.store.capture_without_timers()), Vec::new()),
         );
         self.next.snapshot(barrier, snapshot);
     }
@@ -612,9 +609,7 @@ where
         let mut timers = TimerService::new(false);
         if let Some(restored) = context.take_restored() {
             store
-                .restore(&restored.key_groups, |_, reader| {
-                    TimerService::<K, TimeWindow>::new(false).restore_group(reader)
-                })
+                .restore_without_timers(&restored.key_groups)
                 .unwrap_or_else(|error| context.restore_failed(&error));
             // As the window operator: every window in state has one timer.
             for (key, contents) in store.table::<JoinContents<L, R>>(table).iter() {
@@ -772,10 +767,9 @@ where
         self.next.end_of_input();
     }
     fn on_barrier(&mut self, barrier: &CheckpointBarrier, snapshot: &mut TaskSnapshot) {
-        let timers = no_timers(self.store.key_groups().count());
         snapshot.add(
             self.context
-                .capture(Some(self.store.capture(timers)), Vec::new()),
+                .capture(Some(self.store.capture_without_timers()), Vec::new()),
         );
         self.next.snapshot(barrier, snapshot);
     }

@@ -5,5 +5,5 @@
 
 pub mod cli;
 pub mod programs;
-pub mod savepoint_support;
 pub mod sequence;
+pub mod support;

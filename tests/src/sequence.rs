@@ -14,14 +14,13 @@
 //! checkpoint.
 
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use clap::{Arg, ArgMatches, Command};
 use strom_core::function::{Collector, KeyedContext, KeyedProcessFunction, SinkFunction};
 use strom_core::operator::OperatorContext;
 use strom_core::program::{report_accumulators, Program};
 use strom_core::snapshot::{IndexSplits, StateReader, StateWriter};
-use strom_core::source::{Boundedness, Source, SourceOutput, SourceReader, SourceStatus};
+use strom_core::source::{Boundedness, Pace, Source, SourceOutput, SourceReader, SourceStatus};
 use strom_core::state::{KeyedStateStore, ValueState};
 use strom_core::{StreamExecutionEnvironment, Timestamp, WatermarkStrategy};
 
@@ -53,9 +52,8 @@ impl SequenceSource {
         Box::new(SequenceReader {
             source: self.clone(),
             splits,
-            started: Instant::now(),
-            emitted: 0,
-            rate: self.records_per_second as f64 / f64::from(parallelism),
+            pace: (self.records_per_second > 0)
+                .then(|| Pace::new(self.records_per_second as f64 / f64::from(parallelism))),
         })
     }
 }
@@ -89,9 +87,7 @@ impl Source<(u64, u64)> for SequenceSource {
 struct SequenceReader {
     source: SequenceSource,
     splits: IndexSplits,
-    started: Instant,
-    emitted: u64,
-    rate: f64,
+    pace: Option<Pace>,
 }
 
 impl SourceReader<(u64, u64)> for SequenceReader {
@@ -100,32 +96,23 @@ impl SourceReader<(u64, u64)> for SequenceReader {
         output: &mut dyn SourceOutput<(u64, u64)>,
         budget: usize,
     ) -> SourceStatus {
-        let mut budget = budget as u64;
-        if self.rate > 0.0 {
-            let due = (self.started.elapsed().as_secs_f64() * self.rate) as u64;
-            budget = budget.min(due.saturating_sub(self.emitted));
-            if budget == 0 && !self.splits.is_finished() {
-                return SourceStatus::NothingAvailable;
-            }
+        let budget = match &mut self.pace {
+            Some(pace) => pace.allow(budget),
+            None => budget,
+        };
+        if budget == 0 && !self.splits.is_finished() {
+            return SourceStatus::NothingAvailable;
         }
-        for _ in 0..budget {
-            let Some(index) = self.splits.next_index() else {
-                return SourceStatus::Finished;
-            };
-            if self.source.fail_at.contains(&index) {
+        let source = &self.source;
+        self.splits.read(budget, |index| {
+            if source.fail_at.contains(&index) {
                 fail_once("the source reached record", index);
             }
-            self.emitted += 1;
             output.collect_with_timestamp(
-                (index % self.source.keys, index / self.source.keys),
+                (index % source.keys, index / source.keys),
                 index as Timestamp,
             );
-        }
-        if self.splits.is_finished() {
-            SourceStatus::Finished
-        } else {
-            SourceStatus::MoreAvailable
-        }
+        })
     }
 
     fn snapshot_state(&mut self) -> Result<Vec<Vec<u8>>, String> {

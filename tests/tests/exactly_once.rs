@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use strom_bench::nexmark::{reference_answers, Query};
-use strom_tests::cli::{run, Running};
+use strom_tests::cli::run;
+use strom_tests::support::RunningCommand;
 
 const STROM: &str = env!("CARGO_BIN_EXE_strom-testjobs");
 const DEADLINE: Duration = Duration::from_secs(120);
@@ -209,16 +210,20 @@ fn a_job_killed_with_sigkill_resumes_from_its_latest_retained_checkpoint() {
         ][..],
     ]
     .concat();
-    let mut running = Running::start(STROM, &checkpointed);
-    let submitted = running.wait_for_line(DEADLINE, |line| line.starts_with("job "));
+    let mut running = RunningCommand::start(STROM, &checkpointed);
+    let submitted =
+        running.wait_for_stderr_line("the job id", DEADLINE, |line| line.starts_with("job "));
     let job_id = submitted
         .split_whitespace()
         .nth(1)
         .expect("a job id")
         .to_string();
     // About half way: the run lasts a second, a checkpoint every 100 ms.
-    running.wait_for_line(DEADLINE, |line| line.starts_with("checkpoint 5 completed"));
-    running.kill();
+    running.wait_for_stderr_line("checkpoint 5", DEADLINE, |line| {
+        line.starts_with("checkpoint 5 completed")
+    });
+    // Dropping it kills the process with SIGKILL.
+    drop(running);
 
     let latest = latest_checkpoint(&directory.join(&job_id))
         .expect("the killed job's checkpoints are kept on disk");

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use strom_bench::nexmark::{reference_answers, Query};
 use strom_tests::cli::{run, Finished};
-use strom_tests::savepoint_support::{
+use strom_tests::support::{
     copy_snapshot, file_name, flip_a_bit_in_the_middle, largest_state_file, path_text,
     truncate_to_half, RunningCommand, TempDir,
 };

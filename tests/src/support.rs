@@ -1,7 +1,7 @@
-//! Helpers for the savepoint tests: a command line that keeps running while
-//! the test reads its stderr line by line and acts on it, temporary
-//! directories that clean up after themselves, and ways to damage a copy of
-//! a savepoint the way a disk or an operator might.
+//! Helpers for the end-to-end tests: a command line that keeps running
+//! while the test reads its stderr line by line and acts on it (or kills
+//! it), temporary directories that clean up after themselves, and ways to
+//! damage a copy of a savepoint the way a disk or an operator might.
 
 use std::fs;
 use std::io::{BufRead, BufReader, Read};
