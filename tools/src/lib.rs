@@ -112,6 +112,28 @@ fn command(programs: &[Program]) -> Command {
         .arg(Arg::new("quiet").long("quiet").hide(true).action(clap::ArgAction::SetTrue))
 }
 
+/// A panic in a task is mostly user code failing: the task catches it and
+/// the JobManager reports it (and restarts the job, or fails it), so on a
+/// slot's thread the default hook's paragraph and backtrace would bury the
+/// report; one line says where it happened. Panics anywhere else keep the
+/// default report.
+fn quiet_task_panics() {
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let thread = std::thread::current();
+        match thread.name().filter(|name| name.starts_with("strom-slot-")) {
+            Some(name) => {
+                let location = info
+                    .location()
+                    .map(|location| format!(" at {}:{}", location.file(), location.line()))
+                    .unwrap_or_default();
+                eprintln!("panic on {name}{location}");
+            }
+            None => default_hook(info),
+        }
+    }));
+}
+
 /// Prints a one-line error and returns the exit code.
 fn fail(code: u8, message: &str) -> ExitCode {
     eprintln!("error: {message}");
@@ -120,6 +142,7 @@ fn fail(code: u8, message: &str) -> ExitCode {
 
 /// Runs the command line over `programs`.
 pub fn main_with_programs(programs: Vec<Program>) -> ExitCode {
+    quiet_task_panics();
     let arguments: Vec<String> = std::env::args().collect();
     let matches = match command(&programs).try_get_matches_from(&arguments) {
         Ok(matches) => matches,
