@@ -75,6 +75,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .map_err(|error| format!("'{text}' is not a duration such as 100ms, 1s or 2min ({error})"))
 }
 
+/// How long a record may wait in a partly filled buffer while its task
+/// stays busy, unless the job says otherwise (Flink's
+/// `execution.buffer-timeout`).
+pub const DEFAULT_BUFFER_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(100);
+
 pub(crate) fn add_options(command: clap::Command) -> clap::Command {
     let duration = |name: &'static str, help: &'static str| {
         clap::Arg::new(name)
@@ -84,6 +89,10 @@ pub(crate) fn add_options(command: clap::Command) -> clap::Command {
             .help(help)
     };
     command
+        .arg(duration(
+            "buffer-timeout",
+            "Ship a partly filled buffer of a busy task after this long (a task with no more input ready ships at once) [default: 100ms]",
+        ))
         .arg(duration(
             "checkpoint-interval",
             "Take a checkpoint this often (e.g. 100ms, 1s); off by default",

@@ -18,6 +18,8 @@ pub struct JobArgs {
     pub arguments: Vec<String>,
     pub parallelism: u32,
     pub max_parallelism: u32,
+    /// The longest a record waits in a partly filled buffer of a busy task.
+    pub buffer_timeout: Duration,
     pub checkpointing: CheckpointingOptions,
     pub restart: RestartStrategy,
     /// The savepoint or checkpoint the job starts from.
@@ -151,6 +153,7 @@ impl JobArgs {
             arguments,
             parallelism,
             max_parallelism: crate::key::DEFAULT_MAX_PARALLELISM,
+            buffer_timeout: crate::config::DEFAULT_BUFFER_TIMEOUT,
             checkpointing: CheckpointingOptions::default(),
             restart: RestartStrategy::None,
             restore: None,
@@ -163,6 +166,10 @@ impl JobArgs {
         let checkpointing = crate::config::checkpointing_from(matches);
         let restart = crate::config::restart_from(matches, checkpointing.interval.is_some());
         JobArgs {
+            buffer_timeout: matches
+                .get_one::<Duration>("buffer-timeout")
+                .copied()
+                .unwrap_or(crate::config::DEFAULT_BUFFER_TIMEOUT),
             checkpointing,
             restart,
             restore: crate::config::restore_from(matches),

@@ -10,7 +10,7 @@
 //! 3. after every step the queued output elements are sent, waiting while a
 //!    channel is full (backpressure); when no input is ready, partial
 //!    buffers are flushed first (adaptive flushing), and a busy task flushes
-//!    them at least every `BUFFER_TIMEOUT`;
+//!    them at least every buffer timeout (the job's `--buffer-timeout`);
 //! 4. checkpoints: a source task takes the barrier the coordinator sends
 //!    through its mailbox between two polls; an input task that reads
 //!    barrier `n` on a channel stops reading that channel until every input
@@ -58,9 +58,6 @@ use crate::messages::{JobId, ToJobManager, ToTaskManager};
 
 /// Records a source emits per poll before the task sends and yields.
 const SOURCE_POLL_BUDGET_RECORDS: usize = 1024;
-/// The longest a record waits in a partially filled buffer while its task
-/// stays busy (Flink's buffer timeout, 100 ms by default).
-const BUFFER_TIMEOUT: Duration = Duration::from_millis(100);
 /// How long a source with nothing available waits before polling again.
 const SOURCE_IDLE_POLL_INTERVAL: Duration = Duration::from_millis(1);
 
@@ -125,6 +122,9 @@ pub struct TaskDeployment {
     pub reports: Sender<ToTaskManager>,
     /// Where the TaskManager leaves the task its commands.
     pub mailbox: TaskMailbox,
+    /// The longest a record waits in a partly filled buffer while the
+    /// task stays busy.
+    pub buffer_timeout: Duration,
 }
 
 enum Stop {
@@ -143,6 +143,7 @@ struct TaskRun<'a> {
     outputs: Vec<ConnectedChannelSender>,
     mailbox: TaskMailbox,
     reports: Sender<ToTaskManager>,
+    buffer_timeout: Duration,
 }
 
 /// Barrier alignment of an input task (see the module's protocol, step 4).
@@ -217,7 +218,7 @@ impl TaskRun<'_> {
                 }
             }
             let status = self.guarded(|| head.poll(SOURCE_POLL_BUDGET_RECORDS))?;
-            if last_flush.elapsed() >= BUFFER_TIMEOUT {
+            if last_flush.elapsed() >= self.buffer_timeout {
                 self.guarded(|| head.flush())?;
                 last_flush = Instant::now();
             }
@@ -333,7 +334,7 @@ impl TaskRun<'_> {
                     self.try_complete_alignment(&mut *head, &mut alignment, &ended, &mut skipped)?;
                 }
             }
-            if last_flush.elapsed() >= BUFFER_TIMEOUT {
+            if last_flush.elapsed() >= self.buffer_timeout {
                 self.guarded(|| head.flush())?;
                 last_flush = Instant::now();
             }
@@ -552,6 +553,7 @@ pub async fn run_task(graph: Arc<JobGraph>, deployment: TaskDeployment) {
         outputs,
         reports,
         mailbox,
+        buffer_timeout,
     } = deployment;
     let (inputs, outputs) = connect(inputs, outputs).await;
     let run = TaskRun {
@@ -564,6 +566,7 @@ pub async fn run_task(graph: Arc<JobGraph>, deployment: TaskDeployment) {
         outputs,
         mailbox,
         reports: reports.clone(),
+        buffer_timeout,
     };
     let result = match run.guarded(|| graph.instantiate(vertex, subtask, &run.setup)) {
         Err(stop) => Err(stop),

@@ -334,6 +334,7 @@ impl TaskManager {
                 mailboxes.push((vertex.is_source, mailbox.clone()));
                 per_slot[slot].push(TaskDeployment {
                     mailbox,
+                    buffer_timeout: args.buffer_timeout,
                     job,
                     attempt,
                     vertex: vertex.id,

@@ -232,6 +232,12 @@ fn check_parallelism(job_args: &JobArgs) -> Result<(), String> {
             job_args.parallelism, job_args.max_parallelism
         ));
     }
+    if job_args.checkpointing.interval.is_some() && job_args.checkpointing.directory.is_none() {
+        return Err(
+            "--checkpoint-interval needs --checkpoint-dir: where should checkpoints go?"
+                .to_string(),
+        );
+    }
     Ok(())
 }
 
