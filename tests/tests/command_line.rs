@@ -98,19 +98,47 @@ fn bad_arguments_get_a_one_line_error_and_exit_code_2() {
     );
     assert_usage_error(&["local", "nexmark"], "--query");
     assert_usage_error(
-        &["local", "nexmark", "--query", "q5", "--buffer-timeout", "1x"],
+        &[
+            "local",
+            "nexmark",
+            "--query",
+            "q5",
+            "--buffer-timeout",
+            "1x",
+        ],
         "--buffer-timeout",
     );
     assert_usage_error(
-        &["local", "nexmark", "--query", "q5", "--checkpoint-interval", "soon"],
+        &[
+            "local",
+            "nexmark",
+            "--query",
+            "q5",
+            "--checkpoint-interval",
+            "soon",
+        ],
         "--checkpoint-interval",
     );
     assert_usage_error(
-        &["local", "nexmark", "--query", "q5", "--checkpoint-interval", "1s"],
+        &[
+            "local",
+            "nexmark",
+            "--query",
+            "q5",
+            "--checkpoint-interval",
+            "1s",
+        ],
         "--checkpoint-dir",
     );
     assert_usage_error(
-        &["local", "nexmark", "--query", "q5", "--restart-strategy", "always"],
+        &[
+            "local",
+            "nexmark",
+            "--query",
+            "q5",
+            "--restart-strategy",
+            "always",
+        ],
         "--restart-strategy",
     );
     assert_usage_error(
