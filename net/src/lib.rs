@@ -6,9 +6,31 @@
 //! element an rkyv buffer of records or an in-band event. The bound is what
 //! gives backpressure: a producer whose consumer is behind waits.
 //!
-//! Depends on strom-core (the element type) and glommio (the executor-aware
-//! channels). Frames between machines (header, length, crc32, validated
-//! payload) and credit-based flow control come with the standalone cluster.
+//! Between processes, the same elements travel as frames over TCP through
+//! io_uring:
+//!
+//! - [`frame`]: the wire frame (a fixed header with magic, version, kind,
+//!   channel, length and crc32, then the payload), its encoding of stream
+//!   elements, and an incremental decoder that bounds lengths before it
+//!   allocates and checks every byte before it hands anything over.
+//! - [`credit`]: credit-based flow control as plain structs without I/O:
+//!   a sender sends on a channel only into buffers its receiver granted, so
+//!   one slow channel never blocks the others on a shared connection.
+//! - [`link`]: one TCP connection between two processes carrying many
+//!   channels: the handshake (peer id, shared-secret proof), a reader and a
+//!   writer task on glommio sockets, and per-channel senders and receivers.
+//! - [`error`]: [`NetError`], the crate's one error type.
+//!
+//! Depends on strom-core (the element type), glommio (executor-aware
+//! channels, io_uring sockets), crc32fast (frame checksums), rkyv (aligned
+//! record buffers) and hmac/sha2/getrandom (the handshake proof). It never
+//! depends on strom-state; strom-scheduler wires the two together.
 #![forbid(unsafe_code)]
 
 pub mod channel;
+pub mod credit;
+pub mod error;
+pub mod frame;
+pub mod link;
+
+pub use error::NetError;

@@ -20,42 +20,83 @@
 //! Deviation from Flink: Flink answers a savepoint or stop request at once
 //! with a trigger id to poll (`GET /jobs/:id/savepoints/:triggerid`). Here
 //! the request waits until the savepoint is complete (or failed) and answers
-//! with its location, so a client needs one request and no polling. Each
-//! request is served on its own thread, so a savepoint that takes seconds
-//! never holds up `GET /jobs`. `"cancel-job": true` stops the job after the
-//! savepoint, as `POST /jobs/:id/stop` does. `"drain": true` is refused.
+//! with its location, so a client needs one request and no polling. Every
+//! call into the JobManager runs on tokio's blocking pool
+//! (`spawn_blocking`), so a savepoint that takes seconds never holds up
+//! `GET /jobs`. `"cancel-job": true` stops the job after the savepoint, as
+//! `POST /jobs/:id/stop` does. `"drain": true` is refused.
 //!
 //! Refusals: an unknown job is 404; a malformed job id, malformed JSON, an
-//! unknown body field (Flink's REST API is strict too) or a relative target
-//! directory is 400; a body over [`BODY_SIZE_MAX`] is 413, answered from the
-//! `Content-Length` header without reading the body; a chunked body is 411;
-//! a wrong method is 405 with `Allow`; an unknown path is 404; a missing or
-//! wrong bearer token (when the server has a secret) is 401; more than
-//! [`CONNECTION_COUNT_MAX`] requests at once is 503.
+//! unknown body field (Flink's REST API is strict too), a relative target
+//! directory or a malformed request (bad request line, bad `Content-Length`)
+//! is 400; a body over [`BODY_SIZE_MAX`] is 413, answered from the
+//! `Content-Length` header without reading the body (a chunked body is read
+//! up to the limit and refused as soon as it passes it); a wrong method is
+//! 405 with `Allow`; an unknown path is 404; a missing or wrong bearer token
+//! (when the server has a secret) is 401 with `WWW-Authenticate: Bearer`; a
+//! body that does not arrive within [`BODY_READ_TIMEOUT`] is 408; a request
+//! head over [`HEAD_SIZE_MAX`] or with more than [`HEADER_COUNT_MAX`]
+//! headers is 431; more than [`CONNECTION_COUNT_MAX`] connections at once
+//! is 503.
 //!
 //! # HTTP
 //!
-//! HTTP/1.1 with one request per connection (`Connection: close`), parsed
-//! by `httparse` (hyper's parser). We do not use `tiny_http` 0.12: when it
-//! drops an unread request body it allocates the body's declared
-//! `Content-Length` in one piece, so a single request claiming a terabyte
-//! aborts the process (and with it every running job). Here every read is
-//! bounded: the head by [`HEAD_SIZE_MAX`], the body by [`BODY_SIZE_MAX`], each
-//! socket operation by a timeout, and the connections in flight by
-//! [`CONNECTION_COUNT_MAX`].
+//! Served by hyper 1.x (HTTP/1.1 only) on a tokio current-thread runtime
+//! that runs on the server's own thread, `strom-rest`, apart from the
+//! glommio executors that run tasks. Only the JobManager calls leave that
+//! thread, for tokio's blocking pool. We do not parse HTTP ourselves, and we
+//! do not use `tiny_http` 0.12: when it drops an unread request body it
+//! allocates the body's declared `Content-Length` in one piece, so a single
+//! request claiming a terabyte aborts the process (and with it every running
+//! job). hyper never allocates from a declared length, and we look at the
+//! declared length before reading a byte of the body.
+//!
+//! Every resource a client can make us hold is bounded, so no client can
+//! take memory, threads or file descriptors from the jobs:
+//! - one request per connection (`Connection: close`): the API is used by
+//!   a CLI making a request or two, and without keep-alive an idle client
+//!   cannot sit on one of the [`CONNECTION_COUNT_MAX`] connections;
+//! - at most [`CONNECTION_COUNT_MAX`] connections are served at once (a
+//!   semaphore), each with at most one JobManager call on the blocking pool,
+//!   which is sized to match. Past that, up to [`BUSY_CONNECTION_COUNT_MAX`]
+//!   more are answered 503 within [`BUSY_ANSWER_TIMEOUT`], and any more are
+//!   closed at once;
+//! - the request head must arrive within [`HEADER_READ_TIMEOUT`] and fit in
+//!   [`HEAD_SIZE_MAX`] bytes and [`HEADER_COUNT_MAX`] headers; the body
+//!   must arrive within [`BODY_READ_TIMEOUT`] and fit in [`BODY_SIZE_MAX`]
+//!   (`http_body_util::Limited`), and hyper's read buffer is at most
+//!   [`READ_BUFFER_SIZE_MAX`]; so a connection holds at most about 128 KiB;
+//! - [`RestServer::stop`] closes the listening socket at once, then lets the
+//!   requests in flight finish for up to [`SHUTDOWN_GRACE_DURATION`] (so
+//!   the client of a `POST /jobs/:id/stop` that ended the job still gets
+//!   its answer) before it drops them. A JobManager call still running then
+//!   finishes on its own thread and its answer is dropped.
 
-use std::io::{ErrorKind, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::convert::Infallible;
+use std::net::{SocketAddr, TcpListener as StdTcpListener};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use futures_lite::future;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::{Body, Bytes, Incoming, SizeHint};
+use hyper::header::{
+    HeaderName, HeaderValue, ALLOW, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE,
+};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::Runtime;
+use tokio::sync::{oneshot, Semaphore};
 
 use crate::local::JobManagerHandle;
 use crate::messages::{JobId, JobStatus};
@@ -65,22 +106,47 @@ pub const BODY_SIZE_MAX: usize = 64 * 1024;
 /// The largest request line plus headers accepted.
 pub const HEAD_SIZE_MAX: usize = 16 * 1024;
 /// The most headers one request may carry.
-const HEADER_COUNT_MAX: usize = 64;
-/// The most requests served at once; more are answered 503 at once.
+pub const HEADER_COUNT_MAX: usize = 64;
+/// The most connections served at once.
 pub const CONNECTION_COUNT_MAX: usize = 32;
-/// How long one read or write of a request or answer may wait, so a slow or
-/// silent client cannot hold a connection thread.
-const SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
-/// After refusing a request whose body was not read, how much of it we
-/// swallow and for how long, so the client reads our answer rather than a
-/// connection reset (closing a socket with unread bytes sends a reset).
-const DISCARD_SIZE_MAX: usize = 256 * 1024;
-const DISCARD_DURATION_MAX: Duration = Duration::from_millis(500);
+/// Past [`CONNECTION_COUNT_MAX`], how many more connections are answered
+/// 503 at once; any more are closed without an answer.
+pub const BUSY_CONNECTION_COUNT_MAX: usize = 32;
+/// The most bytes hyper buffers from one connection (head, or a piece of
+/// the body on its way to [`Limited`]). hyper's floor is 8 KiB.
+pub const READ_BUFFER_SIZE_MAX: usize = 64 * 1024;
+/// How long a client may take to send the request head, so a silent or
+/// slow client cannot hold one of the [`CONNECTION_COUNT_MAX`] connections.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client may take to send the request body, for the same reason.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection refused with 503 may take in all.
+pub const BUSY_ANSWER_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long [`RestServer::stop`] lets requests in flight finish.
+pub const SHUTDOWN_GRACE_DURATION: Duration = Duration::from_secs(5);
 /// How long the accept loop waits after a failed accept (out of file
 /// descriptors, say) before trying again, so it does not spin.
 const ACCEPT_RETRY_DELAY: Duration = Duration::from_millis(50);
-/// How long `stop` tries to connect to the server to wake its accept loop.
-const WAKE_TIMEOUT: Duration = Duration::from_secs(1);
+
+const _: () = assert!(READ_BUFFER_SIZE_MAX >= 8 * 1024, "hyper's floor");
+const _: () = assert!(READ_BUFFER_SIZE_MAX >= HEAD_SIZE_MAX);
+
+/// The limits that the tests shrink (a 10 second timeout or 32 idle
+/// connections make slow tests); the server runs with [`Limits::DEFAULT`].
+#[derive(Clone, Copy, Debug)]
+struct Limits {
+    connection_count_max: usize,
+    header_read_timeout: Duration,
+    body_read_timeout: Duration,
+}
+
+impl Limits {
+    const DEFAULT: Limits = Limits {
+        connection_count_max: CONNECTION_COUNT_MAX,
+        header_read_timeout: HEADER_READ_TIMEOUT,
+        body_read_timeout: BODY_READ_TIMEOUT,
+    };
+}
 
 /// What the REST API asks of the JobManager: a seam, so the tests drive the
 /// HTTP layer with a fake JobManager.
@@ -114,31 +180,32 @@ impl JobManagerApi for JobManagerHandle {
     }
 }
 
-/// The REST server: an accept loop on its own thread, one short-lived
-/// thread per request. Stops on [`RestServer::stop`] or when dropped;
-/// requests already being served (a savepoint, say) finish on their own.
+/// The REST server: hyper on a tokio current-thread runtime on its own
+/// thread. Stops on [`RestServer::stop`] or when dropped.
 pub struct RestServer {
     address: SocketAddr,
-    stopping: Arc<AtomicBool>,
-    accept_thread: Option<JoinHandle<()>>,
+    /// Dropped or sent to tell the accept loop to stop.
+    stop_sender: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
 }
 
 impl RestServer {
     /// Binds `bind` (port 0 takes any free port) and serves on its own
-    /// threads. With a `secret`, every request must carry
+    /// thread. With a `secret`, every request must carry
     /// `Authorization: Bearer <secret>`.
     pub fn start(
         handle: JobManagerHandle,
         bind: SocketAddr,
         secret: Option<String>,
     ) -> Result<RestServer, String> {
-        RestServer::start_with(Arc::new(handle), bind, secret)
+        RestServer::start_with(Arc::new(handle), bind, secret, Limits::DEFAULT)
     }
 
     fn start_with(
         api: Arc<dyn JobManagerApi>,
         bind: SocketAddr,
         secret: Option<String>,
+        limits: Limits,
     ) -> Result<RestServer, String> {
         if secret
             .as_deref()
@@ -146,26 +213,43 @@ impl RestServer {
         {
             return Err("the REST API secret is empty".to_string());
         }
-        let listener = TcpListener::bind(bind)
+        // Bound here rather than on the server's thread, so that a taken
+        // port is an error of `start` (the caller may try another port).
+        let listener = StdTcpListener::bind(bind)
             .map_err(|error| format!("cannot bind the REST API to {bind}: {error}"))?;
         let address = listener
             .local_addr()
             .map_err(|error| format!("cannot read the REST API's address: {error}"))?;
-        let stopping = Arc::new(AtomicBool::new(false));
-        let context = AcceptContext {
+        listener
+            .set_nonblocking(true)
+            .map_err(|error| format!("cannot set up the REST API's socket: {error}"))?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            // Each connection makes at most one JobManager call at a time.
+            .max_blocking_threads(limits.connection_count_max)
+            .thread_name("strom-rest-blocking")
+            .build()
+            .map_err(|error| format!("cannot start the REST API's runtime: {error}"))?;
+        let listener = {
+            let _entered = runtime.enter();
+            TcpListener::from_std(listener)
+                .map_err(|error| format!("cannot set up the REST API's socket: {error}"))?
+        };
+        let context = Arc::new(ServeContext {
             api,
             secret: secret.map(Arc::from),
-            stopping: stopping.clone(),
-            in_flight: Arc::new(AtomicUsize::new(0)),
-        };
-        let accept_thread = std::thread::Builder::new()
+            limits,
+        });
+        let (stop_sender, stop_receiver) = oneshot::channel();
+        let thread = std::thread::Builder::new()
             .name("strom-rest".to_string())
-            .spawn(move || accept_loop(listener, context))
+            .spawn(move || run(runtime, listener, context, stop_receiver))
             .map_err(|error| format!("cannot start the REST API's thread: {error}"))?;
         Ok(RestServer {
             address,
-            stopping,
-            accept_thread: Some(accept_thread),
+            stop_sender: Some(stop_sender),
+            thread: Some(thread),
         })
     }
 
@@ -174,21 +258,21 @@ impl RestServer {
         self.address
     }
 
-    /// Stops accepting requests and closes the listening socket.
+    /// Closes the listening socket (the port is free when this returns),
+    /// lets requests in flight finish for up to [`SHUTDOWN_GRACE_DURATION`],
+    /// and stops the server's thread.
     pub fn stop(mut self) {
         self.shutdown();
     }
 
     fn shutdown(&mut self) {
-        let Some(accept_thread) = self.accept_thread.take() else {
-            return;
-        };
-        self.stopping.store(true, Ordering::Release);
-        // The accept loop blocks in accept(); a connection wakes it, it sees
-        // `stopping` and returns, dropping the listener. If we cannot
-        // connect, we leave the thread rather than wait for it forever.
-        if TcpStream::connect_timeout(&wake_address(self.address), WAKE_TIMEOUT).is_ok() {
-            let _ = accept_thread.join();
+        if let Some(stop_sender) = self.stop_sender.take() {
+            let _ = stop_sender.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            // The thread ends within the grace period: it does not wait for
+            // JobManager calls past it.
+            let _ = thread.join();
         }
     }
 }
@@ -199,73 +283,183 @@ impl Drop for RestServer {
     }
 }
 
-/// Where to connect to reach a listener bound to `address` (a listener on
-/// the unspecified address is reached on loopback).
-fn wake_address(address: SocketAddr) -> SocketAddr {
-    let ip = match address.ip() {
-        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
-        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
-        ip => ip,
-    };
-    SocketAddr::new(ip, address.port())
-}
-
-struct AcceptContext {
+/// What every request of one server shares.
+struct ServeContext {
     api: Arc<dyn JobManagerApi>,
     secret: Option<Arc<str>>,
-    stopping: Arc<AtomicBool>,
-    in_flight: Arc<AtomicUsize>,
+    limits: Limits,
 }
 
-/// Counts a connection in flight until dropped.
-struct InFlight(Arc<AtomicUsize>);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
+/// The server's thread: serves until told to stop, then drops the runtime
+/// without waiting for JobManager calls still on the blocking pool.
+fn run(
+    runtime: Runtime,
+    listener: TcpListener,
+    context: Arc<ServeContext>,
+    stop_receiver: oneshot::Receiver<()>,
+) {
+    runtime.block_on(serve(listener, context, stop_receiver));
+    runtime.shutdown_background();
 }
 
-fn accept_loop(listener: TcpListener, context: AcceptContext) {
-    for incoming in listener.incoming() {
-        if context.stopping.load(Ordering::Acquire) {
-            return;
-        }
-        let stream = match incoming {
-            Ok(stream) => stream,
-            Err(_) => {
-                std::thread::sleep(ACCEPT_RETRY_DELAY);
+/// What woke the accept loop.
+enum Event {
+    Stop,
+    Accepted(std::io::Result<TcpStream>),
+}
+
+async fn serve(
+    listener: TcpListener,
+    context: Arc<ServeContext>,
+    mut stop_receiver: oneshot::Receiver<()>,
+) {
+    let connections = Arc::new(Semaphore::new(context.limits.connection_count_max));
+    let busy_connections = Arc::new(Semaphore::new(BUSY_CONNECTION_COUNT_MAX));
+    let graceful = GracefulShutdown::new();
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .keep_alive(false)
+        .header_read_timeout(context.limits.header_read_timeout)
+        .max_header_size(HEAD_SIZE_MAX)
+        .max_headers(HEADER_COUNT_MAX)
+        .max_buf_size(READ_BUFFER_SIZE_MAX);
+    loop {
+        let stopped = async {
+            // A dropped sender means stop too.
+            let _ = (&mut stop_receiver).await;
+            Event::Stop
+        };
+        let accepted = async { Event::Accepted(listener.accept().await.map(|(stream, _)| stream)) };
+        let stream = match future::or(stopped, accepted).await {
+            Event::Stop => break,
+            Event::Accepted(Ok(stream)) => stream,
+            Event::Accepted(Err(_)) => {
+                tokio::time::sleep(ACCEPT_RETRY_DELAY).await;
                 continue;
             }
         };
-        let in_flight = InFlight(context.in_flight.clone());
-        if context.in_flight.fetch_add(1, Ordering::AcqRel) >= CONNECTION_COUNT_MAX {
-            drop(in_flight);
-            refuse_busy(stream);
-            continue;
-        }
-        let api = context.api.clone();
-        let secret = context.secret.clone();
-        // If the thread cannot start, the closure (stream and counter) is
-        // dropped: the client sees the connection close.
-        let _ = std::thread::Builder::new()
-            .name("strom-rest-request".to_string())
-            .spawn(move || {
-                let _in_flight = in_flight;
-                serve_connection(stream, &*api, secret.as_deref());
+        let _ = stream.set_nodelay(true);
+        if let Ok(permit) = connections.clone().try_acquire_owned() {
+            let context = context.clone();
+            let service = service_fn(move |request| answer(context.clone(), request));
+            let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+            tokio::spawn(async move {
+                // Errors are the client's (it left, or sent garbage that
+                // hyper answered already): there is no one to tell.
+                let _ = connection.await;
+                drop(permit);
             });
+        } else if let Ok(permit) = busy_connections.clone().try_acquire_owned() {
+            let limit = context.limits.connection_count_max;
+            let service = service_fn(move |_request| async move {
+                Ok::<_, Infallible>(busy_failure(limit).into_reply().into_response())
+            });
+            let connection = http.serve_connection(TokioIo::new(stream), service);
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(BUSY_ANSWER_TIMEOUT, connection).await;
+                drop(permit);
+            });
+        }
+        // Else the stream is dropped: the client sees the connection close.
     }
+    drop(listener);
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE_DURATION, graceful.shutdown()).await;
 }
 
-fn refuse_busy(mut stream: TcpStream) {
-    let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
-    let failure = Failure::new(
+fn busy_failure(connection_count_max: usize) -> Failure {
+    let mut failure = Failure::new(
         503,
         format!(
-            "the JobManager is serving {CONNECTION_COUNT_MAX} requests already; try again shortly"
+            "the JobManager is serving {connection_count_max} requests already; try again shortly"
         ),
     );
-    let _ = stream.write_all(&encode_reply(&failure.into_reply()));
+    failure.retry_after = true;
+    failure
+}
+
+/// Serves one request: hyper's service function.
+async fn answer(
+    context: Arc<ServeContext>,
+    request: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let reply = match serve_request(&context, request).await {
+        Ok(reply) => reply,
+        Err(failure) => failure.into_reply(),
+    };
+    Ok(reply.into_response())
+}
+
+/// Checks, reads and carries out one request.
+async fn serve_request(
+    context: &ServeContext,
+    request: Request<Incoming>,
+) -> Result<Reply, Failure> {
+    if let Some(secret) = &context.secret {
+        let authorization = request
+            .headers()
+            .get(AUTHORIZATION)
+            .and_then(|value| value.to_str().ok());
+        if !authorized(authorization, secret) {
+            return Err(Failure::new(
+                401,
+                "missing or wrong bearer token: send 'Authorization: Bearer <secret>'",
+            ));
+        }
+    }
+    let target = request
+        .uri()
+        .path_and_query()
+        .map_or("/", |path_and_query| path_and_query.as_str());
+    let route = route(request.method().as_str(), target)?;
+    let body = read_body(request.into_body(), context.limits.body_read_timeout).await?;
+    let api = context.api.clone();
+    tokio::task::spawn_blocking(move || dispatch(&*api, route, &body))
+        .await
+        .unwrap_or_else(|error| {
+            Err(Failure::new(
+                500,
+                format!("the request failed in the JobManager client: {error}"),
+            ))
+        })
+}
+
+/// Refuses a body whose declared size (`Content-Length`; hyper has
+/// checked its syntax) is over [`BODY_SIZE_MAX`], before reading any of it.
+fn check_declared_size(size: &SizeHint) -> Result<(), Failure> {
+    if size.lower() > BODY_SIZE_MAX as u64 {
+        return Err(Failure::new(
+            413,
+            format!(
+                "the request body is {} bytes; the limit is {BODY_SIZE_MAX}",
+                size.lower()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Reads a body of at most [`BODY_SIZE_MAX`] bytes within `timeout`.
+async fn read_body(body: Incoming, timeout: Duration) -> Result<Bytes, Failure> {
+    check_declared_size(&body.size_hint())?;
+    let collected = tokio::time::timeout(timeout, Limited::new(body, BODY_SIZE_MAX).collect())
+        .await
+        .map_err(|_| {
+            Failure::new(
+                408,
+                format!("the request body did not arrive within {timeout:?}"),
+            )
+        })?;
+    match collected {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(error) if error.is::<LengthLimitError>() => Err(Failure::new(
+            413,
+            format!("the request body is over the limit of {BODY_SIZE_MAX} bytes"),
+        )),
+        Err(error) => Err(Failure::new(
+            400,
+            format!("cannot read the request body: {error}"),
+        )),
+    }
 }
 
 /// A refusal: an HTTP status and the message for `{"errors": [...]}`.
@@ -275,6 +469,8 @@ struct Failure {
     message: String,
     /// `Allow` for 405.
     allow: Option<&'static str>,
+    /// `Retry-After` for 503 when busy.
+    retry_after: bool,
 }
 
 impl Failure {
@@ -283,24 +479,30 @@ impl Failure {
             status,
             message: message.into(),
             allow: None,
+            retry_after: false,
         }
     }
 
     fn method_not_allowed(method: &str, path: &str, allow: &'static str) -> Failure {
         Failure {
-            status: 405,
-            message: format!("{method} is not allowed on {path}; allowed: {allow}"),
             allow: Some(allow),
+            ..Failure::new(
+                405,
+                format!("{method} is not allowed on {path}; allowed: {allow}"),
+            )
         }
     }
 
     fn into_reply(self) -> Reply {
         let mut headers = Vec::new();
         if let Some(allow) = self.allow {
-            headers.push(("Allow", allow.to_string()));
+            headers.push((ALLOW, HeaderValue::from_static(allow)));
         }
         if self.status == 401 {
-            headers.push(("WWW-Authenticate", "Bearer".to_string()));
+            headers.push((WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")));
+        }
+        if self.retry_after {
+            headers.push((RETRY_AFTER, HeaderValue::from_static("1")));
         }
         Reply {
             status: self.status,
@@ -315,7 +517,7 @@ impl Failure {
 struct Reply {
     status: u16,
     body: Value,
-    headers: Vec<(&'static str, String)>,
+    headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 impl Reply {
@@ -325,6 +527,18 @@ impl Reply {
             body,
             headers: Vec::new(),
         }
+    }
+
+    fn into_response(self) -> Response<Full<Bytes>> {
+        let mut response = Response::new(Full::new(Bytes::from(self.body.to_string())));
+        *response.status_mut() =
+            StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        for (name, value) in self.headers {
+            headers.insert(name, value);
+        }
+        response
     }
 }
 
@@ -553,81 +767,6 @@ fn dispatch(api: &dyn JobManagerApi, route: Route, body: &[u8]) -> Result<Reply,
     }
 }
 
-/// The parts of a request head that we use.
-#[derive(Debug, PartialEq)]
-struct Head {
-    method: String,
-    target: String,
-    authorization: Option<String>,
-    content_length: Option<String>,
-    /// A `Transfer-Encoding` header is present (a chunked body).
-    transfer_encoding: bool,
-    expect_continue: bool,
-}
-
-/// Parses a request head from the bytes read so far: `Ok(None)` if more
-/// are needed, else the head and its length in bytes.
-fn parse_head(bytes: &[u8]) -> Result<Option<(Head, usize)>, Failure> {
-    let mut headers = [httparse::EMPTY_HEADER; HEADER_COUNT_MAX];
-    let mut request = httparse::Request::new(&mut headers);
-    let length = match request.parse(bytes) {
-        Ok(httparse::Status::Complete(length)) => length,
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(httparse::Error::TooManyHeaders) => {
-            return Err(Failure::new(
-                431,
-                format!("more than {HEADER_COUNT_MAX} headers"),
-            ))
-        }
-        Err(error) => {
-            return Err(Failure::new(
-                400,
-                format!("malformed HTTP request: {error}"),
-            ))
-        }
-    };
-    let header = |name: &str| {
-        request
-            .headers
-            .iter()
-            .find(|header| header.name.eq_ignore_ascii_case(name))
-            .map(|header| String::from_utf8_lossy(header.value).trim().to_string())
-    };
-    let head = Head {
-        method: request.method.unwrap_or_default().to_string(),
-        target: request.path.unwrap_or_default().to_string(),
-        authorization: header("Authorization"),
-        content_length: header("Content-Length"),
-        transfer_encoding: header("Transfer-Encoding").is_some(),
-        expect_continue: header("Expect")
-            .is_some_and(|value| value.eq_ignore_ascii_case("100-continue")),
-    };
-    Ok(Some((head, length)))
-}
-
-/// The body length a request declares, refused if over [`BODY_SIZE_MAX`].
-fn body_length(head: &Head) -> Result<usize, Failure> {
-    if head.transfer_encoding {
-        return Err(Failure::new(
-            411,
-            "chunked request bodies are not supported: send Content-Length",
-        ));
-    }
-    let Some(text) = &head.content_length else {
-        return Ok(0);
-    };
-    let length: u64 = text
-        .parse()
-        .map_err(|_| Failure::new(400, format!("malformed Content-Length '{text}'")))?;
-    if length > BODY_SIZE_MAX as u64 {
-        return Err(Failure::new(
-            413,
-            format!("the request body is {length} bytes; the limit is {BODY_SIZE_MAX}"),
-        ));
-    }
-    Ok(length as usize)
-}
-
 /// Whether an `Authorization` header carries `Bearer <secret>`.
 fn authorized(authorization: Option<&str>, secret: &str) -> bool {
     let Some((scheme, token)) = authorization.and_then(|value| value.split_once(' ')) else {
@@ -647,150 +786,16 @@ fn equal_in_constant_time(left: &str, right: &str) -> bool {
     difference == 0
 }
 
-fn reason_phrase(status: u16) -> &'static str {
-    match status {
-        100 => "Continue",
-        200 => "OK",
-        202 => "Accepted",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        408 => "Request Timeout",
-        411 => "Length Required",
-        413 => "Content Too Large",
-        431 => "Request Header Fields Too Large",
-        500 => "Internal Server Error",
-        503 => "Service Unavailable",
-        _ => "",
-    }
-}
-
-fn encode_reply(reply: &Reply) -> Vec<u8> {
-    let body = reply.body.to_string();
-    let mut head = format!(
-        "HTTP/1.1 {} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n",
-        reply.status,
-        reason_phrase(reply.status),
-        body.len()
-    );
-    for (name, value) in &reply.headers {
-        head.push_str(&format!("{name}: {value}\r\n"));
-    }
-    head.push_str("\r\n");
-    let mut bytes = head.into_bytes();
-    bytes.extend_from_slice(body.as_bytes());
-    bytes
-}
-
-fn read_failure(error: std::io::Error, what: &str) -> Failure {
-    match error.kind() {
-        ErrorKind::WouldBlock | ErrorKind::TimedOut => Failure::new(
-            408,
-            format!("the {what} did not arrive within {SOCKET_TIMEOUT:?}"),
-        ),
-        _ => Failure::new(400, format!("cannot read the {what}: {error}")),
-    }
-}
-
-/// Serves the one request of a connection and closes it.
-fn serve_connection(mut stream: TcpStream, api: &dyn JobManagerApi, secret: Option<&str>) {
-    let _ = stream.set_read_timeout(Some(SOCKET_TIMEOUT));
-    let _ = stream.set_write_timeout(Some(SOCKET_TIMEOUT));
-    let _ = stream.set_nodelay(true);
-    let mut body_unread = true;
-    let reply = match serve_request(&mut stream, api, secret, &mut body_unread) {
-        Ok(Some(reply)) => reply,
-        Ok(None) => return,
-        Err(failure) => failure.into_reply(),
-    };
-    if stream.write_all(&encode_reply(&reply)).is_err() {
-        return;
-    }
-    let _ = stream.flush();
-    if body_unread {
-        discard_unread(&mut stream);
-    }
-}
-
-/// Reads, checks and carries out one request. `Ok(None)`: the client left
-/// before sending a whole head, there is no one to answer.
-fn serve_request(
-    stream: &mut TcpStream,
-    api: &dyn JobManagerApi,
-    secret: Option<&str>,
-    body_unread: &mut bool,
-) -> Result<Option<Reply>, Failure> {
-    let mut bytes = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 4096];
-    let (head, head_length) = loop {
-        let room = HEAD_SIZE_MAX - bytes.len();
-        let wanted = room.min(chunk.len());
-        let read = match stream.read(&mut chunk[..wanted]) {
-            Ok(0) => return Ok(None),
-            Ok(read) => read,
-            Err(error) if error.kind() == ErrorKind::Interrupted => continue,
-            Err(error) => return Err(read_failure(error, "request head")),
-        };
-        bytes.extend_from_slice(&chunk[..read]);
-        if let Some(parsed) = parse_head(&bytes)? {
-            break parsed;
-        }
-        if bytes.len() == HEAD_SIZE_MAX {
-            return Err(Failure::new(
-                431,
-                format!("the request head is over {HEAD_SIZE_MAX} bytes"),
-            ));
-        }
-    };
-    if let Some(secret) = secret {
-        if !authorized(head.authorization.as_deref(), secret) {
-            return Err(Failure::new(
-                401,
-                "missing or wrong bearer token: send 'Authorization: Bearer <secret>'",
-            ));
-        }
-    }
-    let route = route(&head.method, &head.target)?;
-    let length = body_length(&head)?;
-    if head.expect_continue && length > 0 {
-        stream
-            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
-            .map_err(|error| Failure::new(400, format!("cannot answer 100 Continue: {error}")))?;
-    }
-    let mut body = bytes.split_off(head_length);
-    body.truncate(length);
-    if body.len() < length {
-        let start = body.len();
-        body.resize(length, 0);
-        stream
-            .read_exact(&mut body[start..])
-            .map_err(|error| read_failure(error, "request body"))?;
-    }
-    *body_unread = false;
-    dispatch(api, route, &body).map(Some)
-}
-
-/// Swallows what the client still sends, within bounds, after our answer.
-fn discard_unread(stream: &mut TcpStream) {
-    let _ = stream.shutdown(Shutdown::Write);
-    let _ = stream.set_read_timeout(Some(DISCARD_DURATION_MAX));
-    let deadline = Instant::now() + DISCARD_DURATION_MAX;
-    let mut chunk = [0u8; 4096];
-    let mut discarded = 0;
-    while discarded < DISCARD_SIZE_MAX && Instant::now() < deadline {
-        match stream.read(&mut chunk) {
-            Ok(0) | Err(_) => return,
-            Ok(read) => discarded += read,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::coordinator::CheckpointCounts;
+    use crate::local::{LocalCluster, LocalClusterConfig};
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Mutex;
+    use std::time::Instant;
 
     const JOB: &str = "0123456789abcdef0123456789abcdef";
 
@@ -969,62 +974,6 @@ mod tests {
     }
 
     #[test]
-    fn parses_heads_and_bounds_bodies() {
-        assert_eq!(parse_head(b"GET /jobs HTTP/1.1\r\nHost: x\r\n"), Ok(None));
-        let raw = b"POST /jobs HTTP/1.1\r\nauthorization: Bearer s3\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n{}";
-        let (head, length) = parse_head(raw).unwrap().unwrap();
-        assert_eq!(length, raw.len() - 2);
-        assert_eq!(head.method, "POST");
-        assert_eq!(head.target, "/jobs");
-        assert_eq!(head.authorization.as_deref(), Some("Bearer s3"));
-        assert!(head.expect_continue);
-        assert_eq!(body_length(&head), Ok(2));
-        assert_eq!(
-            parse_head(b"GET /jobs HTTP/9\r\n\r\n").unwrap_err().status,
-            400
-        );
-        let many: String = (0..=HEADER_COUNT_MAX)
-            .map(|index| format!("h{index}: v\r\n"))
-            .collect();
-        let raw = format!("GET /jobs HTTP/1.1\r\n{many}\r\n");
-        assert_eq!(parse_head(raw.as_bytes()).unwrap_err().status, 431);
-
-        let with = |content_length: Option<&str>, transfer_encoding: bool| Head {
-            content_length: content_length.map(str::to_string),
-            transfer_encoding,
-            ..head_of("GET", "/jobs")
-        };
-        assert_eq!(body_length(&with(None, false)), Ok(0));
-        assert_eq!(body_length(&with(Some("65536"), false)), Ok(BODY_SIZE_MAX));
-        assert_eq!(
-            body_length(&with(Some("65537"), false)).unwrap_err().status,
-            413
-        );
-        assert_eq!(
-            body_length(&with(Some("99999999999999999999999"), false))
-                .unwrap_err()
-                .status,
-            400
-        );
-        assert_eq!(
-            body_length(&with(Some("-1"), false)).unwrap_err().status,
-            400
-        );
-        assert_eq!(body_length(&with(None, true)).unwrap_err().status, 411);
-    }
-
-    fn head_of(method: &str, target: &str) -> Head {
-        Head {
-            method: method.to_string(),
-            target: target.to_string(),
-            authorization: None,
-            content_length: None,
-            transfer_encoding: false,
-            expect_continue: false,
-        }
-    }
-
-    #[test]
     fn checks_bearer_tokens() {
         assert!(authorized(Some("Bearer s3cret"), "s3cret"));
         assert!(authorized(Some("bearer s3cret"), "s3cret"));
@@ -1098,27 +1047,45 @@ mod tests {
             api,
             "127.0.0.1:0".parse().unwrap(),
             secret.map(str::to_string),
+            Limits::DEFAULT,
         )
         .unwrap()
     }
 
-    /// Sends raw bytes, reads the whole answer; returns status, headers and JSON body.
-    fn exchange(server: &RestServer, raw: &[u8]) -> (u16, String, Value) {
-        let mut stream = TcpStream::connect(server.local_addr()).unwrap();
+    fn start_limited(fake: &Arc<FakeJobManager>, limits: Limits) -> RestServer {
+        let api: Arc<dyn JobManagerApi> = fake.clone();
+        RestServer::start_with(api, "127.0.0.1:0".parse().unwrap(), None, limits).unwrap()
+    }
+
+    fn connect(server: &RestServer) -> TcpStream {
+        let stream = TcpStream::connect(server.local_addr()).unwrap();
         stream
             .set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
+        stream
+    }
+
+    /// Sends raw bytes, reads the whole answer (the server closes the
+    /// connection after it); returns the status, the head in lower case
+    /// and the JSON body.
+    fn exchange(server: &RestServer, raw: &[u8]) -> (u16, String, Value) {
+        let mut stream = connect(server);
         stream.write_all(raw).unwrap();
+        read_answer(&mut stream)
+    }
+
+    fn read_answer(stream: &mut TcpStream) -> (u16, String, Value) {
         let mut answer = Vec::new();
         stream.read_to_end(&mut answer).unwrap();
         let answer = String::from_utf8(answer).unwrap();
         let (head, body) = answer.split_once("\r\n\r\n").unwrap();
         let status = head[9..12].parse().unwrap();
-        (
-            status,
-            head.to_string(),
-            serde_json::from_str(body).unwrap(),
-        )
+        let body = if body.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(body).unwrap()
+        };
+        (status, head.to_ascii_lowercase(), body)
     }
 
     fn request(method: &str, target: &str, body: &str) -> Vec<u8> {
@@ -1133,11 +1100,13 @@ mod tests {
     fn serves_list_savepoint_stop_and_cancel_over_http() {
         let fake = FakeJobManager::new();
         let server = start(&fake, None);
-        let (status, _, body) = exchange(&server, &request("GET", "/jobs", ""));
+        let (status, head, body) = exchange(&server, &request("GET", "/jobs", ""));
         assert_eq!(
             (status, body),
             (200, json!({ "jobs": [{ "id": JOB, "status": "RUNNING" }] }))
         );
+        assert!(head.contains("content-type: application/json"), "{head}");
+        assert!(head.contains("connection: close"), "{head}");
 
         let target = format!("/jobs/{JOB}/savepoints");
         let (status, _, body) = exchange(
@@ -1183,19 +1152,98 @@ mod tests {
     }
 
     #[test]
+    fn refuses_declared_sizes_over_the_limit() {
+        assert_eq!(check_declared_size(&SizeHint::with_exact(0)), Ok(()));
+        assert_eq!(
+            check_declared_size(&SizeHint::with_exact(BODY_SIZE_MAX as u64)),
+            Ok(())
+        );
+        let over = check_declared_size(&SizeHint::with_exact(BODY_SIZE_MAX as u64 + 1));
+        assert_eq!(over.unwrap_err().status, 413);
+        // A chunked body declares nothing: it is bounded while read.
+        assert_eq!(check_declared_size(&SizeHint::new()), Ok(()));
+    }
+
+    #[test]
     fn refuses_a_huge_body_from_its_header_without_reading_it() {
         let fake = FakeJobManager::new();
         let server = start(&fake, None);
         let target = format!("/jobs/{JOB}/savepoints");
-        // A terabyte declared, a few bytes sent: answered at once.
+        // A terabyte declared, a few bytes sent: answered at once. Had the
+        // server allocated the declared size, the allocation would fail on
+        // this machine and abort the test process, as tiny_http did.
         let raw = format!(
             "POST {target} HTTP/1.1\r\nHost: x\r\nContent-Length: 1099511627776\r\n\r\n{{\"a\":"
         );
         let (status, head, body) = exchange(&server, raw.as_bytes());
         assert_eq!(status, 413, "{body}");
-        assert!(head.contains("Connection: close"));
+        assert!(
+            body["errors"][0]
+                .as_str()
+                .unwrap()
+                .contains("1099511627776 bytes"),
+            "{body}"
+        );
+        assert!(head.contains("connection: close"), "{head}");
         // And the server is still there.
         assert_eq!(exchange(&server, &request("GET", "/jobs", "")).0, 200);
+    }
+
+    #[test]
+    fn bounds_bodies_heads_and_headers() {
+        let fake = FakeJobManager::new();
+        let server = start(&fake, None);
+        let target = format!("/jobs/{JOB}/savepoints");
+        // Exactly the limit is accepted.
+        let mut body = r#"{"target-directory": "/sp"}"#.to_string();
+        body.push_str(&" ".repeat(BODY_SIZE_MAX - body.len()));
+        assert_eq!(exchange(&server, &request("POST", &target, &body)).0, 200);
+        // One byte over is refused from the header.
+        body.push(' ');
+        assert_eq!(exchange(&server, &request("POST", &target, &body)).0, 413);
+
+        // A chunked body is read, and refused once it passes the limit.
+        let chunked = |body: &str| {
+            format!(
+                "POST {target} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+                body.len()
+            )
+        };
+        let raw = chunked(r#"{"target-directory": "/chunked"}"#);
+        let (status, _, body) = exchange(&server, raw.as_bytes());
+        assert_eq!(
+            (status, body),
+            (200, json!({ "location": "/chunked/savepoint-1" }))
+        );
+        let raw = chunked(&" ".repeat(BODY_SIZE_MAX + 1));
+        let (status, _, body) = exchange(&server, raw.as_bytes());
+        assert_eq!(status, 413, "{body}");
+
+        // Malformed heads: hyper answers them.
+        assert_eq!(exchange(&server, b"GET /jobs HTTP/9\r\n\r\n").0, 400);
+        let raw = b"POST /jobs HTTP/1.1\r\nContent-Length: -1\r\n\r\n";
+        assert_eq!(exchange(&server, raw).0, 400);
+        let many: String = (0..=HEADER_COUNT_MAX)
+            .map(|index| format!("h{index}: v\r\n"))
+            .collect();
+        let raw = format!("GET /jobs HTTP/1.1\r\n{many}\r\n");
+        assert_eq!(exchange(&server, raw.as_bytes()).0, 431);
+        let long = "v".repeat(HEAD_SIZE_MAX);
+        let raw = format!("GET /jobs HTTP/1.1\r\nh: {long}\r\n\r\n");
+        assert_eq!(exchange(&server, raw.as_bytes()).0, 431);
+        // Expect: 100-continue is answered before the body is sent.
+        let mut stream = connect(&server);
+        let body = r#"{"target-directory": "/continued"}"#;
+        let head = format!(
+            "POST {target} HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        stream.write_all(head.as_bytes()).unwrap();
+        let mut interim = [0u8; 25];
+        stream.read_exact(&mut interim).unwrap();
+        assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+        stream.write_all(body.as_bytes()).unwrap();
+        assert_eq!(read_answer(&mut stream).0, 200);
     }
 
     #[test]
@@ -1204,13 +1252,21 @@ mod tests {
         let server = start(&fake, Some("s3cret"));
         let (status, head, _) = exchange(&server, &request("GET", "/jobs", ""));
         assert_eq!(status, 401);
-        assert!(head.contains("WWW-Authenticate: Bearer"));
+        assert!(head.contains("www-authenticate: bearer"), "{head}");
         let raw = b"GET /jobs HTTP/1.1\r\nAuthorization: Bearer wrong\r\n\r\n";
+        assert_eq!(exchange(&server, raw).0, 401);
+        // The token is checked before the route and the body.
+        let raw = b"POST /nothing HTTP/1.1\r\nContent-Length: 1099511627776\r\n\r\n";
         assert_eq!(exchange(&server, raw).0, 401);
         let raw = b"GET /jobs HTTP/1.1\r\nAuthorization: Bearer s3cret\r\n\r\n";
         assert_eq!(exchange(&server, raw).0, 200);
         let api: Arc<dyn JobManagerApi> = fake.clone();
-        let empty = RestServer::start_with(api, "127.0.0.1:0".parse().unwrap(), Some(" ".into()));
+        let empty = RestServer::start_with(
+            api,
+            "127.0.0.1:0".parse().unwrap(),
+            Some(" ".into()),
+            Limits::DEFAULT,
+        );
         assert!(empty.is_err());
     }
 
@@ -1240,6 +1296,44 @@ mod tests {
     }
 
     #[test]
+    fn closes_silent_connections_and_refuses_past_the_connection_limit() {
+        let fake = FakeJobManager::new();
+        let limits = Limits {
+            connection_count_max: 2,
+            header_read_timeout: Duration::from_millis(300),
+            body_read_timeout: Duration::from_millis(300),
+        };
+        let server = start_limited(&fake, limits);
+        // Two clients that send half a head hold both connections.
+        let mut silent: Vec<TcpStream> = (0..2).map(|_| connect(&server)).collect();
+        for stream in &mut silent {
+            stream.write_all(b"GET /jobs HTTP/1.1\r\n").unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let (status, head, body) = exchange(&server, &request("GET", "/jobs", ""));
+        assert_eq!(status, 503, "{body}");
+        assert!(head.contains("retry-after: 1"), "{head}");
+        // The header read timeout closes them, which frees the connections.
+        let started = Instant::now();
+        for stream in &mut silent {
+            let mut rest = Vec::new();
+            let _ = stream.read_to_end(&mut rest);
+        }
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while exchange(&server, &request("GET", "/jobs", "")).0 != 200 {
+            assert!(Instant::now() < deadline, "the connections were not freed");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // A body that stops coming is refused with 408.
+        let mut stream = connect(&server);
+        let target = format!("/jobs/{JOB}/savepoints");
+        let head = format!("POST {target} HTTP/1.1\r\nContent-Length: 10\r\n\r\n{{");
+        stream.write_all(head.as_bytes()).unwrap();
+        assert_eq!(read_answer(&mut stream).0, 408);
+    }
+
+    #[test]
     fn answers_malformed_requests_and_frees_the_port_on_stop() {
         let fake = FakeJobManager::new();
         let server = start(&fake, None);
@@ -1254,19 +1348,91 @@ mod tests {
             exchange(&server, &request("GET", "/jobs/123/checkpoints", "")).0,
             400
         );
-        assert_eq!(exchange(&server, &request("DELETE", "/jobs", "")).0, 405);
+        let (status, head, _) = exchange(&server, &request("DELETE", "/jobs", ""));
+        assert_eq!(status, 405);
+        assert!(head.contains("allow: get"), "{head}");
         assert_eq!(exchange(&server, &request("GET", "/nothing", "")).0, 404);
-        let raw = b"POST /jobs/x/stop HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
         // The route is checked before the body: a malformed id wins.
-        assert_eq!(exchange(&server, raw).0, 400);
-        let raw = format!("POST {target} HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n");
-        assert_eq!(exchange(&server, raw.as_bytes()).0, 411);
+        let raw = format!("POST /jobs/x/stop HTTP/1.1\r\nContent-Length: {BODY_SIZE_MAX}0\r\n\r\n");
+        assert_eq!(exchange(&server, raw.as_bytes()).0, 400);
 
         let address = server.local_addr();
         server.stop();
         assert!(TcpStream::connect(address).is_err());
         // Dropping stops too, and the port can be bound again.
-        let again = RestServer::start_with(fake, address, None).unwrap();
+        let again = RestServer::start_with(fake, address, None, Limits::DEFAULT).unwrap();
         drop(again);
+    }
+
+    #[test]
+    fn stop_lets_a_request_in_flight_finish() {
+        let fake = FakeJobManager::new();
+        fake.savepoint_released.store(false, Ordering::Release);
+        let server = start(&fake, None);
+        let mut stream = connect(&server);
+        let target = format!("/jobs/{JOB}/stop");
+        stream
+            .write_all(&request("POST", &target, r#"{"targetDirectory": "/sp"}"#))
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let releaser = {
+            let fake = fake.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(200));
+                fake.savepoint_released.store(true, Ordering::Release);
+            })
+        };
+        server.stop();
+        let (status, _, body) = read_answer(&mut stream);
+        assert_eq!(
+            (status, body),
+            (200, json!({ "location": "/sp/savepoint-1" }))
+        );
+        releaser.join().unwrap();
+    }
+
+    /// The public entry point with a real JobManager (a local cluster with
+    /// no jobs), so the refusals are seen end to end.
+    #[test]
+    fn serves_a_real_job_manager() {
+        let cluster =
+            LocalCluster::start(Vec::new(), LocalClusterConfig { slot_count: 1 }).unwrap();
+        let server = RestServer::start(
+            cluster.job_manager(),
+            "127.0.0.1:0".parse().unwrap(),
+            Some("s3cret".to_string()),
+        )
+        .unwrap();
+        let authorized = |method: &str, target: &str, body: &str| {
+            format!(
+                "{method} {target} HTTP/1.1\r\nAuthorization: Bearer s3cret\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .into_bytes()
+        };
+        let (status, _, body) = exchange(&server, &authorized("GET", "/jobs", ""));
+        assert_eq!((status, body), (200, json!({ "jobs": [] })));
+        assert_eq!(exchange(&server, &request("GET", "/jobs", "")).0, 401);
+        let target = format!("/jobs/{JOB}/savepoints");
+        let (status, _, body) = exchange(
+            &server,
+            &authorized("POST", &target, r#"{"target-directory": "/sp"}"#),
+        );
+        assert_eq!(
+            (status, body),
+            (404, json!({ "errors": [format!("no running job {JOB}")] }))
+        );
+        let target = format!("/jobs/{JOB}?mode=cancel");
+        assert_eq!(exchange(&server, &authorized("PATCH", &target, "")).0, 404);
+        assert_eq!(exchange(&server, &authorized("PUT", "/jobs", "")).0, 405);
+        assert_eq!(
+            exchange(&server, &authorized("GET", "/jobs/nope", "")).0,
+            400
+        );
+        let raw = "POST /jobs/0123456789abcdef0123456789abcdef/stop HTTP/1.1\r\nAuthorization: Bearer s3cret\r\nContent-Length: 1099511627776\r\n\r\n{";
+        assert_eq!(exchange(&server, raw.as_bytes()).0, 413);
+        assert_eq!(exchange(&server, &authorized("GET", "/jobs", "")).0, 200);
+        server.stop();
+        cluster.shutdown();
     }
 }
