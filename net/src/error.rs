@@ -49,6 +49,24 @@ pub enum NetError {
     SecretProofMissing,
     /// The handshake's secret proof does not match this side's secret.
     SecretProofWrong,
+    /// The handshake carried a secret proof, but this side has no secret
+    /// (control plane): the two sides are configured differently.
+    UnexpectedSecretProof,
+    /// A control frame header did not start with
+    /// [`crate::control::CONTROL_MAGIC`]: the peer is not a Strom control
+    /// endpoint (a data port, say), or the stream lost its framing.
+    BadControlMagic { found: u32 },
+    /// A control frame that does not decode, or is not allowed here (an
+    /// unknown kind, a message for the other direction, a payload that fails
+    /// rkyv validation).
+    MalformedControlFrame { reason: String },
+    /// A string or list of a control message is longer than its bound
+    /// (on encode or on decode).
+    FieldOutOfBounds {
+        field: &'static str,
+        length: u64,
+        length_max: u64,
+    },
     /// The peer refused the connection (it sent Close during the handshake).
     Rejected { reason: String },
     /// The peer closed the connection (end of stream or a Close frame).
@@ -151,6 +169,35 @@ impl fmt::Display for NetError {
                 formatter,
                 "handshake with a wrong secret proof: configure the same secret on every process"
             ),
+            NetError::UnexpectedSecretProof => write!(
+                formatter,
+                "handshake with a secret proof, but no cluster secret is configured here: configure the same secret on every process"
+            ),
+            NetError::BadControlMagic { found } => {
+                if *found == crate::frame::FRAME_MAGIC {
+                    write!(
+                        formatter,
+                        "the peer speaks the data-plane protocol, not the control protocol: the address is a data port, give the JobManager's control port"
+                    )
+                } else {
+                    write!(
+                        formatter,
+                        "bad control frame magic {found:#010x} (expected {:#010x}): the peer is not a Strom control endpoint or the stream lost its framing",
+                        crate::control::CONTROL_MAGIC
+                    )
+                }
+            }
+            NetError::MalformedControlFrame { reason } => {
+                write!(formatter, "malformed control frame: {reason}")
+            }
+            NetError::FieldOutOfBounds {
+                field,
+                length,
+                length_max,
+            } => write!(
+                formatter,
+                "{field} has length {length}, more than its bound of {length_max}"
+            ),
             NetError::Rejected { reason } => {
                 write!(formatter, "the peer refused the connection: {reason}")
             }
@@ -205,6 +252,20 @@ impl Clone for NetError {
             NetError::ChannelInUse { channel } => NetError::ChannelInUse { channel: *channel },
             NetError::SecretProofMissing => NetError::SecretProofMissing,
             NetError::SecretProofWrong => NetError::SecretProofWrong,
+            NetError::UnexpectedSecretProof => NetError::UnexpectedSecretProof,
+            NetError::BadControlMagic { found } => NetError::BadControlMagic { found: *found },
+            NetError::MalformedControlFrame { reason } => NetError::MalformedControlFrame {
+                reason: reason.clone(),
+            },
+            NetError::FieldOutOfBounds {
+                field,
+                length,
+                length_max,
+            } => NetError::FieldOutOfBounds {
+                field,
+                length: *length,
+                length_max: *length_max,
+            },
             NetError::Rejected { reason } => NetError::Rejected {
                 reason: reason.clone(),
             },

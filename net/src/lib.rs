@@ -19,6 +19,10 @@
 //! - [`link`]: one TCP connection between two processes carrying many
 //!   channels: the handshake (peer id, shared-secret proof), a reader and a
 //!   writer task on glommio sockets, and per-channel senders and receivers.
+//! - [`control`]: the control plane between the JobManager and its
+//!   TaskManagers (register, heartbeats, deploy, checkpoint and task
+//!   reports, shutdown): rkyv messages in checksummed frames with their own
+//!   magic over a blocking TCP stream, after the same kind of HMAC handshake.
 //! - [`error`]: [`NetError`], the crate's one error type.
 //!
 //! Depends on strom-core (the element type), glommio (executor-aware
@@ -28,6 +32,7 @@
 #![forbid(unsafe_code)]
 
 pub mod channel;
+pub mod control;
 pub mod credit;
 pub mod error;
 pub mod frame;
