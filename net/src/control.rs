@@ -113,15 +113,14 @@ use std::marker::PhantomData;
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
-use hmac::{Hmac, Mac};
 use rkyv::util::AlignedVec;
 use rkyv::{Archive, Deserialize, Serialize};
-use sha2::Sha256;
 
 use crate::error::NetError;
 use crate::frame::{
     BARRIER_PATH_LENGTH_MAX, CLOSE_REASON_LENGTH_MAX, HELLO_NONCE_SIZE, HELLO_PROOF_SIZE,
 };
+use crate::proof;
 
 /// The first four bytes of every control frame: "STRC".
 pub const CONTROL_MAGIC: u32 = u32::from_le_bytes(*b"STRC");
@@ -785,40 +784,14 @@ fn read_hello(reader: &mut FrameReader, source: &mut impl Read) -> Result<Contro
     }
 }
 
-fn random_nonce() -> Result<[u8; HELLO_NONCE_SIZE], NetError> {
-    let mut nonce = [0; HELLO_NONCE_SIZE];
-    getrandom::getrandom(&mut nonce).map_err(|error| {
-        NetError::io(
-            "draw a handshake nonce",
-            io::Error::other(error.to_string()),
-        )
-    })?;
-    Ok(nonce)
-}
-
-fn proof_mac(
-    secret: &[u8],
-    role: &[u8],
-    challenge: &[u8; HELLO_NONCE_SIZE],
-    response: &[u8; HELLO_NONCE_SIZE],
-) -> Hmac<Sha256> {
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes keys of any length");
-    mac.update(role);
-    mac.update(challenge);
-    mac.update(response);
-    mac
-}
-
+/// The proof of the secret by the side in `role`.
 fn prove(
     secret: &[u8],
     role: &[u8],
     challenge: &[u8; HELLO_NONCE_SIZE],
     response: &[u8; HELLO_NONCE_SIZE],
 ) -> [u8; HELLO_PROOF_SIZE] {
-    proof_mac(secret, role, challenge, response)
-        .finalize()
-        .into_bytes()
-        .into()
+    proof::prove(secret, &[role, challenge, response])
 }
 
 /// Checks the proof of `hello` against this side's secret, in constant
@@ -833,9 +806,12 @@ fn verify(
         (None, None) => Ok(()),
         (None, Some(_)) => Err(NetError::UnexpectedSecretProof),
         (Some(_), None) => Err(NetError::SecretProofMissing),
-        (Some(secret), Some(proof)) => proof_mac(secret, role, challenge, &hello.nonce)
-            .verify_slice(proof)
-            .map_err(|_| NetError::SecretProofWrong),
+        (Some(secret), Some(proof))
+            if proof::holds(secret, &[role, challenge, &hello.nonce], proof) =>
+        {
+            Ok(())
+        }
+        (Some(_), Some(_)) => Err(NetError::SecretProofWrong),
     }
 }
 
@@ -875,7 +851,7 @@ fn accept_handshake(
     reader: &mut FrameReader,
     secret: Option<&[u8]>,
 ) -> Result<(), NetError> {
-    let nonce = random_nonce()?;
+    let nonce = proof::random_nonce()?;
     let mut frame = Vec::new();
     encode_hello(&ControlHello { nonce, proof: None }, &mut frame);
     write_bytes(stream, &frame, "send the handshake")?;
@@ -905,7 +881,7 @@ fn connect_handshake(
             "the acceptor's first Hello carries a proof".to_string(),
         ));
     }
-    let nonce = random_nonce()?;
+    let nonce = proof::random_nonce()?;
     let response = ControlHello {
         nonce,
         proof: secret.map(|secret| prove(secret, PROOF_ROLE_CONNECTOR, &challenge.nonce, &nonce)),

@@ -37,5 +37,6 @@ pub mod credit;
 pub mod error;
 pub mod frame;
 pub mod link;
+mod proof;
 
 pub use error::NetError;

@@ -52,8 +52,6 @@ use std::time::Duration;
 
 use futures_lite::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
 use strom_core::record::StreamElement;
 
 use crate::credit::{ReceiverCredits, SenderCredits};
@@ -62,6 +60,7 @@ use crate::frame::{
     data_payload_length, encode_close, encode_credit, encode_data, encode_hello, Frame,
     FrameDecoder, FrameKind, Hello, HELLO_NONCE_SIZE, HELLO_PROOF_SIZE,
 };
+use crate::proof;
 
 /// The most channels one link carries (either direction).
 pub const LINK_CHANNEL_COUNT_MAX: usize = 4096;
@@ -687,32 +686,7 @@ async fn write_before_close_deadline(
     futures_lite::future::or(write_all_shared(stream, bytes), deadline).await
 }
 
-fn random_nonce() -> Result<[u8; HELLO_NONCE_SIZE], NetError> {
-    let mut nonce = [0; HELLO_NONCE_SIZE];
-    getrandom::getrandom(&mut nonce).map_err(|error| {
-        NetError::io(
-            "draw a handshake nonce",
-            io::Error::other(error.to_string()),
-        )
-    })?;
-    Ok(nonce)
-}
-
-fn proof_mac(
-    secret: &[u8],
-    role: &[u8],
-    challenge: &[u8; HELLO_NONCE_SIZE],
-    response: &[u8; HELLO_NONCE_SIZE],
-    prover_id: u64,
-) -> Hmac<Sha256> {
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes keys of any length");
-    mac.update(role);
-    mac.update(challenge);
-    mac.update(response);
-    mac.update(&prover_id.to_le_bytes());
-    mac
-}
-
+/// The proof of the secret by the side `prover_id` in `role`.
 fn prove(
     secret: &[u8],
     role: &[u8],
@@ -720,10 +694,10 @@ fn prove(
     response: &[u8; HELLO_NONCE_SIZE],
     prover_id: u64,
 ) -> [u8; HELLO_PROOF_SIZE] {
-    proof_mac(secret, role, challenge, response, prover_id)
-        .finalize()
-        .into_bytes()
-        .into()
+    proof::prove(
+        secret,
+        &[role, challenge, response, &prover_id.to_le_bytes()],
+    )
 }
 
 /// Checks the proof in `hello` (if this side has a secret), in constant time.
@@ -737,9 +711,12 @@ fn verify(
         return Ok(());
     };
     let proof = hello.proof.ok_or(NetError::SecretProofMissing)?;
-    proof_mac(secret, role, challenge, &hello.nonce, hello.peer_id)
-        .verify_slice(&proof)
-        .map_err(|_| NetError::SecretProofWrong)
+    let parts: [&[u8]; 4] = [role, challenge, &hello.nonce, &hello.peer_id.to_le_bytes()];
+    if proof::holds(secret, &parts, &proof) {
+        Ok(())
+    } else {
+        Err(NetError::SecretProofWrong)
+    }
 }
 
 async fn send_hello(stream: &mut TcpStream, hello: &Hello) -> Result<(), NetError> {
@@ -800,7 +777,7 @@ async fn accept_handshake(
     secret: Option<&[u8]>,
 ) -> Result<u64, NetError> {
     set_handshake_timeouts(stream)?;
-    let nonce = random_nonce()?;
+    let nonce = proof::random_nonce()?;
     let challenge = Hello {
         peer_id: local_id,
         nonce,
@@ -836,7 +813,7 @@ async fn connect_handshake(
 ) -> Result<u64, NetError> {
     set_handshake_timeouts(stream)?;
     let challenge = read_hello(stream, decoder, pending).await?;
-    let nonce = random_nonce()?;
+    let nonce = proof::random_nonce()?;
     let response = Hello {
         peer_id: local_id,
         nonce,
