@@ -15,6 +15,7 @@
 //!    are ignored from then on.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
@@ -29,7 +30,9 @@ use strom_state::{
 use crate::coordinator::{
     Acknowledged, CheckpointCoordinator, CheckpointKind, CompletedCheckpoint, PendingCheckpoint,
 };
-use crate::messages::{JobEvent, JobId, JobResult, JobStatus, ToJobManager, ToTaskManager};
+use crate::messages::{
+    JobEvent, JobId, JobResult, JobStatus, SlotRef, ToJobManager, ToTaskManager,
+};
 use crate::restart::RestartBackoff;
 
 /// What a task acknowledged: its state file, how long its stream paused,
@@ -44,6 +47,9 @@ struct RegisteredTaskManager {
     /// Which job holds each slot; `None` when free.
     slot_holders: Vec<Option<JobId>>,
     sender: Sender<ToTaskManager>,
+    /// Where other TaskManagers reach its network service, if it has one
+    /// (a lone TaskManager needs none).
+    data_address: Option<SocketAddr>,
 }
 
 impl RegisteredTaskManager {
@@ -84,8 +90,10 @@ struct JobMaster {
     name: String,
     program: String,
     args: JobArgs,
-    task_manager: usize,
-    slots: Vec<Vec<u32>>,
+    /// The TaskManagers that hold some of its slots.
+    task_managers: Vec<usize>,
+    /// The slot of every subtask: `slots[vertex][subtask]`.
+    slots: Vec<Vec<SlotRef>>,
     slots_used: u32,
     attempt: u32,
     subtask_count: usize,
@@ -291,14 +299,13 @@ impl JobManager {
             target: Arc::new(directory),
             is_savepoint,
         };
-        let _ =
-            self.task_managers[master.task_manager]
-                .sender
-                .send(ToTaskManager::TriggerCheckpoint {
-                    job,
-                    attempt: master.attempt,
-                    barrier,
-                });
+        let attempt = master.attempt;
+        let task_managers = master.task_managers.clone();
+        self.send_to(&task_managers, || ToTaskManager::TriggerCheckpoint {
+            job,
+            attempt,
+            barrier: barrier.clone(),
+        });
     }
 
     /// A pending checkpoint was aborted: its files go, a savepoint's
@@ -329,6 +336,7 @@ impl JobManager {
                 task_manager,
                 slot_count,
                 sender,
+                data_address,
             } => {
                 assert_eq!(
                     task_manager,
@@ -338,6 +346,7 @@ impl JobManager {
                 self.task_managers.push(RegisteredTaskManager {
                     slot_holders: vec![None; slot_count as usize],
                     sender,
+                    data_address,
                 });
             }
             ToJobManager::SubmitJob {
@@ -474,11 +483,20 @@ impl JobManager {
         }
     }
 
+    /// Sends `message()` to each of `task_managers`.
+    fn send_to(&self, task_managers: &[usize], message: impl Fn() -> ToTaskManager) {
+        for task_manager in task_managers {
+            let _ = self.task_managers[*task_manager].sender.send(message());
+        }
+    }
+
     /// Gives a job's slots back and stops what runs of it.
     fn release(&mut self, job: JobId, master: &JobMaster) {
-        let task_manager = &mut self.task_managers[master.task_manager];
-        task_manager.release(job);
-        let _ = task_manager.sender.send(ToTaskManager::CancelJob { job });
+        for task_manager in &master.task_managers {
+            let task_manager = &mut self.task_managers[*task_manager];
+            task_manager.release(job);
+            let _ = task_manager.sender.send(ToTaskManager::CancelJob { job });
+        }
     }
 
     /// Every task acknowledged: the metadata file completes the checkpoint.
@@ -550,14 +568,15 @@ impl JobManager {
         // Tasks commit what a checkpoint covers; an intermediate savepoint
         // commits nothing (as in Flink), a stopping one does.
         if !is_savepoint || stop {
-            let _ = self.task_managers[master.task_manager].sender.send(
-                ToTaskManager::CheckpointComplete {
-                    job,
-                    attempt: master.attempt,
-                    checkpoint_id: pending.id,
-                },
-            );
+            let (attempt, checkpoint_id) = (master.attempt, pending.id);
+            let task_managers = master.task_managers.clone();
+            self.send_to(&task_managers, || ToTaskManager::CheckpointComplete {
+                job,
+                attempt,
+                checkpoint_id,
+            });
         }
+        let master = self.jobs.get_mut(&job).expect("a known job");
         if let Some((id, request)) = master.savepoint_in_flight.take() {
             if id == pending.id {
                 let _ = request.reply.send(Ok(pending.directory.clone()));
@@ -656,9 +675,8 @@ impl JobManager {
         };
         let now = Instant::now();
         let aborted = master.coordinator.restart(now);
-        let _ = self.task_managers[master.task_manager]
-            .sender
-            .send(ToTaskManager::CancelJob { job });
+        let task_managers = master.task_managers.clone();
+        self.send_to(&task_managers, || ToTaskManager::CancelJob { job });
         if let Some(pending) = aborted {
             self.aborted(job, pending, "a task failed".to_string());
         }
@@ -709,8 +727,15 @@ impl JobManager {
         // A failed attempt's staged files stay uncommitted (and hidden).
         master.committables.clear();
         master.coordinator.restart(Instant::now());
-        let deployed =
-            self.task_managers[master.task_manager]
+        let data_addresses: Vec<Option<SocketAddr>> = self
+            .task_managers
+            .iter()
+            .map(|task_manager| task_manager.data_address)
+            .collect();
+        let master = self.jobs.get(&job).expect("a known job");
+        let mut deployed = Ok(());
+        for task_manager in &master.task_managers {
+            let sent = self.task_managers[*task_manager]
                 .sender
                 .send(ToTaskManager::DeployJob {
                     job,
@@ -718,8 +743,13 @@ impl JobManager {
                     program: master.program.clone(),
                     args: master.args.clone(),
                     slots: master.slots.clone(),
+                    data_addresses: data_addresses.clone(),
                     restore: master.restore_path.clone(),
                 });
+            if sent.is_err() {
+                deployed = Err(());
+            }
+        }
         if deployed.is_err() {
             let master = self.jobs.remove(&job).expect("a known job");
             self.release(job, &master);
@@ -760,20 +790,22 @@ impl JobManager {
             first_checkpoint_id = restored_id + 1;
         }
         let slots_required = job_graph.slots_required();
-        let (task_manager, _) = self
+        let slots_free: u32 = self
             .task_managers
             .iter()
-            .enumerate()
-            .find(|(_, task_manager)| task_manager.slots_free() >= slots_required)
-            .ok_or_else(|| {
-                let slots_free: u32 = self.task_managers.iter().map(RegisteredTaskManager::slots_free).sum();
-                let slot_count: usize =
-                    self.task_managers.iter().map(|task_manager| task_manager.slot_holders.len()).sum();
-                format!(
-                    "not enough slots: job '{}' needs {slots_required}, the cluster has {slots_free} free of {slot_count}",
-                    job_graph.name
-                )
-            })?;
+            .map(RegisteredTaskManager::slots_free)
+            .sum();
+        if slots_free < slots_required {
+            let slot_count: usize = self
+                .task_managers
+                .iter()
+                .map(|task_manager| task_manager.slot_holders.len())
+                .sum();
+            return Err(format!(
+                "not enough slots: job '{}' needs {slots_required}, the cluster has {slots_free} free of {slot_count}",
+                job_graph.name
+            ));
+        }
         let job = JobId::random();
         let storage = match &options.directory {
             Some(directory) => Some(
@@ -783,17 +815,27 @@ impl JobManager {
             None => None,
         };
         // The job's slots are numbered from 0 (`slot_of`); take that many
-        // free slots of the TaskManager, so that jobs running at once never
-        // share a core.
-        let holders = &mut self.task_managers[task_manager].slot_holders;
-        let free_slots: Vec<u32> = (0..holders.len() as u32)
-            .filter(|slot| holders[*slot as usize].is_none())
-            .take(slots_required as usize)
-            .collect();
-        for slot in &free_slots {
-            holders[*slot as usize] = Some(job);
+        // free slots, TaskManager by TaskManager, so that jobs running at
+        // once never share a core.
+        let mut free_slots: Vec<SlotRef> = Vec::new();
+        for (index, task_manager) in self.task_managers.iter_mut().enumerate() {
+            for slot in 0..task_manager.slot_holders.len() {
+                if free_slots.len() == slots_required as usize {
+                    break;
+                }
+                if task_manager.slot_holders[slot].is_none() {
+                    task_manager.slot_holders[slot] = Some(job);
+                    free_slots.push(SlotRef {
+                        task_manager: index,
+                        slot: slot as u32,
+                    });
+                }
+            }
         }
-        let slots: Vec<Vec<u32>> = job_graph
+        let mut task_managers: Vec<usize> =
+            free_slots.iter().map(|slot| slot.task_manager).collect();
+        task_managers.dedup();
+        let slots: Vec<Vec<SlotRef>> = job_graph
             .vertices
             .iter()
             .map(|vertex| {
@@ -810,7 +852,7 @@ impl JobManager {
         let master = JobMaster {
             name: job_graph.name.clone(),
             program: program_name.to_string(),
-            task_manager,
+            task_managers,
             slots,
             slots_used: slots_required,
             attempt: 0,
@@ -919,7 +961,13 @@ mod tests {
 
     fn deployed_slots(inbox: &mpsc::Receiver<ToTaskManager>) -> (JobId, Vec<Vec<u32>>) {
         match inbox.try_recv() {
-            Ok(ToTaskManager::DeployJob { job, slots, .. }) => (job, slots),
+            Ok(ToTaskManager::DeployJob { job, slots, .. }) => (
+                job,
+                slots
+                    .iter()
+                    .map(|vertex| vertex.iter().map(|slot| slot.slot).collect())
+                    .collect(),
+            ),
             _ => panic!("expected a deployment"),
         }
     }
@@ -932,6 +980,7 @@ mod tests {
             task_manager: 0,
             slot_count: 4,
             sender,
+            data_address: None,
         });
         let args = JobArgs::new(Vec::new(), 2);
         let (reply, results) = mpsc::channel();

@@ -24,6 +24,7 @@ pub mod file_sink;
 pub mod jobmanager;
 pub mod local;
 pub mod messages;
+pub mod network;
 pub mod rest;
 pub mod restart;
 pub mod task;

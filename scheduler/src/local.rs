@@ -1,6 +1,7 @@
 //! The local mini-cluster: a JobManager and one TaskManager in this
 //! process, talking through the same messages as a standalone cluster.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::mpsc::{self, Sender};
 use std::thread::JoinHandle;
@@ -9,13 +10,27 @@ use strom_core::{JobArgs, Program};
 
 use crate::jobmanager::JobManager;
 use crate::messages::{JobEvent, JobId, JobResult, JobStatus, ToJobManager, ToTaskManager};
-use crate::taskmanager::TaskManager;
+use crate::taskmanager::{allowed_cpus, TaskManager};
 
 /// How to size the mini-cluster.
 #[derive(Clone, Debug)]
 pub struct LocalClusterConfig {
-    /// Slots of the one TaskManager (one pinned executor each).
+    /// Slots of each TaskManager (one pinned executor each).
     pub slot_count: u32,
+    /// TaskManagers in the process (1 by default). With more than one,
+    /// each gets a network service on loopback and its own CPUs, and
+    /// channels between them cross TCP as between machines.
+    pub task_manager_count: u32,
+}
+
+impl LocalClusterConfig {
+    /// One TaskManager with `slot_count` slots.
+    pub fn slots(slot_count: u32) -> LocalClusterConfig {
+        LocalClusterConfig {
+            slot_count,
+            task_manager_count: 1,
+        }
+    }
 }
 
 /// Asks the JobManager about and for running jobs, from any thread.
@@ -62,47 +77,66 @@ impl JobManagerHandle {
 
 pub struct LocalCluster {
     job_manager: Sender<ToJobManager>,
-    task_manager: Sender<ToTaskManager>,
+    task_managers: Vec<Sender<ToTaskManager>>,
     threads: Vec<JoinHandle<()>>,
 }
 
 impl LocalCluster {
-    /// Starts the JobManager and the TaskManager, which registers its slots.
+    /// Starts the JobManager and the TaskManagers, which register their
+    /// slots.
     pub fn start(
         programs: Vec<Program>,
         config: LocalClusterConfig,
     ) -> Result<LocalCluster, String> {
         let (job_manager_sender, job_manager_inbox) = mpsc::channel();
-        let (task_manager_sender, task_manager_inbox) = mpsc::channel();
-        let task_manager = TaskManager::start(
-            0,
-            programs.clone(),
-            config.slot_count,
-            job_manager_sender.clone(),
-            task_manager_sender.clone(),
-        )?;
-        let slot_count = task_manager.slot_count();
-        let job_manager = JobManager::new(programs);
-        let threads = vec![
-            std::thread::Builder::new()
-                .name("strom-jobmanager".to_string())
-                .spawn(move || job_manager.run(job_manager_inbox))
-                .map_err(|error| format!("cannot start the JobManager thread: {error}"))?,
-            std::thread::Builder::new()
-                .name("strom-taskmanager".to_string())
-                .spawn(move || task_manager.run(task_manager_inbox))
-                .map_err(|error| format!("cannot start the TaskManager thread: {error}"))?,
-        ];
-        job_manager_sender
-            .send(ToJobManager::RegisterTaskManager {
-                task_manager: 0,
-                slot_count,
-                sender: task_manager_sender.clone(),
-            })
-            .map_err(|_| "the JobManager stopped".to_string())?;
+        let job_manager = JobManager::new(programs.clone());
+        let mut threads = vec![std::thread::Builder::new()
+            .name("strom-jobmanager".to_string())
+            .spawn(move || job_manager.run(job_manager_inbox))
+            .map_err(|error| format!("cannot start the JobManager thread: {error}"))?];
+        let cpus = allowed_cpus();
+        let networked = config.task_manager_count > 1;
+        let mut task_managers = Vec::new();
+        for index in 0..config.task_manager_count.max(1) as usize {
+            let (task_manager_sender, task_manager_inbox) = mpsc::channel();
+            // Several TaskManagers split the CPUs, as on separate machines.
+            let own_cpus: Vec<usize> = if networked {
+                (0..config.slot_count as usize)
+                    .map(|slot| cpus[(index * config.slot_count as usize + slot) % cpus.len()])
+                    .collect()
+            } else {
+                cpus.clone()
+            };
+            let task_manager = TaskManager::start(
+                index,
+                programs.clone(),
+                config.slot_count,
+                own_cpus,
+                networked.then(|| SocketAddr::from(([127, 0, 0, 1], 0))),
+                job_manager_sender.clone(),
+                task_manager_sender.clone(),
+            )?;
+            let slot_count = task_manager.slot_count();
+            let data_address = task_manager.data_address();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("strom-taskmanager-{index}"))
+                    .spawn(move || task_manager.run(task_manager_inbox))
+                    .map_err(|error| format!("cannot start the TaskManager thread: {error}"))?,
+            );
+            job_manager_sender
+                .send(ToJobManager::RegisterTaskManager {
+                    task_manager: index,
+                    slot_count,
+                    sender: task_manager_sender.clone(),
+                    data_address,
+                })
+                .map_err(|_| "the JobManager stopped".to_string())?;
+            task_managers.push(task_manager_sender);
+        }
         Ok(LocalCluster {
             job_manager: job_manager_sender,
-            task_manager: task_manager_sender,
+            task_managers,
             threads,
         })
     }
@@ -148,9 +182,11 @@ impl LocalCluster {
 
     fn stop(&mut self) {
         let _ = self.job_manager.send(ToJobManager::Shutdown);
-        // Told directly too, so that the TaskManager stops even if the
+        // Told directly too, so that the TaskManagers stop even if the
         // JobManager has died.
-        let _ = self.task_manager.send(ToTaskManager::Shutdown);
+        for task_manager in &self.task_managers {
+            let _ = task_manager.send(ToTaskManager::Shutdown);
+        }
         for thread in self.threads.drain(..) {
             let _ = thread.join();
         }

@@ -22,6 +22,7 @@
 //!    the merge of their accumulators.
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::mpsc::Sender;
 use std::time::Duration;
@@ -72,6 +73,13 @@ impl std::str::FromStr for JobId {
             .map(JobId)
             .map_err(|_| format!("'{text}' is not a job id (32 hex digits)"))
     }
+}
+
+/// A slot of the cluster: which TaskManager, which of its slots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlotRef {
+    pub task_manager: usize,
+    pub slot: u32,
 }
 
 /// What a finished job produced.
@@ -145,6 +153,8 @@ pub enum ToJobManager {
         task_manager: usize,
         slot_count: u32,
         sender: Sender<ToTaskManager>,
+        /// Where other TaskManagers reach its network service.
+        data_address: Option<SocketAddr>,
     },
     TaskFinished {
         job: JobId,
@@ -200,14 +210,17 @@ pub enum ToJobManager {
 
 /// Messages to a TaskManager.
 pub enum ToTaskManager {
-    /// Runs every subtask of one attempt of the job; `slots[vertex][subtask]`
-    /// is its slot; `restore` the checkpoint the operators start from.
+    /// Runs the subtasks of one attempt of the job that `slots[vertex][subtask]`
+    /// places on this TaskManager, and wires their channels to the others
+    /// (reached at `data_addresses[task_manager]`); `restore` is the
+    /// checkpoint the operators start from.
     DeployJob {
         job: JobId,
         attempt: u32,
         program: String,
         args: JobArgs,
-        slots: Vec<Vec<u32>>,
+        slots: Vec<Vec<SlotRef>>,
+        data_addresses: Vec<Option<SocketAddr>>,
         restore: Option<PathBuf>,
     },
     /// Injects `barrier` at every source subtask of the attempt.

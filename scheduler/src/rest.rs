@@ -1395,8 +1395,7 @@ mod tests {
     /// no jobs), so the refusals are seen end to end.
     #[test]
     fn serves_a_real_job_manager() {
-        let cluster =
-            LocalCluster::start(Vec::new(), LocalClusterConfig { slot_count: 1 }).unwrap();
+        let cluster = LocalCluster::start(Vec::new(), LocalClusterConfig::slots(1)).unwrap();
         let server = RestServer::start(
             cluster.job_manager(),
             "127.0.0.1:0".parse().unwrap(),

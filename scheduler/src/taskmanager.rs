@@ -6,6 +6,7 @@ use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::net::SocketAddr;
 use std::path::Path;
 
 use glommio::{LocalExecutorBuilder, Placement};
@@ -14,7 +15,8 @@ use strom_core::snapshot::{OperatorRestore, TaskRestore};
 use strom_core::{JobGraph, Program};
 use strom_net::channel::{channel, ChannelReceiver, ChannelSender};
 
-use crate::messages::{JobId, ToJobManager, ToTaskManager};
+use crate::messages::{JobId, SlotRef, ToJobManager, ToTaskManager};
+use crate::network::{channel_id, NetworkService};
 use crate::task::{run_task, TaskCommand, TaskDeployment, TaskMailbox};
 
 /// How often an idle slot looks for commands. Commands (deploy, cancel) are
@@ -59,6 +61,10 @@ pub struct TaskManager {
     /// The mailboxes of the tasks of each job's current attempt, and
     /// whether each is a source task.
     mailboxes: HashMap<JobId, (u32, Vec<(bool, TaskMailbox)>)>,
+    /// Carries the channels to and from subtasks on other TaskManagers.
+    network: Option<NetworkService>,
+    /// The network channels of each job's current attempt.
+    remote_channels: HashMap<JobId, (u32, Vec<u32>)>,
 }
 
 /// The CPUs this process may run on, from `/proc/self/status`.
@@ -89,16 +95,27 @@ pub fn allowed_cpus() -> Vec<usize> {
 }
 
 impl TaskManager {
-    /// Starts `slot_count` slots, slot `i` pinned to the `i`-th allowed CPU
-    /// (round robin when there are more slots than CPUs).
+    /// Starts `slot_count` slots, slot `i` pinned to the `i`-th of `cpus`
+    /// (round robin when there are more slots than CPUs), and, with a
+    /// `data_bind` address, the network service that connects it to other
+    /// TaskManagers.
     pub fn start(
         id: usize,
         programs: Vec<Program>,
         slot_count: u32,
+        cpus: Vec<usize>,
+        data_bind: Option<SocketAddr>,
         job_manager: Sender<ToJobManager>,
         inbox_sender: Sender<ToTaskManager>,
     ) -> Result<TaskManager, String> {
-        let cpus = allowed_cpus();
+        let cpus = if cpus.is_empty() {
+            allowed_cpus()
+        } else {
+            cpus
+        };
+        let network = data_bind
+            .map(|bind| NetworkService::start(id as u64, bind, None))
+            .transpose()?;
         let mut slots = Vec::new();
         for index in 0..slot_count as usize {
             let cpu = cpus[index % cpus.len()];
@@ -140,11 +157,18 @@ impl TaskManager {
             job_manager,
             inbox_sender,
             mailboxes: HashMap::new(),
+            network,
+            remote_channels: HashMap::new(),
         })
     }
 
     pub fn slot_count(&self) -> u32 {
         self.slots.len() as u32
+    }
+
+    /// Where other TaskManagers reach this one's network service.
+    pub fn data_address(&self) -> Option<SocketAddr> {
+        self.network.as_ref().map(NetworkService::local_addr)
     }
 
     /// Handles messages until `Shutdown`, then stops the slots.
@@ -157,11 +181,18 @@ impl TaskManager {
                     program,
                     args,
                     slots,
+                    data_addresses,
                     restore,
                 } => {
-                    if let Err(error) =
-                        self.deploy(job, attempt, &program, &args, &slots, restore.as_deref())
-                    {
+                    if let Err(error) = self.deploy(
+                        job,
+                        attempt,
+                        &program,
+                        &args,
+                        &slots,
+                        &data_addresses,
+                        restore.as_deref(),
+                    ) {
                         let _ = self.job_manager.send(ToJobManager::TaskFailed {
                             job,
                             attempt,
@@ -205,6 +236,11 @@ impl TaskManager {
                 }
                 ToTaskManager::CancelJob { job } => {
                     self.mailboxes.remove(&job);
+                    if let (Some(network), Some((_, channels))) =
+                        (&self.network, self.remote_channels.remove(&job))
+                    {
+                        network.release(&channels);
+                    }
                     for slot in &self.slots {
                         let _ = slot.commands.send(SlotCommand::Cancel { job });
                     }
@@ -221,6 +257,9 @@ impl TaskManager {
         for slot in self.slots {
             let _ = slot.thread.join();
         }
+        if let Some(network) = self.network {
+            network.stop();
+        }
         let _ = self.id;
     }
 
@@ -230,7 +269,8 @@ impl TaskManager {
         attempt: u32,
         program_name: &str,
         args: &strom_core::JobArgs,
-        slots: &[Vec<u32>],
+        slots: &[Vec<SlotRef>],
+        data_addresses: &[Option<SocketAddr>],
         restore: Option<&Path>,
     ) -> Result<(), String> {
         let program = self
@@ -261,22 +301,75 @@ impl TaskManager {
             .transpose()?;
         let operators = graph.operators();
         let mut mailboxes = Vec::new();
-        // One channel per (edge, producer, consumer) pair.
+        let is_here =
+            |vertex: usize, subtask: u32| slots[vertex][subtask as usize].task_manager == self.id;
+        // One channel per (edge, producer, consumer) pair with an end here:
+        // within this TaskManager a ring between slots, across
+        // TaskManagers a channel of the network service's link.
         let mut senders: HashMap<(usize, u32, u32), ChannelSender> = HashMap::new();
         let mut receivers: HashMap<(usize, u32, u32), ChannelReceiver> = HashMap::new();
+        let mut remote_channels = Vec::new();
         for edge in &graph.edges {
             for producer in 0..graph.vertices[edge.source].parallelism {
                 for consumer in graph.consumers_of(edge.id, producer) {
-                    let (sender, receiver) = channel();
-                    senders.insert((edge.id, producer, consumer), sender);
-                    receivers.insert((edge.id, producer, consumer), receiver);
+                    let key = (edge.id, producer, consumer);
+                    let (producer_here, consumer_here) = (
+                        is_here(edge.source, producer),
+                        is_here(edge.target, consumer),
+                    );
+                    if producer_here && consumer_here {
+                        let (sender, receiver) = channel();
+                        senders.insert(key, sender);
+                        receivers.insert(key, receiver);
+                        continue;
+                    }
+                    if !producer_here && !consumer_here {
+                        continue;
+                    }
+                    let peer = if producer_here {
+                        slots[edge.target][consumer as usize].task_manager
+                    } else {
+                        slots[edge.source][producer as usize].task_manager
+                    };
+                    let network = self.network.as_ref().ok_or_else(|| {
+                        format!(
+                            "TaskManager {} has no network service to reach TaskManager {peer}",
+                            self.id
+                        )
+                    })?;
+                    let peer_address = data_addresses
+                        .get(peer)
+                        .copied()
+                        .flatten()
+                        .ok_or_else(|| format!("TaskManager {peer} has no data address"))?;
+                    let channel_id = channel_id(job.0, attempt, edge.id, producer, consumer);
+                    remote_channels.push(channel_id);
+                    if producer_here {
+                        senders.insert(
+                            key,
+                            network.remote_output(peer as u64, peer_address, channel_id)?,
+                        );
+                    } else {
+                        receivers.insert(
+                            key,
+                            network.remote_input(peer as u64, peer_address, channel_id)?,
+                        );
+                    }
                 }
+            }
+        }
+        if let Some(network) = &self.network {
+            if let Some((_, older)) = self.remote_channels.insert(job, (attempt, remote_channels)) {
+                network.release(&older);
             }
         }
         let mut per_slot: Vec<Vec<TaskDeployment>> =
             (0..self.slots.len()).map(|_| Vec::new()).collect();
         for vertex in &graph.vertices {
             for subtask in 0..vertex.parallelism {
+                if !is_here(vertex.id, subtask) {
+                    continue;
+                }
                 let outputs = graph
                     .output_channels(vertex.id, subtask)
                     .into_iter()
@@ -298,7 +391,7 @@ impl TaskManager {
                         )
                     })
                     .collect();
-                let slot = slots[vertex.id][subtask as usize] as usize;
+                let slot = slots[vertex.id][subtask as usize].slot as usize;
                 if slot >= self.slots.len() {
                     return Err(format!(
                         "subtask assigned to slot {slot}, but TaskManager {} has {}",

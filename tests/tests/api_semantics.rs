@@ -153,7 +153,7 @@ fn run_with_max_parallelism(
         .unwrap_or_else(|error| panic!("job '{}' is invalid: {error}", program.name))
         .slots_required();
     take_rows(program.name);
-    let cluster = LocalCluster::start(vec![program], LocalClusterConfig { slot_count })
+    let cluster = LocalCluster::start(vec![program], LocalClusterConfig::slots(slot_count))
         .unwrap_or_else(|error| panic!("cannot start a cluster of {slot_count} slots: {error}"));
     match cluster.execute(program.name, args) {
         Ok(_) => cluster.shutdown(),

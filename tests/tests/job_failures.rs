@@ -72,7 +72,7 @@ fn invalid_jobs_are_refused_before_they_run() {
 
 #[test]
 fn the_job_manager_refuses_an_invalid_job_without_running_any_of_it() {
-    let cluster = LocalCluster::start(test_programs(), LocalClusterConfig { slot_count: 1 })
+    let cluster = LocalCluster::start(test_programs(), LocalClusterConfig::slots(1))
         .expect("a local cluster");
     let args = JobArgs::new(Vec::new(), 1);
     for program in ["cycle", "over-max-parallelism"] {

@@ -280,7 +280,7 @@ fn run_local(
         );
     }
     drop(graph);
-    let cluster = match LocalCluster::start(vec![*program], LocalClusterConfig { slot_count }) {
+    let cluster = match LocalCluster::start(vec![*program], LocalClusterConfig::slots(slot_count)) {
         Ok(cluster) => cluster,
         Err(message) => return fail(EXIT_JOB_FAILED, &message),
     };

@@ -100,9 +100,7 @@ fn run_engine_with(
 ) -> anyhow::Result<(Answer, Duration, Vec<JobEvent>)> {
     let cluster = LocalCluster::start(
         vec![NEXMARK_PROGRAM],
-        LocalClusterConfig {
-            slot_count: parallelism,
-        },
+        LocalClusterConfig::slots(parallelism),
     )
     .map_err(anyhow::Error::msg)?;
     let arguments: Vec<String> = [
