@@ -9,7 +9,10 @@ use std::thread::JoinHandle;
 use strom_core::{JobArgs, Program};
 
 use crate::jobmanager::JobManager;
-use crate::messages::{JobEvent, JobId, JobResult, JobStatus, ToJobManager, ToTaskManager};
+use crate::messages::{
+    JobEvent, JobId, JobResult, JobStatus, JobSubmission, TaskManagerStatus, ToJobManager,
+    ToTaskManager,
+};
 use crate::taskmanager::{allowed_cpus, TaskManager};
 
 /// How to size the mini-cluster.
@@ -40,6 +43,11 @@ pub struct JobManagerHandle {
 }
 
 impl JobManagerHandle {
+    /// A handle on the JobManager that reads `sender`'s messages.
+    pub fn new(sender: Sender<ToJobManager>) -> JobManagerHandle {
+        JobManagerHandle { sender }
+    }
+
     fn ask<T>(&self, message: impl FnOnce(Sender<T>) -> ToJobManager) -> Result<T, String> {
         let (reply, answer) = mpsc::channel();
         self.sender
@@ -72,6 +80,16 @@ impl JobManagerHandle {
 
     pub fn cancel(&self, job: JobId) -> Result<(), String> {
         self.ask(|reply| ToJobManager::CancelJob { job, reply })?
+    }
+
+    /// Submits a job without waiting for its end; returns its id.
+    pub fn submit(&self, submission: JobSubmission) -> Result<JobId, String> {
+        self.ask(|reply| ToJobManager::SubmitDetached { submission, reply })?
+    }
+
+    /// The registered TaskManagers and their slots.
+    pub fn task_managers(&self) -> Result<Vec<TaskManagerStatus>, String> {
+        self.ask(|reply| ToJobManager::ListTaskManagers { reply })
     }
 }
 

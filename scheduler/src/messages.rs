@@ -21,6 +21,7 @@
 //! 6. when every subtask of an attempt has finished, the job's result is
 //!    the merge of their accumulators.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -29,6 +30,7 @@ use std::time::Duration;
 
 use strom_core::snapshot::{CheckpointBarrier, Committable};
 use strom_core::{Accumulators, JobArgs};
+
 use strom_state::TaskStateHandle;
 
 use crate::coordinator::CheckpointCounts;
@@ -130,15 +132,125 @@ pub enum JobEvent {
     },
 }
 
-/// A job as `list` shows it.
+/// A job as `list` and the REST API show it: running, waiting, or ended
+/// (the JobManager keeps the last [`crate::jobmanager::JOB_ARCHIVE_SIZE`]
+/// ended jobs, as Flink's job history).
 #[derive(Clone, Debug)]
 pub struct JobStatus {
     pub job_id: JobId,
     pub job_name: String,
+    /// The program it runs.
+    pub program: String,
+    /// Flink's words: `RUNNING`, `RESTARTING`, `FINISHED`, `FAILED`,
+    /// `CANCELED`; and `WAITING_FOR_SLOTS` while the cluster has too few
+    /// free slots for it (`reason` says how many it needs).
     pub state: String,
+    /// Why the job is in its state, when that needs saying: what it waits
+    /// for, why it failed or restarts.
+    pub reason: Option<String>,
     pub attempt: u32,
+    pub restarts: u32,
+    pub parallelism: u32,
+    /// Milliseconds since the Unix epoch.
+    pub start_time_ms: u64,
+    pub end_time_ms: Option<u64>,
+    /// From submission to now, or to its end.
+    pub duration: Duration,
     pub checkpoints: CheckpointCounts,
     pub latest_checkpoint: Option<PathBuf>,
+    pub vertices: Vec<VertexStatus>,
+    /// The merged accumulators of a finished job (the program's report
+    /// is made from them).
+    pub accumulators: Option<Accumulators>,
+    /// The savepoint a stopped job was stopped with.
+    pub stopped_with_savepoint: Option<PathBuf>,
+}
+
+impl JobStatus {
+    /// Whether the job has ended (finished, failed or was cancelled).
+    pub fn is_terminal(&self) -> bool {
+        matches!(self.state.as_str(), "FINISHED" | "FAILED" | "CANCELED")
+    }
+}
+
+/// A vertex of a job (a chain of operators) and its subtasks.
+#[derive(Clone, Debug)]
+pub struct VertexStatus {
+    pub id: usize,
+    /// The chained operators' names, joined with " -> ".
+    pub name: String,
+    pub parallelism: u32,
+    pub subtasks: Vec<SubtaskStatus>,
+}
+
+/// One subtask's figures of the current attempt, as its TaskManager last
+/// reported them (about once a second).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SubtaskStatus {
+    pub subtask: u32,
+    /// The TaskManager it runs on (its id in hex), when deployed.
+    pub task_manager: Option<String>,
+    /// Records the subtask read from its input channels.
+    pub records_in: u64,
+    /// Records it wrote to its output channels.
+    pub records_out: u64,
+    /// Its current watermark (input watermark; a source's output
+    /// watermark), milliseconds; `None` before the first.
+    pub watermark: Option<i64>,
+}
+
+/// What one subtask's task counts, reported by its TaskManager.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubtaskMetrics {
+    pub vertex: usize,
+    pub subtask: u32,
+    pub records_in: u64,
+    pub records_out: u64,
+    /// `i64::MIN` before the first watermark.
+    pub watermark: i64,
+}
+
+/// What a TaskManager's network service moved over its links.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetworkCounts {
+    /// Channel elements (record buffers and events) sent to other
+    /// TaskManagers, and their payload bytes.
+    pub elements_sent: u64,
+    pub bytes_sent: u64,
+    /// Channel elements received from other TaskManagers, and their
+    /// payload bytes.
+    pub elements_received: u64,
+    pub bytes_received: u64,
+}
+
+/// A TaskManager as `GET /taskmanagers` shows it.
+#[derive(Clone, Debug)]
+pub struct TaskManagerStatus {
+    /// Its id, 16 hex digits.
+    pub id: String,
+    /// Where its control connection comes from (`None` in a local cluster).
+    pub control_address: Option<String>,
+    /// Where other TaskManagers reach its data port.
+    pub data_address: Option<String>,
+    pub slots_total: u32,
+    pub slots_free: u32,
+    /// Milliseconds since it was last heard from.
+    pub last_heartbeat_ms_ago: u64,
+    pub network: NetworkCounts,
+}
+
+/// A job submitted to the Dispatcher (`POST /jobs`, `strom run`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct JobSubmission {
+    pub program: String,
+    /// The program's arguments, with any job options among them.
+    pub arguments: Vec<String>,
+    /// Overrides `--parallelism` among the arguments.
+    pub parallelism: Option<u32>,
+    /// A savepoint (or retained checkpoint) to start from: an absolute
+    /// path.
+    pub savepoint_path: Option<PathBuf>,
+    pub allow_non_restored_state: bool,
 }
 
 /// Messages to the JobManager.
@@ -155,6 +267,11 @@ pub enum ToJobManager {
         sender: Sender<ToTaskManager>,
         /// Where other TaskManagers reach its network service.
         data_address: Option<SocketAddr>,
+        /// Where its control connection comes from (a remote TaskManager).
+        control_address: Option<SocketAddr>,
+        /// Whether the registration was accepted (a remote TaskManager
+        /// waits for it).
+        registered: Option<Sender<Result<(), String>>>,
     },
     TaskFinished {
         job: JobId,
@@ -201,6 +318,32 @@ pub enum ToJobManager {
     ListJobs {
         reply: Sender<Vec<JobStatus>>,
     },
+    /// Submits a job without waiting for it: the answer is its id, or why
+    /// it was refused. Its end goes to the job archive.
+    SubmitDetached {
+        submission: JobSubmission,
+        reply: Sender<Result<JobId, String>>,
+    },
+    ListTaskManagers {
+        reply: Sender<Vec<TaskManagerStatus>>,
+    },
+    /// What the tasks of one attempt counted, about once a second.
+    TaskMetrics {
+        job: JobId,
+        attempt: u32,
+        tasks: Vec<SubtaskMetrics>,
+    },
+    /// A TaskManager's liveness and network figures.
+    TaskManagerHeartbeat {
+        task_manager: usize,
+        network: NetworkCounts,
+    },
+    /// A TaskManager stopped heartbeating or its connection closed: its
+    /// slots are gone, and the jobs that ran there restart.
+    TaskManagerLost {
+        task_manager: usize,
+        reason: String,
+    },
     CancelJob {
         job: JobId,
         reply: Sender<Result<(), String>>,
@@ -212,7 +355,7 @@ pub enum ToJobManager {
 pub enum ToTaskManager {
     /// Runs the subtasks of one attempt of the job that `slots[vertex][subtask]`
     /// places on this TaskManager, and wires their channels to the others
-    /// (reached at `data_addresses[task_manager]`); `restore` is the
+    /// (reached at `data_addresses[&task_manager]`); `restore` is the
     /// checkpoint the operators start from.
     DeployJob {
         job: JobId,
@@ -220,7 +363,7 @@ pub enum ToTaskManager {
         program: String,
         args: JobArgs,
         slots: Vec<Vec<SlotRef>>,
-        data_addresses: Vec<Option<SocketAddr>>,
+        data_addresses: BTreeMap<usize, SocketAddr>,
         restore: Option<PathBuf>,
     },
     /// Injects `barrier` at every source subtask of the attempt.

@@ -1,7 +1,7 @@
 //! The TaskManager: slots as pinned glommio executors, deployment of
 //! subtasks into them, and the channels between them.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::Arc;
 use std::time::Duration;
@@ -270,7 +270,7 @@ impl TaskManager {
         program_name: &str,
         args: &strom_core::JobArgs,
         slots: &[Vec<SlotRef>],
-        data_addresses: &[Option<SocketAddr>],
+        data_addresses: &BTreeMap<usize, SocketAddr>,
         restore: Option<&Path>,
     ) -> Result<(), String> {
         let program = self
@@ -338,9 +338,8 @@ impl TaskManager {
                         )
                     })?;
                     let peer_address = data_addresses
-                        .get(peer)
+                        .get(&peer)
                         .copied()
-                        .flatten()
                         .ok_or_else(|| format!("TaskManager {peer} has no data address"))?;
                     let channel_id = channel_id(job.0, attempt, edge.id, producer, consumer);
                     remote_channels.push(channel_id);
