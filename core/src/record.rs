@@ -111,6 +111,21 @@ where
     }
 }
 
+/// How many records a [`StreamElement::Records`] buffer holds, read from
+/// its archived root without validating or touching the records: the root
+/// of rkyv's default format is the buffer's last 8 bytes, an `ArchivedVec`
+/// (a 32-bit relative pointer, then the 32-bit length, little-endian). For
+/// counting (metrics); a buffer too short to hold a root counts 0.
+pub fn buffer_record_count(bytes: &[u8]) -> u64 {
+    const _: () = assert!(std::mem::size_of::<ArchivedVec<u8>>() == 8);
+    match bytes.len().checked_sub(4).and_then(|start| bytes.get(start..)) {
+        Some(length) => u64::from(u32::from_le_bytes(
+            length.try_into().expect("four bytes"),
+        )),
+        None => 0,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,6 +134,31 @@ mod tests {
     struct Sample {
         id: u64,
         name: String,
+    }
+
+    #[test]
+    fn a_buffer_tells_how_many_records_it_holds() {
+        for count in [0u64, 1, 7, 1000] {
+            let records: Vec<StreamRecord<Sample>> = (0..count)
+                .map(|id| StreamRecord {
+                    timestamp: id as i64,
+                    value: Sample {
+                        id,
+                        name: "x".repeat(id as usize % 5),
+                    },
+                })
+                .collect();
+            let bytes = Sample::encode(&records).expect("encodes");
+            assert_eq!(buffer_record_count(&bytes), count);
+            let numbers: Vec<StreamRecord<u64>> = (0..count)
+                .map(|value| StreamRecord {
+                    timestamp: 0,
+                    value,
+                })
+                .collect();
+            assert_eq!(buffer_record_count(&u64::encode(&numbers).expect("encodes")), count);
+        }
+        assert_eq!(buffer_record_count(&[1, 2]), 0);
     }
 
     #[test]

@@ -126,7 +126,7 @@ use crate::proof;
 pub const CONTROL_MAGIC: u32 = u32::from_le_bytes(*b"STRC");
 /// The control protocol version this process speaks; peers must speak the
 /// same.
-pub const CONTROL_VERSION: u16 = 1;
+pub const CONTROL_VERSION: u16 = 2;
 /// Bytes in a control frame header.
 pub const CONTROL_HEADER_SIZE: usize = 20;
 /// The largest control payload. Bounds the memory one frame of a peer can
@@ -198,6 +198,17 @@ pub struct SlotAddress {
     pub slot: u32,
 }
 
+/// What one subtask counted (see [`ToJobManagerWire::TaskMetrics`]).
+#[derive(Clone, Debug, PartialEq, Eq, Archive, Serialize, Deserialize)]
+pub struct SubtaskMetricsWire {
+    pub vertex: u32,
+    pub subtask: u32,
+    pub records_in: u64,
+    pub records_out: u64,
+    /// Milliseconds; `i64::MIN` before the first watermark.
+    pub watermark: i64,
+}
+
 /// A message from a TaskManager to the JobManager.
 #[derive(Clone, Debug, PartialEq, Eq, Archive, Serialize, Deserialize)]
 pub enum ToJobManagerWire {
@@ -248,6 +259,19 @@ pub enum ToJobManagerWire {
         attempt: u32,
         checkpoint_id: u64,
         reason: String,
+    },
+    /// What the subtasks of one attempt counted, about once a second.
+    TaskMetrics {
+        job: u128,
+        attempt: u32,
+        tasks: Vec<SubtaskMetricsWire>,
+    },
+    /// What the TaskManager's data plane moved so far, about once a second.
+    NetworkMetrics {
+        elements_sent: u64,
+        bytes_sent: u64,
+        elements_received: u64,
+        bytes_received: u64,
     },
 }
 
@@ -393,6 +417,10 @@ impl ControlMessage for ToJobManagerWire {
             ToJobManagerWire::DeclineCheckpoint { reason, .. } => {
                 check_length("DeclineCheckpoint reason", reason.len(), REASON_LENGTH_MAX)
             }
+            ToJobManagerWire::TaskMetrics { tasks, .. } => {
+                check_length("TaskMetrics tasks", tasks.len(), SLOT_ASSIGNMENT_COUNT_MAX)
+            }
+            ToJobManagerWire::NetworkMetrics { .. } => Ok(()),
         }
     }
 

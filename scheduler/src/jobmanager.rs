@@ -14,7 +14,15 @@
 //!    submitted with), with fresh accumulators; reports of older attempts
 //!    are ignored from then on.
 
-use std::collections::HashMap;
+//!
+//! Protocol of a lost TaskManager (its connection closed, or it stopped
+//! heartbeating): its slots are forgotten; every job with a subtask there
+//! fails its attempt as above and gives back all its slots; its next
+//! attempt takes free slots wherever they are. A job that cannot get
+//! enough slots waits (`WAITING_FOR_SLOTS`, with the reason in its status)
+//! until TaskManagers register, and fails after the slot wait timeout.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
@@ -31,7 +39,8 @@ use crate::coordinator::{
     Acknowledged, CheckpointCoordinator, CheckpointKind, CompletedCheckpoint, PendingCheckpoint,
 };
 use crate::messages::{
-    JobEvent, JobId, JobResult, JobStatus, SlotRef, ToJobManager, ToTaskManager,
+    JobEvent, JobId, JobResult, JobStatus, JobSubmission, NetworkCounts, SlotRef, SubtaskMetrics,
+    SubtaskStatus, TaskManagerStatus, ToJobManager, ToTaskManager, VertexStatus,
 };
 use crate::restart::RestartBackoff;
 
@@ -43,6 +52,33 @@ type Acknowledgement = (TaskStateHandle, Duration, Duration);
 /// message anyway.
 const IDLE_WAKE_INTERVAL: Duration = Duration::from_secs(1);
 
+/// How many ended jobs the JobManager keeps for `GET /jobs` and `strom
+/// list` (Flink's `jobstore.max-capacity`, smaller); older ones are
+/// forgotten.
+pub const JOB_ARCHIVE_SIZE: usize = 256;
+
+/// How the JobManager behaves beyond its jobs' own options.
+#[derive(Clone, Debug)]
+pub struct JobManagerConfig {
+    /// How long a job waits for enough free slots (at submission or after
+    /// losing a TaskManager) before it fails; `None`: a job that does not
+    /// find its slots at once is refused (a local cluster, where no
+    /// TaskManager will come).
+    pub slot_wait_timeout: Option<Duration>,
+    /// Writes what happens (jobs, checkpoints, restarts, TaskManagers) to
+    /// standard error, one line each: the log of a `strom jobmanager`.
+    pub log: bool,
+}
+
+impl Default for JobManagerConfig {
+    fn default() -> Self {
+        JobManagerConfig {
+            slot_wait_timeout: None,
+            log: false,
+        }
+    }
+}
+
 struct RegisteredTaskManager {
     /// Which job holds each slot; `None` when free.
     slot_holders: Vec<Option<JobId>>,
@@ -50,6 +86,9 @@ struct RegisteredTaskManager {
     /// Where other TaskManagers reach its network service, if it has one
     /// (a lone TaskManager needs none).
     data_address: Option<SocketAddr>,
+    control_address: Option<SocketAddr>,
+    last_heard: Instant,
+    network: NetworkCounts,
 }
 
 impl RegisteredTaskManager {
@@ -76,6 +115,11 @@ enum JobState {
     Restarting {
         at: Instant,
     },
+    /// The next attempt needs more free slots than the cluster has; it
+    /// fails at `deadline`.
+    WaitingForSlots {
+        deadline: Option<Instant>,
+    },
 }
 
 /// A savepoint someone asked for.
@@ -90,9 +134,15 @@ struct JobMaster {
     name: String,
     program: String,
     args: JobArgs,
+    /// Each vertex's name and parallelism.
+    vertices: Vec<(String, u32)>,
+    /// The job's slot of every subtask (`JobGraph::slot_of`):
+    /// `slot_index[vertex][subtask]`.
+    slot_index: Vec<Vec<u32>>,
     /// The TaskManagers that hold some of its slots.
     task_managers: Vec<usize>,
-    /// The slot of every subtask: `slots[vertex][subtask]`.
+    /// The slot of every subtask: `slots[vertex][subtask]`; empty while the
+    /// job holds no slots.
     slots: Vec<Vec<SlotRef>>,
     slots_used: u32,
     attempt: u32,
@@ -100,9 +150,13 @@ struct JobMaster {
     subtasks_remaining: usize,
     accumulators: Accumulators,
     started_at: Instant,
+    started_at_ms: u64,
     state: JobState,
+    /// The cause of the last restart, for the job's status.
+    last_failure: Option<String>,
     reply: Sender<Result<JobResult, String>>,
     events: Option<Sender<JobEvent>>,
+    log: bool,
     coordinator: CheckpointCoordinator<Acknowledgement>,
     storage: Option<CheckpointStorage>,
     /// What the next attempt restores: the latest completed checkpoint, or
@@ -114,20 +168,75 @@ struct JobMaster {
     savepoint_requests: Vec<SavepointRequest>,
     /// The savepoint being taken, and who waits for it.
     savepoint_in_flight: Option<(u64, SavepointRequest)>,
+    /// What the current attempt's tasks last reported, by (vertex, subtask).
+    metrics: HashMap<(usize, u32), SubtaskMetrics>,
 }
 
 impl JobMaster {
-    fn event(&self, event: JobEvent) {
+    fn event(&self, job: JobId, event: JobEvent) {
+        if self.log {
+            log_event(job, &event);
+        }
         if let Some(events) = &self.events {
             let _ = events.send(event);
         }
     }
 }
 
+/// One line on standard error for a job's event (a `strom jobmanager`'s
+/// log).
+fn log_event(job: JobId, event: &JobEvent) {
+    match event {
+        JobEvent::Submitted {
+            job_name,
+            restored_from,
+            ..
+        } => eprintln!(
+            "job {job} ({job_name}) submitted{}",
+            restored_from
+                .as_ref()
+                .map(|path| format!(", restoring from {}", path.display()))
+                .unwrap_or_default()
+        ),
+        JobEvent::CheckpointCompleted {
+            id,
+            savepoint,
+            path,
+            duration,
+            size_bytes,
+            ..
+        } => eprintln!(
+            "job {job}: {} {id} completed in {} ms, {size_bytes} bytes: {}",
+            if *savepoint { "savepoint" } else { "checkpoint" },
+            duration.as_millis(),
+            path.display()
+        ),
+        JobEvent::CheckpointAborted { id, reason } => {
+            eprintln!("job {job}: checkpoint {id} aborted: {reason}")
+        }
+        JobEvent::Restarting {
+            restart,
+            delay,
+            cause,
+            from_checkpoint,
+        } => eprintln!(
+            "job {job}: restart {restart} in {} ms from {}: {cause}",
+            delay.as_millis(),
+            from_checkpoint
+                .as_ref()
+                .map(|path| path.display().to_string())
+                .unwrap_or_else(|| "the start".to_string())
+        ),
+    }
+}
+
 pub struct JobManager {
     programs: Vec<Program>,
-    task_managers: Vec<RegisteredTaskManager>,
+    config: JobManagerConfig,
+    task_managers: BTreeMap<usize, RegisteredTaskManager>,
     jobs: HashMap<JobId, JobMaster>,
+    /// Ended jobs, newest last.
+    archive: VecDeque<JobStatus>,
 }
 
 fn now_ms() -> u64 {
@@ -170,12 +279,47 @@ fn check_restore(
     Ok(restored.metadata().checkpoint_id)
 }
 
+/// Checks a path that arrived over the network: the JobManager and the
+/// TaskManagers resolve it, in their own working directories, so it must
+/// be absolute, and it must not climb out of where it points with `..`.
+fn check_remote_path(what: &str, path: &Path) -> Result<(), String> {
+    if !path.is_absolute() {
+        return Err(format!(
+            "the {what} '{}' is not an absolute path",
+            path.display()
+        ));
+    }
+    if path
+        .components()
+        .any(|component| matches!(component, std::path::Component::ParentDir))
+    {
+        return Err(format!(
+            "the {what} '{}' contains '..' (path traversal is refused)",
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
+/// A job's final state and what its client hears.
+enum Ending {
+    Finished(JobResult),
+    Failed(String),
+    Cancelled(String),
+}
+
 impl JobManager {
     pub fn new(programs: Vec<Program>) -> Self {
+        JobManager::with_config(programs, JobManagerConfig::default())
+    }
+
+    pub fn with_config(programs: Vec<Program>, config: JobManagerConfig) -> Self {
         JobManager {
             programs,
-            task_managers: Vec::new(),
+            config,
+            task_managers: BTreeMap::new(),
             jobs: HashMap::new(),
+            archive: VecDeque::new(),
         }
     }
 
@@ -195,7 +339,7 @@ impl JobManager {
             }
             self.on_timers(Instant::now());
         }
-        for task_manager in &self.task_managers {
+        for task_manager in self.task_managers.values() {
             let _ = task_manager.sender.send(ToTaskManager::Shutdown);
         }
     }
@@ -205,6 +349,7 @@ impl JobManager {
             .values()
             .filter_map(|master| match master.state {
                 JobState::Restarting { at } => Some(at),
+                JobState::WaitingForSlots { deadline } => deadline,
                 JobState::Running => {
                     let savepoint_waiting =
                         !master.savepoint_requests.is_empty() && master.coordinator.can_trigger();
@@ -218,7 +363,8 @@ impl JobManager {
             .min()
     }
 
-    /// Restarts that are due, checkpoints to expire or trigger.
+    /// Restarts that are due, jobs that may have their slots now,
+    /// checkpoints to expire or trigger.
     fn on_timers(&mut self, now: Instant) {
         let jobs: Vec<JobId> = self.jobs.keys().copied().collect();
         for job in jobs {
@@ -228,6 +374,20 @@ impl JobManager {
             match master.state {
                 JobState::Restarting { at } if now >= at => self.deploy_attempt(job),
                 JobState::Restarting { .. } => {}
+                JobState::WaitingForSlots { deadline } => {
+                    if self.allocate(job) {
+                        self.deploy_attempt(job);
+                    } else if deadline.is_some_and(|deadline| now >= deadline) {
+                        let master = self.jobs.remove(&job).expect("a known job");
+                        let message = format!(
+                            "job '{}' failed: {} within the slot wait timeout of {:?}",
+                            master.name,
+                            self.slot_shortage(master.slots_used),
+                            self.config.slot_wait_timeout.unwrap_or_default(),
+                        );
+                        self.finish(job, master, Ending::Failed(message));
+                    }
+                }
                 JobState::Running => {
                     if let Some(expired) = master.coordinator.expire(now) {
                         let reason = format!(
@@ -278,7 +438,7 @@ impl JobManager {
                 // The directory may come back (a full disk, a remount):
                 // count a failed checkpoint and try at the next interval.
                 master.coordinator.metadata_failed();
-                master.event(JobEvent::CheckpointAborted {
+                master.event(job, JobEvent::CheckpointAborted {
                     id,
                     reason: error.to_string(),
                 });
@@ -324,11 +484,12 @@ impl JobManager {
                 master.savepoint_in_flight = Some((id, request));
             }
         }
-        master.event(JobEvent::CheckpointAborted {
+        master.event(job, JobEvent::CheckpointAborted {
             id: pending.id,
             reason,
         });
     }
+
 
     fn handle(&mut self, message: ToJobManager) {
         match message {
@@ -337,17 +498,53 @@ impl JobManager {
                 slot_count,
                 sender,
                 data_address,
+                control_address,
+                registered,
             } => {
-                assert_eq!(
+                let answer = self.register(
                     task_manager,
-                    self.task_managers.len(),
-                    "TaskManagers register in order"
-                );
-                self.task_managers.push(RegisteredTaskManager {
-                    slot_holders: vec![None; slot_count as usize],
+                    slot_count,
                     sender,
                     data_address,
-                });
+                    control_address,
+                );
+                if let Some(registered) = registered {
+                    let _ = registered.send(answer);
+                }
+            }
+            ToJobManager::TaskManagerHeartbeat {
+                task_manager,
+                network,
+            } => {
+                if let Some(registered) = self.task_managers.get_mut(&task_manager) {
+                    registered.last_heard = Instant::now();
+                    registered.network = network;
+                }
+            }
+            ToJobManager::TaskManagerLost {
+                task_manager,
+                reason,
+            } => self.task_manager_lost(task_manager, &reason),
+            ToJobManager::ListTaskManagers { reply } => {
+                let now = Instant::now();
+                let statuses = self
+                    .task_managers
+                    .iter()
+                    .map(|(id, registered)| TaskManagerStatus {
+                        id: format!("{id:016x}"),
+                        control_address: registered
+                            .control_address
+                            .map(|address| address.to_string()),
+                        data_address: registered.data_address.map(|address| address.to_string()),
+                        slots_total: registered.slot_holders.len() as u32,
+                        slots_free: registered.slots_free(),
+                        last_heartbeat_ms_ago: now
+                            .saturating_duration_since(registered.last_heard)
+                            .as_millis() as u64,
+                        network: registered.network,
+                    })
+                    .collect();
+                let _ = reply.send(statuses);
             }
             ToJobManager::SubmitJob {
                 program,
@@ -357,6 +554,24 @@ impl JobManager {
             } => {
                 if let Err(error) = self.submit(&program, args, &reply, events) {
                     let _ = reply.send(Err(error));
+                }
+            }
+            ToJobManager::SubmitDetached { submission, reply } => {
+                let _ = reply.send(self.submit_detached(submission));
+            }
+            ToJobManager::TaskMetrics {
+                job,
+                attempt,
+                tasks,
+            } => {
+                if let Some(master) = self
+                    .jobs
+                    .get_mut(&job)
+                    .filter(|master| master.attempt == attempt)
+                {
+                    for task in tasks {
+                        master.metrics.insert((task.vertex, task.subtask), task);
+                    }
                 }
             }
             ToJobManager::TaskFinished {
@@ -447,32 +662,19 @@ impl JobManager {
                 });
             }
             ToJobManager::ListJobs { reply } => {
-                let jobs = self
+                let mut jobs: Vec<JobStatus> = self
                     .jobs
                     .iter()
-                    .map(|(job, master)| JobStatus {
-                        job_id: *job,
-                        job_name: master.name.clone(),
-                        state: match master.state {
-                            JobState::Running => "RUNNING".to_string(),
-                            JobState::Restarting { .. } => "RESTARTING".to_string(),
-                        },
-                        attempt: master.attempt,
-                        checkpoints: master.coordinator.counts.clone(),
-                        latest_checkpoint: master
-                            .coordinator
-                            .latest()
-                            .map(|latest| latest.directory.clone()),
-                    })
+                    .map(|(job, master)| self.status(*job, master))
                     .collect();
+                jobs.sort_by_key(|status| std::cmp::Reverse(status.start_time_ms));
+                jobs.extend(self.archive.iter().rev().cloned());
                 let _ = reply.send(jobs);
             }
             ToJobManager::CancelJob { job, reply } => match self.jobs.remove(&job) {
                 Some(master) => {
-                    self.release(job, &master);
-                    let _ = master
-                        .reply
-                        .send(Err(format!("job '{}' ({job}) was cancelled", master.name)));
+                    let message = format!("job '{}' ({job}) was cancelled", master.name);
+                    self.finish(job, master, Ending::Cancelled(message));
                     let _ = reply.send(Ok(()));
                 }
                 None => {
@@ -483,19 +685,282 @@ impl JobManager {
         }
     }
 
-    /// Sends `message()` to each of `task_managers`.
-    fn send_to(&self, task_managers: &[usize], message: impl Fn() -> ToTaskManager) {
-        for task_manager in task_managers {
-            let _ = self.task_managers[*task_manager].sender.send(message());
+    fn register(
+        &mut self,
+        task_manager: usize,
+        slot_count: u32,
+        sender: Sender<ToTaskManager>,
+        data_address: Option<SocketAddr>,
+        control_address: Option<SocketAddr>,
+    ) -> Result<(), String> {
+        if self.task_managers.contains_key(&task_manager) {
+            return Err(format!(
+                "a TaskManager with id {task_manager:016x} is registered already"
+            ));
+        }
+        if slot_count == 0 {
+            return Err("a TaskManager must offer at least one slot".to_string());
+        }
+        if self.config.log {
+            eprintln!(
+                "TaskManager {task_manager:016x} registered with {slot_count} slots{}{}",
+                control_address
+                    .map(|address| format!(" from {address}"))
+                    .unwrap_or_default(),
+                data_address
+                    .map(|address| format!(", data port {address}"))
+                    .unwrap_or_default(),
+            );
+        }
+        self.task_managers.insert(
+            task_manager,
+            RegisteredTaskManager {
+                slot_holders: vec![None; slot_count as usize],
+                sender,
+                data_address,
+                control_address,
+                last_heard: Instant::now(),
+                network: NetworkCounts::default(),
+            },
+        );
+        Ok(())
+    }
+
+    /// A TaskManager is gone: its slots with it; the jobs that ran there
+    /// restart (or fail, by their restart strategy) on the slots left.
+    fn task_manager_lost(&mut self, task_manager: usize, reason: &str) {
+        let Some(lost) = self.task_managers.remove(&task_manager) else {
+            return;
+        };
+        let who = format!(
+            "TaskManager {task_manager:016x}{}",
+            lost.control_address
+                .map(|address| format!(" ({address})"))
+                .unwrap_or_default()
+        );
+        if self.config.log {
+            eprintln!("{who} lost: {reason}");
+        }
+        let affected: Vec<JobId> = self
+            .jobs
+            .iter()
+            .filter(|(_, master)| master.task_managers.contains(&task_manager))
+            .map(|(job, _)| *job)
+            .collect();
+        for job in affected {
+            let master = self.jobs.get_mut(&job).expect("a known job");
+            master.task_managers.retain(|id| *id != task_manager);
+            if matches!(master.state, JobState::Running) {
+                let attempt = master.attempt;
+                self.task_failed(job, attempt, format!("{who} was lost: {reason}"));
+            }
+            if self.jobs.contains_key(&job) {
+                self.release_slots(job);
+            }
         }
     }
 
-    /// Gives a job's slots back and stops what runs of it.
-    fn release(&mut self, job: JobId, master: &JobMaster) {
+    /// Sends `message()` to each of `task_managers`.
+    fn send_to(&self, task_managers: &[usize], message: impl Fn() -> ToTaskManager) {
+        for task_manager in task_managers {
+            if let Some(registered) = self.task_managers.get(task_manager) {
+                let _ = registered.sender.send(message());
+            }
+        }
+    }
+
+    /// Gives a job's slots back and stops what runs of it there.
+    fn release_slots(&mut self, job: JobId) {
+        let Some(master) = self.jobs.get_mut(&job) else {
+            return;
+        };
+        let task_managers = std::mem::take(&mut master.task_managers);
+        master.slots.clear();
+        for task_manager in task_managers {
+            if let Some(registered) = self.task_managers.get_mut(&task_manager) {
+                registered.release(job);
+                let _ = registered.sender.send(ToTaskManager::CancelJob { job });
+            }
+        }
+    }
+
+    /// Why a job of `slots_required` slots cannot start now.
+    fn slot_shortage(&self, slots_required: u32) -> String {
+        let slots_free: u32 = self
+            .task_managers
+            .values()
+            .map(RegisteredTaskManager::slots_free)
+            .sum();
+        let slot_count: usize = self
+            .task_managers
+            .values()
+            .map(|task_manager| task_manager.slot_holders.len())
+            .sum();
+        format!(
+            "not enough slots: it needs {slots_required}, the cluster has {slots_free} free of {slot_count} on {} TaskManager{}",
+            self.task_managers.len(),
+            if self.task_managers.len() == 1 { "" } else { "s" }
+        )
+    }
+
+    /// Takes free slots for a job that holds none; whether it got them.
+    /// Slots are taken TaskManager by TaskManager, so that jobs running at
+    /// once never share a core.
+    fn allocate(&mut self, job: JobId) -> bool {
+        let master = self.jobs.get(&job).expect("a known job");
+        if !master.slots.is_empty() {
+            return true;
+        }
+        let slots_required = master.slots_used as usize;
+        let slots_free: usize = self
+            .task_managers
+            .values()
+            .map(|task_manager| task_manager.slots_free() as usize)
+            .sum();
+        if slots_free < slots_required {
+            return false;
+        }
+        let mut free_slots: Vec<SlotRef> = Vec::new();
+        for (id, task_manager) in &mut self.task_managers {
+            for slot in 0..task_manager.slot_holders.len() {
+                if free_slots.len() == slots_required {
+                    break;
+                }
+                if task_manager.slot_holders[slot].is_none() {
+                    task_manager.slot_holders[slot] = Some(job);
+                    free_slots.push(SlotRef {
+                        task_manager: *id,
+                        slot: slot as u32,
+                    });
+                }
+            }
+        }
+        let master = self.jobs.get_mut(&job).expect("a known job");
+        let mut task_managers: Vec<usize> =
+            free_slots.iter().map(|slot| slot.task_manager).collect();
+        task_managers.dedup();
+        master.task_managers = task_managers;
+        master.slots = master
+            .slot_index
+            .iter()
+            .map(|vertex| {
+                vertex
+                    .iter()
+                    .map(|slot| free_slots[*slot as usize])
+                    .collect()
+            })
+            .collect();
+        true
+    }
+
+    /// A job has ended: its slots go back, its client hears how, and the
+    /// archive keeps its status.
+    fn finish(&mut self, job: JobId, master: JobMaster, ending: Ending) {
         for task_manager in &master.task_managers {
-            let task_manager = &mut self.task_managers[*task_manager];
-            task_manager.release(job);
-            let _ = task_manager.sender.send(ToTaskManager::CancelJob { job });
+            if let Some(registered) = self.task_managers.get_mut(task_manager) {
+                registered.release(job);
+                let _ = registered.sender.send(ToTaskManager::CancelJob { job });
+            }
+        }
+        let mut status = self.status(job, &master);
+        status.end_time_ms = Some(now_ms());
+        let (state, outcome) = match ending {
+            Ending::Finished(result) => {
+                status.accumulators = Some(result.accumulators.clone());
+                status.stopped_with_savepoint = result.stopped_with_savepoint.clone();
+                status.reason = None;
+                ("FINISHED", Ok(result))
+            }
+            Ending::Failed(message) => {
+                status.reason = Some(message.clone());
+                ("FAILED", Err(message))
+            }
+            Ending::Cancelled(message) => {
+                status.reason = Some(message.clone());
+                ("CANCELED", Err(message))
+            }
+        };
+        status.state = state.to_string();
+        if self.config.log {
+            match &outcome {
+                Ok(result) => eprintln!(
+                    "job {job} ({}) FINISHED in {} ms{}",
+                    master.name,
+                    result.duration.as_millis(),
+                    result
+                        .stopped_with_savepoint
+                        .as_ref()
+                        .map(|path| format!(", stopped with savepoint {}", path.display()))
+                        .unwrap_or_default()
+                ),
+                Err(message) => eprintln!("job {job} ({}) {state}: {message}", master.name),
+            }
+        }
+        let _ = master.reply.send(outcome);
+        self.archive.push_back(status);
+        while self.archive.len() > JOB_ARCHIVE_SIZE {
+            self.archive.pop_front();
+        }
+    }
+
+    /// A job's status as the REST API shows it.
+    fn status(&self, job: JobId, master: &JobMaster) -> JobStatus {
+        let (state, reason) = match master.state {
+            JobState::Running => ("RUNNING", None),
+            JobState::Restarting { .. } => ("RESTARTING", master.last_failure.clone()),
+            JobState::WaitingForSlots { .. } => (
+                "WAITING_FOR_SLOTS",
+                Some(self.slot_shortage(master.slots_used)),
+            ),
+        };
+        let vertices = master
+            .vertices
+            .iter()
+            .enumerate()
+            .map(|(vertex, (name, parallelism))| VertexStatus {
+                id: vertex,
+                name: name.clone(),
+                parallelism: *parallelism,
+                subtasks: (0..*parallelism)
+                    .map(|subtask| {
+                        let metrics = master.metrics.get(&(vertex, subtask));
+                        SubtaskStatus {
+                            subtask,
+                            task_manager: master
+                                .slots
+                                .get(vertex)
+                                .and_then(|slots| slots.get(subtask as usize))
+                                .map(|slot| format!("{:016x}", slot.task_manager)),
+                            records_in: metrics.map_or(0, |metrics| metrics.records_in),
+                            records_out: metrics.map_or(0, |metrics| metrics.records_out),
+                            watermark: metrics
+                                .map(|metrics| metrics.watermark)
+                                .filter(|watermark| *watermark != i64::MIN),
+                        }
+                    })
+                    .collect(),
+            })
+            .collect();
+        JobStatus {
+            job_id: job,
+            job_name: master.name.clone(),
+            program: master.program.clone(),
+            state: state.to_string(),
+            reason,
+            attempt: master.attempt,
+            restarts: master.backoff.restarts(),
+            parallelism: master.args.parallelism,
+            start_time_ms: master.started_at_ms,
+            end_time_ms: None,
+            duration: master.started_at.elapsed(),
+            checkpoints: master.coordinator.counts.clone(),
+            latest_checkpoint: master
+                .coordinator
+                .latest()
+                .map(|latest| latest.directory.clone()),
+            vertices,
+            accumulators: None,
+            stopped_with_savepoint: None,
         }
     }
 
@@ -548,7 +1013,7 @@ impl JobManager {
         master
             .coordinator
             .complete(completed.clone(), Instant::now());
-        master.event(JobEvent::CheckpointCompleted {
+        master.event(job, JobEvent::CheckpointCompleted {
             id: pending.id,
             savepoint: is_savepoint,
             path: pending.directory.clone(),
@@ -586,7 +1051,6 @@ impl JobManager {
         }
         if stop {
             let master = self.jobs.remove(&job).expect("a known job");
-            self.release(job, &master);
             let result = JobResult {
                 job_id: job,
                 job_name: master.name.clone(),
@@ -597,9 +1061,10 @@ impl JobManager {
                 checkpoints: master.coordinator.counts.clone(),
                 stopped_with_savepoint: Some(pending.directory),
             };
-            let _ = master.reply.send(Ok(result));
+            self.finish(job, master, Ending::Finished(result));
         }
     }
+
 
     fn task_finished(
         &mut self,
@@ -627,14 +1092,13 @@ impl JobManager {
         if master.subtasks_remaining > 0 {
             return;
         }
-        let master = self.jobs.remove(&job).expect("the job is known");
-        self.release(job, &master);
-        if let Some((_, request)) = master.savepoint_in_flight {
+        let mut master = self.jobs.remove(&job).expect("the job is known");
+        if let Some((_, request)) = master.savepoint_in_flight.take() {
             let _ = request
                 .reply
                 .send(Err("the job finished first".to_string()));
         }
-        for request in master.savepoint_requests {
+        for request in master.savepoint_requests.drain(..) {
             let _ = request
                 .reply
                 .send(Err("the job finished first".to_string()));
@@ -642,10 +1106,8 @@ impl JobManager {
         // Every task has finished: what the sinks staged since the last
         // checkpoint is the job's, exactly once, and becomes visible now.
         if let Err(error) = commit_all(&master.committables) {
-            let _ = master.reply.send(Err(format!(
-                "job '{}' failed to commit its output: {error}",
-                master.name
-            )));
+            let message = format!("job '{}' failed to commit its output: {error}", master.name);
+            self.finish(job, master, Ending::Failed(message));
             return;
         }
         // A finished job needs no checkpoint to resume from (as in Flink).
@@ -654,15 +1116,15 @@ impl JobManager {
         }
         let result = JobResult {
             job_id: job,
-            job_name: master.name,
-            accumulators: master.accumulators,
+            job_name: master.name.clone(),
+            accumulators: std::mem::take(&mut master.accumulators),
             duration: master.started_at.elapsed(),
             slots_used: master.slots_used,
             restarts: master.backoff.restarts(),
             checkpoints: master.coordinator.counts.clone(),
             stopped_with_savepoint: None,
         };
-        let _ = master.reply.send(Ok(result));
+        self.finish(job, master, Ending::Finished(result));
     }
 
     fn task_failed(&mut self, job: JobId, attempt: u32, error: String) {
@@ -684,16 +1146,19 @@ impl JobManager {
         match master.backoff.on_failure(now) {
             Some(delay) => {
                 master.state = JobState::Restarting { at: now + delay };
-                master.event(JobEvent::Restarting {
-                    restart: master.backoff.restarts(),
-                    delay,
-                    cause: error,
-                    from_checkpoint: master.restore_path.clone(),
-                });
+                master.last_failure = Some(error.clone());
+                master.event(
+                    job,
+                    JobEvent::Restarting {
+                        restart: master.backoff.restarts(),
+                        delay,
+                        cause: error,
+                        from_checkpoint: master.restore_path.clone(),
+                    },
+                );
             }
             None => {
                 let master = self.jobs.remove(&job).expect("a known job");
-                self.release(job, &master);
                 let kept = master
                     .coordinator
                     .latest()
@@ -709,54 +1174,132 @@ impl JobManager {
                     .describe()
                     .map(|why| format!(" (no more restarts: {why})"))
                     .unwrap_or_default();
-                let _ = master.reply.send(Err(format!(
-                    "job '{}' failed: {error}{gave_up}{kept}",
-                    master.name,
-                )));
+                let message = format!("job '{}' failed: {error}{gave_up}{kept}", master.name);
+                self.finish(job, master, Ending::Failed(message));
             }
         }
     }
 
-    /// Deploys the next attempt of a job.
+    /// Deploys the next attempt of a job, once it has its slots; until then
+    /// it waits for them (or, without a slot wait timeout, fails).
     fn deploy_attempt(&mut self, job: JobId) {
+        if !self.allocate(job) {
+            let shortage = self.slot_shortage(self.jobs[&job].slots_used);
+            let master = self.jobs.get_mut(&job).expect("a known job");
+            match self.config.slot_wait_timeout {
+                Some(timeout) => {
+                    if !matches!(master.state, JobState::WaitingForSlots { .. }) {
+                        master.state = JobState::WaitingForSlots {
+                            deadline: Some(Instant::now() + timeout),
+                        };
+                        if self.config.log {
+                            eprintln!("job {job} ({}) waits for slots: {shortage}", master.name);
+                        }
+                    }
+                }
+                None => {
+                    let master = self.jobs.remove(&job).expect("a known job");
+                    let message = format!(
+                        "job '{}' failed: {}",
+                        master.name,
+                        self.slot_shortage(master.slots_used)
+                    );
+                    self.finish(job, master, Ending::Failed(message));
+                }
+            }
+            return;
+        }
         let master = self.jobs.get_mut(&job).expect("a known job");
         master.attempt += 1;
         master.state = JobState::Running;
         master.subtasks_remaining = master.subtask_count;
         master.accumulators = Accumulators::default();
+        master.metrics.clear();
         // A failed attempt's staged files stay uncommitted (and hidden).
         master.committables.clear();
         master.coordinator.restart(Instant::now());
-        let data_addresses: Vec<Option<SocketAddr>> = self
+        let data_addresses: BTreeMap<usize, SocketAddr> = self
             .task_managers
             .iter()
-            .map(|task_manager| task_manager.data_address)
+            .filter_map(|(id, task_manager)| {
+                task_manager.data_address.map(|address| (*id, address))
+            })
             .collect();
         let master = self.jobs.get(&job).expect("a known job");
-        let mut deployed = Ok(());
-        for task_manager in &master.task_managers {
-            let sent = self.task_managers[*task_manager]
-                .sender
-                .send(ToTaskManager::DeployJob {
-                    job,
-                    attempt: master.attempt,
-                    program: master.program.clone(),
-                    args: master.args.clone(),
-                    slots: master.slots.clone(),
-                    data_addresses: data_addresses.clone(),
-                    restore: master.restore_path.clone(),
-                });
-            if sent.is_err() {
-                deployed = Err(());
+        // A TaskManager that is gone is found by its connection, which
+        // reports it lost; its jobs then restart.
+        self.send_to(&master.task_managers, || ToTaskManager::DeployJob {
+            job,
+            attempt: master.attempt,
+            program: master.program.clone(),
+            args: master.args.clone(),
+            slots: master.slots.clone(),
+            data_addresses: data_addresses.clone(),
+            restore: master.restore_path.clone(),
+        });
+    }
+
+    /// A job submitted over the REST API: its arguments are parsed here, as
+    /// every TaskManager will parse them, and the paths among its options
+    /// must be absolute.
+    fn submit_detached(&mut self, submission: JobSubmission) -> Result<JobId, String> {
+        let program = self
+            .programs
+            .iter()
+            .find(|program| program.name == submission.program)
+            .ok_or_else(|| self.unknown_program(&submission.program))?;
+        let mut arguments = submission.arguments;
+        let given = |arguments: &[String], long: &str, short: Option<&str>| {
+            arguments.iter().any(|argument| {
+                argument == long
+                    || argument.starts_with(&format!("{long}="))
+                    || short.is_some_and(|short| argument.starts_with(short))
+            })
+        };
+        if let Some(parallelism) = submission.parallelism {
+            if given(&arguments, "--parallelism", Some("-p")) {
+                return Err(
+                    "the parallelism is given twice: in the request and as --parallelism among the program arguments"
+                        .to_string(),
+                );
             }
+            arguments.extend(["--parallelism".to_string(), parallelism.to_string()]);
         }
-        if deployed.is_err() {
-            let master = self.jobs.remove(&job).expect("a known job");
-            self.release(job, &master);
-            let _ = master
-                .reply
-                .send(Err("the TaskManager is gone".to_string()));
+        if let Some(path) = submission.savepoint_path {
+            if given(&arguments, "--from-savepoint", Some("-s")) {
+                return Err(
+                    "the savepoint is given twice: in the request and as --from-savepoint among the program arguments"
+                        .to_string(),
+                );
+            }
+            arguments.extend(["--from-savepoint".to_string(), path.display().to_string()]);
         }
+        if submission.allow_non_restored_state
+            && !given(&arguments, "--allow-non-restored-state", None)
+        {
+            arguments.push("--allow-non-restored-state".to_string());
+        }
+        let matches = program
+            .parse(&arguments)
+            .map_err(|error| format!("invalid arguments for program '{}': {error}", program.name))?;
+        let args = JobArgs::from_matches(arguments, &matches);
+        if let Some(directory) = &args.checkpointing.directory {
+            check_remote_path("checkpoint directory", directory)?;
+        }
+        if let Some(restore) = &args.restore {
+            check_remote_path("savepoint path", &restore.path)?;
+        }
+        let program_name = program.name;
+        let (reply, _) = std::sync::mpsc::channel();
+        self.submit(program_name, args, &reply, None)
+    }
+
+    fn unknown_program(&self, name: &str) -> String {
+        let known: Vec<&str> = self.programs.iter().map(|program| program.name).collect();
+        format!(
+            "unknown program '{name}'; this JobManager knows: {}",
+            known.join(", ")
+        )
     }
 
     fn submit(
@@ -765,12 +1308,18 @@ impl JobManager {
         args: JobArgs,
         reply: &Sender<Result<JobResult, String>>,
         events: Option<Sender<JobEvent>>,
-    ) -> Result<(), String> {
+    ) -> Result<JobId, String> {
         let program = self
             .programs
             .iter()
             .find(|program| program.name == program_name)
-            .ok_or_else(|| format!("unknown program '{program_name}'"))?;
+            .ok_or_else(|| self.unknown_program(program_name))?;
+        if args.parallelism > args.max_parallelism {
+            return Err(format!(
+                "--parallelism {} is above the max parallelism {} (set --max-parallelism)",
+                args.parallelism, args.max_parallelism
+            ));
+        }
         let job_graph = program.job_graph(&args)?;
         let options = &args.checkpointing;
         if options.interval.is_some() && options.directory.is_none() {
@@ -792,18 +1341,14 @@ impl JobManager {
         let slots_required = job_graph.slots_required();
         let slots_free: u32 = self
             .task_managers
-            .iter()
+            .values()
             .map(RegisteredTaskManager::slots_free)
             .sum();
-        if slots_free < slots_required {
-            let slot_count: usize = self
-                .task_managers
-                .iter()
-                .map(|task_manager| task_manager.slot_holders.len())
-                .sum();
+        if slots_free < slots_required && self.config.slot_wait_timeout.is_none() {
             return Err(format!(
-                "not enough slots: job '{}' needs {slots_required}, the cluster has {slots_free} free of {slot_count}",
-                job_graph.name
+                "job '{}': {}",
+                job_graph.name,
+                self.slot_shortage(slots_required)
             ));
         }
         let job = JobId::random();
@@ -814,34 +1359,25 @@ impl JobManager {
             ),
             None => None,
         };
-        // The job's slots are numbered from 0 (`slot_of`); take that many
-        // free slots, TaskManager by TaskManager, so that jobs running at
-        // once never share a core.
-        let mut free_slots: Vec<SlotRef> = Vec::new();
-        for (index, task_manager) in self.task_managers.iter_mut().enumerate() {
-            for slot in 0..task_manager.slot_holders.len() {
-                if free_slots.len() == slots_required as usize {
-                    break;
-                }
-                if task_manager.slot_holders[slot].is_none() {
-                    task_manager.slot_holders[slot] = Some(job);
-                    free_slots.push(SlotRef {
-                        task_manager: index,
-                        slot: slot as u32,
-                    });
-                }
-            }
-        }
-        let mut task_managers: Vec<usize> =
-            free_slots.iter().map(|slot| slot.task_manager).collect();
-        task_managers.dedup();
-        let slots: Vec<Vec<SlotRef>> = job_graph
+        let slot_index: Vec<Vec<u32>> = job_graph
             .vertices
             .iter()
             .map(|vertex| {
                 (0..vertex.parallelism)
-                    .map(|subtask| free_slots[job_graph.slot_of(vertex.id, subtask) as usize])
+                    .map(|subtask| job_graph.slot_of(vertex.id, subtask))
                     .collect()
+            })
+            .collect();
+        let vertices: Vec<(String, u32)> = job_graph
+            .vertices
+            .iter()
+            .map(|vertex| {
+                let names: Vec<&str> = vertex
+                    .operators
+                    .iter()
+                    .map(|node| job_graph.operator_name(*node))
+                    .collect();
+                (names.join(" -> "), vertex.parallelism)
             })
             .collect();
         let tasks: Vec<(usize, u32)> = job_graph
@@ -852,17 +1388,22 @@ impl JobManager {
         let master = JobMaster {
             name: job_graph.name.clone(),
             program: program_name.to_string(),
-            task_managers,
-            slots,
+            vertices,
+            slot_index,
+            task_managers: Vec::new(),
+            slots: Vec::new(),
             slots_used: slots_required,
             attempt: 0,
             subtask_count: tasks.len(),
             subtasks_remaining: tasks.len(),
             accumulators: Accumulators::default(),
             started_at: Instant::now(),
+            started_at_ms: now_ms(),
             state: JobState::Restarting { at: Instant::now() },
+            last_failure: None,
             reply: reply.clone(),
             events,
+            log: self.config.log,
             coordinator: CheckpointCoordinator::new(
                 options.clone(),
                 tasks,
@@ -875,16 +1416,20 @@ impl JobManager {
             committables: Vec::new(),
             savepoint_requests: Vec::new(),
             savepoint_in_flight: None,
+            metrics: HashMap::new(),
             args,
         };
-        master.event(JobEvent::Submitted {
-            job_id: job,
-            job_name: master.name.clone(),
-            restored_from: master.restore_path.clone(),
-        });
+        master.event(
+            job,
+            JobEvent::Submitted {
+                job_id: job,
+                job_name: master.name.clone(),
+                restored_from: master.restore_path.clone(),
+            },
+        );
         self.jobs.insert(job, master);
         self.deploy_attempt(job);
-        Ok(())
+        Ok(job)
     }
 }
 

@@ -10,6 +10,8 @@
 //!   alignment and the snapshot's asynchronous phase.
 //! - [`coordinator`]: the checkpoint coordinator of a JobMaster;
 //!   [`restart`]: restart strategies. Both plain structs without I/O.
+//! - [`cluster`]: the standalone cluster's control plane: the
+//!   JobManager's control port and the TaskManager process.
 //! - [`local`]: the local mini-cluster, a JobManager and a TaskManager in one
 //!   process, as Flink's MiniCluster.
 //!
@@ -19,6 +21,7 @@
 //! strom-state (checkpoint files), and is the one crate that wires them.
 #![forbid(unsafe_code)]
 
+pub mod cluster;
 pub mod coordinator;
 pub mod file_sink;
 pub mod jobmanager;

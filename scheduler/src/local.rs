@@ -131,6 +131,7 @@ impl LocalCluster {
                 config.slot_count,
                 own_cpus,
                 networked.then(|| SocketAddr::from(([127, 0, 0, 1], 0))),
+                None,
                 job_manager_sender.clone(),
                 task_manager_sender.clone(),
             )?;
@@ -148,6 +149,8 @@ impl LocalCluster {
                     slot_count,
                     sender: task_manager_sender.clone(),
                     data_address,
+                    control_address: None,
+                    registered: None,
                 })
                 .map_err(|_| "the JobManager stopped".to_string())?;
             task_managers.push(task_manager_sender);

@@ -64,6 +64,7 @@ use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
@@ -77,6 +78,8 @@ use strom_net::channel::{
     CHANNEL_CAPACITY_BUFFERS,
 };
 use strom_net::link::{Link, LinkSender};
+
+use crate::messages::NetworkCounts;
 
 /// Commands waiting for the service executor; a caller beyond it waits.
 pub const COMMAND_QUEUE_CAPACITY: usize = 1024;
@@ -188,8 +191,40 @@ impl ErrorLog {
     }
 }
 
+/// What the service moved, counted by its forwarding tasks (the only
+/// writers, all on the service executor) and read by the TaskManager.
+#[derive(Debug, Default)]
+pub struct NetworkCounters {
+    elements_sent: AtomicU64,
+    bytes_sent: AtomicU64,
+    elements_received: AtomicU64,
+    bytes_received: AtomicU64,
+}
+
+impl NetworkCounters {
+    fn count(elements: &AtomicU64, bytes: &AtomicU64, element: &StreamElement) {
+        let size = match element {
+            StreamElement::Records(buffer) => buffer.len() as u64,
+            _ => 0,
+        };
+        elements.fetch_add(1, Ordering::Relaxed);
+        bytes.fetch_add(size, Ordering::Relaxed);
+    }
+
+    /// The counts so far.
+    pub fn snapshot(&self) -> NetworkCounts {
+        NetworkCounts {
+            elements_sent: self.elements_sent.load(Ordering::Relaxed),
+            bytes_sent: self.bytes_sent.load(Ordering::Relaxed),
+            elements_received: self.elements_received.load(Ordering::Relaxed),
+            bytes_received: self.bytes_received.load(Ordering::Relaxed),
+        }
+    }
+}
+
 /// One per TaskManager process: the handle to the service executor.
 pub struct NetworkService {
+    counters: Arc<NetworkCounters>,
     local_id: u64,
     local_addr: SocketAddr,
     commands: SyncSender<Command>,
@@ -226,11 +261,21 @@ impl NetworkService {
             errors: Arc::new(Mutex::new(VecDeque::with_capacity(ERROR_LOG_CAPACITY))),
         };
         let service_errors = errors.clone();
+        let counters = Arc::new(NetworkCounters::default());
+        let service_counters = counters.clone();
         let thread = LocalExecutorBuilder::new(Placement::Unbound)
             .name(&format!("strom-network-{local_id}"))
             .io_memory(NETWORK_IO_MEMORY_BYTES)
             .spawn(move || {
-                service_main(local_id, bind, secret, command_inbox, ready, service_errors)
+                service_main(
+                    local_id,
+                    bind,
+                    secret,
+                    command_inbox,
+                    ready,
+                    service_errors,
+                    service_counters,
+                )
             })
             .map_err(|error| format!("cannot start the network service: {error}"))?;
         let local_addr = match service_ready.recv_timeout(START_TIMEOUT) {
@@ -256,6 +301,7 @@ impl NetworkService {
             }
         };
         Ok(NetworkService {
+            counters,
             local_id,
             local_addr,
             commands,
@@ -268,6 +314,11 @@ impl NetworkService {
     /// Where the service listens for links from other TaskManagers.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// What the service has sent to and received from other TaskManagers.
+    pub fn counts(&self) -> NetworkCounts {
+        self.counters.snapshot()
     }
 
     /// The producer side of a channel whose consumer runs in TaskManager
@@ -457,6 +508,7 @@ struct ServiceCore {
     channels: HashMap<u32, Vec<Rc<Cancel>>>,
     handshake_count: usize,
     errors: ErrorLog,
+    counters: Arc<NetworkCounters>,
 }
 
 type SharedCore = Rc<RefCell<ServiceCore>>;
@@ -676,10 +728,12 @@ async fn forward_output(
     let receiver: ConnectedChannelReceiver = receiver.connect().await;
     let forward = async {
         let sender: LinkSender = with_link(&core, peer, peer_addr, Link::sender).await?;
+        let counters = core.borrow().counters.clone();
         loop {
             let Some(element) = receiver.recv().await else {
                 return Ok(Ended::LocalEndDropped);
             };
+            NetworkCounters::count(&counters.elements_sent, &counters.bytes_sent, &element);
             let is_end = matches!(element, StreamElement::EndOfInput);
             sender
                 .send(channel_id, element)
@@ -734,8 +788,14 @@ async fn forward_input(
         })
         .await?
         .map_err(|error| error.to_string())?;
+        let counters = core.borrow().counters.clone();
         loop {
             let element = receiver.recv().await.map_err(|error| error.to_string())?;
+            NetworkCounters::count(
+                &counters.elements_received,
+                &counters.bytes_received,
+                &element,
+            );
             let is_end = matches!(element, StreamElement::EndOfInput);
             // If the consumer is gone while its ring is full, glommio 0.9
             // waits here for room that never comes (see `close_draining`);
@@ -828,6 +888,7 @@ async fn service_main(
     commands: Receiver<Command>,
     ready: mpsc::Sender<Result<SocketAddr, String>>,
     errors: ErrorLog,
+    counters: Arc<NetworkCounters>,
 ) {
     let listener = match TcpListener::bind(bind)
         .and_then(|listener| listener.local_addr().map(|address| (listener, address)))
@@ -854,6 +915,7 @@ async fn service_main(
         channels: HashMap::new(),
         handshake_count: 0,
         errors,
+        counters,
     }));
     // The accept loop is a task of its own: a task polls every future it
     // awaits whenever it wakes, and glommio's accept keeps one waker per

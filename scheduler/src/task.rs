@@ -31,7 +31,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -43,7 +43,7 @@ use futures_lite::Stream;
 use strom_core::error::TaskError;
 use strom_core::graph::{TaskInstance, TaskSetup};
 use strom_core::operator::{OutputQueue, SourceHead, TaskHead};
-use strom_core::record::StreamElement;
+use strom_core::record::{buffer_record_count, StreamElement};
 use strom_core::snapshot::{CheckpointBarrier, TaskRestore, TaskSnapshot};
 use strom_core::source::SourceStatus;
 use strom_core::time::{ValveOutput, WatermarkValve};
@@ -107,6 +107,38 @@ impl Mailbox {
 
 pub type TaskMailbox = Arc<Mailbox>;
 
+/// What a task counts, for the REST API and metrics: written by the task
+/// (one store per buffer, never contended), read by the TaskManager's
+/// thread about once a second.
+#[derive(Debug)]
+pub struct TaskMetrics {
+    pub records_in: AtomicU64,
+    pub records_out: AtomicU64,
+    /// The input watermark of an input task, the output watermark of a
+    /// source task; `i64::MIN` before the first.
+    pub watermark: AtomicI64,
+}
+
+impl Default for TaskMetrics {
+    fn default() -> Self {
+        TaskMetrics {
+            records_in: AtomicU64::new(0),
+            records_out: AtomicU64::new(0),
+            watermark: AtomicI64::new(i64::MIN),
+        }
+    }
+}
+
+impl TaskMetrics {
+    /// Adds to a counter that only this task writes.
+    fn add(counter: &AtomicU64, count: u64) {
+        counter.store(
+            counter.load(Ordering::Relaxed).wrapping_add(count),
+            Ordering::Relaxed,
+        );
+    }
+}
+
 /// One subtask to run, with its channels.
 pub struct TaskDeployment {
     pub job: JobId,
@@ -125,6 +157,7 @@ pub struct TaskDeployment {
     /// The longest a record waits in a partly filled buffer while the
     /// task stays busy.
     pub buffer_timeout: Duration,
+    pub metrics: Arc<TaskMetrics>,
 }
 
 enum Stop {
@@ -144,6 +177,9 @@ struct TaskRun<'a> {
     mailbox: TaskMailbox,
     reports: Sender<ToTaskManager>,
     buffer_timeout: Duration,
+    metrics: Arc<TaskMetrics>,
+    /// Whether this is a source task (its watermark is its output's).
+    is_source: bool,
 }
 
 /// Barrier alignment of an input task (see the module's protocol, step 4).
@@ -187,6 +223,15 @@ impl TaskRun<'_> {
             let Some((channel, element)) = next else {
                 return Ok(());
             };
+            match &element {
+                StreamElement::Records(bytes) => {
+                    TaskMetrics::add(&self.metrics.records_out, buffer_record_count(bytes))
+                }
+                StreamElement::Watermark(watermark) if self.is_source => {
+                    self.metrics.watermark.store(*watermark, Ordering::Relaxed)
+                }
+                _ => {}
+            }
             let sender = &self.outputs[channel];
             if let Err(error) = sender.try_send(element) {
                 match error {
@@ -281,6 +326,7 @@ impl TaskRun<'_> {
             let input = inputs[channel].1;
             match element {
                 StreamElement::Records(bytes) => {
+                    TaskMetrics::add(&self.metrics.records_in, buffer_record_count(&bytes));
                     let decoded = self.guarded(|| head.on_buffer(input, &bytes))?;
                     decoded.map_err(|message| {
                         let (operator, subtask) = self.operator_at(0);
@@ -469,6 +515,7 @@ impl TaskRun<'_> {
         // consumers while this task still counts as active for them.
         if output.idle == Some(true) {
             if let Some(watermark) = output.watermark {
+                self.metrics.watermark.store(watermark, Ordering::Relaxed);
                 self.guarded(|| head.on_watermark(watermark))?;
             }
             return self.guarded(|| head.on_idle(true));
@@ -477,6 +524,7 @@ impl TaskRun<'_> {
             self.guarded(|| head.on_idle(idle))?;
         }
         if let Some(watermark) = output.watermark {
+            self.metrics.watermark.store(watermark, Ordering::Relaxed);
             self.guarded(|| head.on_watermark(watermark))?;
         }
         Ok(())
@@ -554,6 +602,7 @@ pub async fn run_task(graph: Arc<JobGraph>, deployment: TaskDeployment) {
         reports,
         mailbox,
         buffer_timeout,
+        metrics,
     } = deployment;
     let (inputs, outputs) = connect(inputs, outputs).await;
     let run = TaskRun {
@@ -567,6 +616,8 @@ pub async fn run_task(graph: Arc<JobGraph>, deployment: TaskDeployment) {
         mailbox,
         reports: reports.clone(),
         buffer_timeout,
+        metrics,
+        is_source: graph.vertices[vertex].is_source,
     };
     let result = match run.guarded(|| graph.instantiate(vertex, subtask, &run.setup)) {
         Err(stop) => Err(stop),

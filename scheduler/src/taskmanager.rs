@@ -3,8 +3,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -15,9 +16,9 @@ use strom_core::snapshot::{OperatorRestore, TaskRestore};
 use strom_core::{JobGraph, Program};
 use strom_net::channel::{channel, ChannelReceiver, ChannelSender};
 
-use crate::messages::{JobId, SlotRef, ToJobManager, ToTaskManager};
+use crate::messages::{JobId, SlotRef, SubtaskMetrics, ToJobManager, ToTaskManager};
 use crate::network::{channel_id, NetworkService};
-use crate::task::{run_task, TaskCommand, TaskDeployment, TaskMailbox};
+use crate::task::{run_task, TaskCommand, TaskDeployment, TaskMailbox, TaskMetrics};
 
 /// How often an idle slot looks for commands. Commands (deploy, cancel) are
 /// rare, so a millisecond costs nothing and keeps slots free of locks.
@@ -47,6 +48,19 @@ enum SlotCommand {
     Shutdown,
 }
 
+/// A task of a job's current attempt, as the TaskManager's thread sees it.
+struct DeployedTask {
+    is_source: bool,
+    mailbox: TaskMailbox,
+    vertex: usize,
+    subtask: u32,
+    metrics: Arc<TaskMetrics>,
+}
+
+/// How often a TaskManager reports its tasks' figures and its network
+/// counts to the JobManager (its heartbeat, in a local cluster).
+pub const METRICS_REPORT_INTERVAL: Duration = Duration::from_secs(1);
+
 struct Slot {
     commands: Sender<SlotCommand>,
     thread: glommio::ExecutorJoinHandle<()>,
@@ -58,9 +72,8 @@ pub struct TaskManager {
     slots: Vec<Slot>,
     job_manager: Sender<ToJobManager>,
     inbox_sender: Sender<ToTaskManager>,
-    /// The mailboxes of the tasks of each job's current attempt, and
-    /// whether each is a source task.
-    mailboxes: HashMap<JobId, (u32, Vec<(bool, TaskMailbox)>)>,
+    /// The tasks of each job's current attempt here.
+    mailboxes: HashMap<JobId, (u32, Vec<DeployedTask>)>,
     /// Carries the channels to and from subtasks on other TaskManagers.
     network: Option<NetworkService>,
     /// The network channels of each job's current attempt.
@@ -98,13 +111,14 @@ impl TaskManager {
     /// Starts `slot_count` slots, slot `i` pinned to the `i`-th of `cpus`
     /// (round robin when there are more slots than CPUs), and, with a
     /// `data_bind` address, the network service that connects it to other
-    /// TaskManagers.
+    /// TaskManagers (proving `secret` to them, and requiring it of them).
     pub fn start(
         id: usize,
         programs: Vec<Program>,
         slot_count: u32,
         cpus: Vec<usize>,
         data_bind: Option<SocketAddr>,
+        secret: Option<Vec<u8>>,
         job_manager: Sender<ToJobManager>,
         inbox_sender: Sender<ToTaskManager>,
     ) -> Result<TaskManager, String> {
@@ -114,7 +128,7 @@ impl TaskManager {
             cpus
         };
         let network = data_bind
-            .map(|bind| NetworkService::start(id as u64, bind, None))
+            .map(|bind| NetworkService::start(id as u64, bind, secret))
             .transpose()?;
         let mut slots = Vec::new();
         for index in 0..slot_count as usize {
@@ -171,9 +185,49 @@ impl TaskManager {
         self.network.as_ref().map(NetworkService::local_addr)
     }
 
+    /// Sends the JobManager what the tasks counted and what the network
+    /// service moved.
+    fn report_metrics(&self) {
+        for (job, (attempt, tasks)) in &self.mailboxes {
+            let tasks = tasks
+                .iter()
+                .map(|task| SubtaskMetrics {
+                    vertex: task.vertex,
+                    subtask: task.subtask,
+                    records_in: task.metrics.records_in.load(Ordering::Relaxed),
+                    records_out: task.metrics.records_out.load(Ordering::Relaxed),
+                    watermark: task.metrics.watermark.load(Ordering::Relaxed),
+                })
+                .collect();
+            let _ = self.job_manager.send(ToJobManager::TaskMetrics {
+                job: *job,
+                attempt: *attempt,
+                tasks,
+            });
+        }
+        let _ = self.job_manager.send(ToJobManager::TaskManagerHeartbeat {
+            task_manager: self.id,
+            network: self
+                .network
+                .as_ref()
+                .map(NetworkService::counts)
+                .unwrap_or_default(),
+        });
+    }
+
     /// Handles messages until `Shutdown`, then stops the slots.
     pub fn run(mut self, inbox: Receiver<ToTaskManager>) {
-        while let Ok(message) = inbox.recv() {
+        let mut last_report = Instant::now();
+        loop {
+            if last_report.elapsed() >= METRICS_REPORT_INTERVAL {
+                self.report_metrics();
+                last_report = Instant::now();
+            }
+            let message = match inbox.recv_timeout(METRICS_REPORT_INTERVAL) {
+                Ok(message) => message,
+                Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            };
             match message {
                 ToTaskManager::DeployJob {
                     job,
@@ -214,8 +268,9 @@ impl TaskManager {
                         .get(&job)
                         .filter(|(deployed, _)| *deployed == attempt)
                     {
-                        for (_, mailbox) in mailboxes.iter().filter(|(is_source, _)| *is_source) {
-                            mailbox.push(TaskCommand::TriggerCheckpoint(barrier.clone()));
+                        for task in mailboxes.iter().filter(|task| task.is_source) {
+                            task.mailbox
+                                .push(TaskCommand::TriggerCheckpoint(barrier.clone()));
                         }
                     }
                 }
@@ -229,8 +284,9 @@ impl TaskManager {
                         .get(&job)
                         .filter(|(deployed, _)| *deployed == attempt)
                     {
-                        for (_, mailbox) in mailboxes {
-                            mailbox.push(TaskCommand::CheckpointComplete(checkpoint_id));
+                        for task in mailboxes {
+                            task.mailbox
+                                .push(TaskCommand::CheckpointComplete(checkpoint_id));
                         }
                     }
                 }
@@ -423,10 +479,18 @@ impl TaskManager {
                     }
                 }
                 let mailbox = TaskMailbox::default();
-                mailboxes.push((vertex.is_source, mailbox.clone()));
+                let metrics = Arc::new(TaskMetrics::default());
+                mailboxes.push(DeployedTask {
+                    is_source: vertex.is_source,
+                    mailbox: mailbox.clone(),
+                    vertex: vertex.id,
+                    subtask,
+                    metrics: metrics.clone(),
+                });
                 per_slot[slot].push(TaskDeployment {
                     mailbox,
                     buffer_timeout: args.buffer_timeout,
+                    metrics,
                     job,
                     attempt,
                     vertex: vertex.id,

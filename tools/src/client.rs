@@ -24,6 +24,8 @@ use std::time::Duration;
 
 use clap::{Arg, ArgMatches, Command};
 use serde_json::{json, Value};
+use strom_core::program::JobOutcome;
+use strom_core::Program;
 use strom_scheduler::JobId;
 
 /// Exit code of a bad argument (as clap's).
@@ -83,11 +85,22 @@ pub fn commands() -> Vec<Command> {
                 .about("Cancel a running job without a savepoint")
                 .arg(job_id()),
         ),
-        with_connection_args(Command::new("list").about("List the running jobs")),
+        with_connection_args(
+            Command::new("list")
+                .about("List the running jobs (with --all, the ended ones too)")
+                .arg(
+                    Arg::new("all")
+                        .long("all")
+                        .short('a')
+                        .action(clap::ArgAction::SetTrue)
+                        .help("Also list the jobs that finished, failed or were cancelled"),
+                ),
+        ),
     ]
 }
 
-fn with_connection_args(command: Command) -> Command {
+/// Adds `--jobmanager` and `--secret-file`.
+pub fn with_connection_args(command: Command) -> Command {
     command
         .arg(
             Arg::new("jobmanager")
@@ -104,6 +117,162 @@ fn with_connection_args(command: Command) -> Command {
                 .value_parser(clap::value_parser!(PathBuf))
                 .help("A file holding the JobManager's REST secret, sent as a bearer token"),
         )
+}
+
+/// How often an attached `strom run` asks how its job is doing.
+const POLL_INTERVAL: Duration = Duration::from_millis(500);
+/// How often it prints a progress line while the job runs.
+const PROGRESS_INTERVAL: Duration = Duration::from_secs(2);
+
+/// `strom run`: submits a program with its raw arguments (`POST /jobs`);
+/// detached, prints the job id; attached, shows progress on stderr until
+/// the job ends, then prints the program's report (made from the job's
+/// accumulators) on stdout.
+pub fn run_program(
+    matches: &ArgMatches,
+    program: &Program,
+    arguments: Vec<String>,
+    program_matches: &ArgMatches,
+) -> ExitCode {
+    match submit_and_follow(matches, program, arguments, program_matches) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Usage(message)) => {
+            eprintln!("error: {message}");
+            ExitCode::from(EXIT_USAGE)
+        }
+        Err(Failure::Refused(message)) => {
+            eprintln!("error: {message}");
+            ExitCode::from(EXIT_REFUSED)
+        }
+    }
+}
+
+fn submit_and_follow(
+    matches: &ArgMatches,
+    program: &Program,
+    arguments: Vec<String>,
+    program_matches: &ArgMatches,
+) -> Result<(), Failure> {
+    let client = JobManagerClient::new(matches)?;
+    let detached = matches.get_flag("detached");
+    let answer = client.post(
+        "/jobs",
+        &json!({ "program": program.name, "programArgs": arguments }),
+    )?;
+    let job = answer["jobid"].as_str().ok_or_else(|| {
+        Failure::Refused(format!(
+            "the JobManager answered without a job id: {answer}"
+        ))
+    })?;
+    if detached {
+        println!("Job has been submitted with JobID {job}");
+        return Ok(());
+    }
+    eprintln!("Job has been submitted with JobID {job}");
+    let mut last_state = String::new();
+    let mut last_progress: Option<(std::time::Instant, u64)> = None;
+    let mut last_completed = 0;
+    loop {
+        let status = client.get(&format!("/jobs/{job}"))?;
+        let state = status["state"].as_str().unwrap_or("UNKNOWN").to_string();
+        let reason = status["reason"].as_str().map(str::to_string);
+        if state != last_state {
+            match &reason {
+                Some(reason) if !matches!(state.as_str(), "FAILED" | "CANCELED") => {
+                    eprintln!("job {job} is {state}: {reason}")
+                }
+                _ => eprintln!("job {job} is {state}"),
+            }
+            last_state = state.clone();
+        }
+        match state.as_str() {
+            "FINISHED" => return finished(program, program_matches, job, &status),
+            "FAILED" | "CANCELED" => {
+                return Err(Failure::Refused(
+                    reason.unwrap_or_else(|| format!("job {job} is {state}")),
+                ))
+            }
+            _ => {}
+        }
+        if let Ok(checkpoints) = client.get(&format!("/jobs/{job}/checkpoints")) {
+            let completed = checkpoints["counts"]["completed"].as_u64().unwrap_or(0);
+            if completed > last_completed {
+                let path = checkpoints["latest"]["completed"]["external_path"]
+                    .as_str()
+                    .unwrap_or("?");
+                eprintln!("checkpoint completed ({completed} in all): {path}");
+                last_completed = completed;
+            }
+        }
+        let records = source_records(&status);
+        let now = std::time::Instant::now();
+        match last_progress {
+            None => last_progress = Some((now, records)),
+            Some((at, before)) if now.duration_since(at) >= PROGRESS_INTERVAL => {
+                if state == "RUNNING" {
+                    let rate = records.saturating_sub(before) as f64
+                        / now.duration_since(at).as_secs_f64();
+                    eprintln!(
+                        "job {job}: {records} records from the sources, {:.2}M records/s",
+                        rate / 1e6
+                    );
+                }
+                last_progress = Some((now, records));
+            }
+            Some(_) => {}
+        }
+        std::thread::sleep(POLL_INTERVAL);
+    }
+}
+
+/// Records the job's first vertex (its source) has written.
+fn source_records(status: &Value) -> u64 {
+    status["vertices"]
+        .as_array()
+        .and_then(|vertices| vertices.first())
+        .and_then(|vertex| vertex["metrics"]["write-records"].as_u64())
+        .unwrap_or(0)
+}
+
+/// Prints a finished job's result: the program's report, or the savepoint
+/// it was stopped with.
+fn finished(
+    program: &Program,
+    program_matches: &ArgMatches,
+    job: &str,
+    status: &Value,
+) -> Result<(), Failure> {
+    if let Some(savepoint) = status["savepoint"].as_str() {
+        println!("job {job} stopped with savepoint {savepoint}");
+        return Ok(());
+    }
+    let mut accumulators = strom_core::Accumulators::default();
+    if let Some(values) = status["accumulators"].as_object() {
+        for (name, value) in values {
+            let value = value.as_u64().ok_or_else(|| {
+                Failure::Refused(format!("accumulator '{name}' is not a number: {value}"))
+            })?;
+            accumulators.add(name, value);
+        }
+    }
+    let slots_used = status["vertices"]
+        .as_array()
+        .and_then(|vertices| {
+            vertices
+                .iter()
+                .filter_map(|vertex| vertex["parallelism"].as_u64())
+                .max()
+        })
+        .unwrap_or(1) as u32;
+    let outcome = JobOutcome {
+        accumulators,
+        duration: Duration::from_millis(status["duration"].as_u64().unwrap_or(0)),
+        slots_used,
+    };
+    for line in (program.report)(program_matches, &outcome) {
+        println!("{line}");
+    }
+    Ok(())
 }
 
 /// Why a command did not complete.
@@ -166,13 +335,14 @@ fn run_command(name: &str, matches: &ArgMatches) -> Result<(), Failure> {
         }
         "list" => {
             let answer = client.get("/jobs/overview")?;
-            let lines = job_lines(&answer).ok_or_else(|| {
+            let all = matches.get_flag("all");
+            let lines = job_lines(&answer, all).ok_or_else(|| {
                 Failure::Refused(format!(
                     "the JobManager answered with an unexpected listing: {answer}"
                 ))
             })?;
             if lines.is_empty() {
-                println!("No running jobs.");
+                println!("{}", if all { "No jobs." } else { "No running jobs." });
             }
             for line in lines {
                 println!("{line}");
@@ -214,11 +384,18 @@ fn location(answer: &Value) -> Result<&str, Failure> {
     })
 }
 
-/// `<id> : <name> (<state>)` per job of a `GET /jobs/overview` answer.
-fn job_lines(answer: &Value) -> Option<Vec<String>> {
+/// `<id> : <name> (<state>)` per job of a `GET /jobs/overview` answer:
+/// the jobs that have not ended, or with `all` every job.
+fn job_lines(answer: &Value, all: bool) -> Option<Vec<String>> {
     answer["jobs"]
         .as_array()?
         .iter()
+        .filter(|job| {
+            all || !matches!(
+                job["state"].as_str(),
+                Some("FINISHED" | "FAILED" | "CANCELED")
+            )
+        })
         .map(|job| {
             Some(format!(
                 "{} : {} ({})",
@@ -484,11 +661,11 @@ mod tests {
         let overview =
             json!({ "jobs": [{ "jid": "ab", "name": "q5", "state": "RUNNING", "attempt": 0 }] });
         assert_eq!(
-            job_lines(&overview),
+            job_lines(&overview, true),
             Some(vec!["ab : q5 (RUNNING)".to_string()])
         );
-        assert_eq!(job_lines(&json!({ "jobs": [] })), Some(Vec::new()));
-        assert_eq!(job_lines(&json!({ "jobs": [{ "jid": "ab" }] })), None);
+        assert_eq!(job_lines(&json!({ "jobs": [] }), false), Some(Vec::new()));
+        assert_eq!(job_lines(&json!({ "jobs": [{ "jid": "ab" }] }), true), None);
     }
 
     #[test]

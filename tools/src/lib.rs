@@ -85,6 +85,140 @@ fn command(programs: &[Program]) -> Command {
                 .subcommands(program_commands("Run")),
         )
         .subcommand(
+            client::with_connection_args(
+                Command::new("run")
+                    .about("Submit a job program to a cluster's JobManager (its REST address); attached, follow it to its end and print its result")
+                    .subcommand_required(true)
+                    .arg(
+                        Arg::new("detached")
+                            .long("detached")
+                            .short('d')
+                            .action(clap::ArgAction::SetTrue)
+                            .help("Print the job id and return; the job runs on"),
+                    )
+                    .subcommand_value_name("PROGRAM")
+                    .subcommands(program_commands("Submit")),
+            ),
+        )
+        .subcommand(
+            Command::new("jobmanager")
+                .about("Run a standalone cluster's JobManager: the REST API (for clients) and the control port (for TaskManagers)")
+                .arg(
+                    Arg::new("bind")
+                        .long("bind")
+                        .value_name("ADDRESS")
+                        .default_value("127.0.0.1")
+                        .value_parser(clap::value_parser!(std::net::IpAddr))
+                        .help("The address both ports listen on (0.0.0.0 for every interface)"),
+                )
+                .arg(
+                    Arg::new("rest-port")
+                        .long("rest-port")
+                        .value_name("PORT")
+                        .default_value("8081")
+                        .value_parser(clap::value_parser!(u16))
+                        .help("The REST API's port (0: any free port)"),
+                )
+                .arg(
+                    Arg::new("rpc-port")
+                        .long("rpc-port")
+                        .value_name("PORT")
+                        .default_value("6123")
+                        .value_parser(clap::value_parser!(u16))
+                        .help("The control port TaskManagers register at (0: any free port)"),
+                )
+                .arg(secret_file_arg())
+                .arg(
+                    Arg::new("heartbeat-timeout")
+                        .long("heartbeat-timeout")
+                        .value_name("DURATION")
+                        .default_value("10s")
+                        .value_parser(strom_core::config::parse_duration)
+                        .help("A TaskManager silent this long is lost, and its jobs restart elsewhere (a closed connection is lost at once)"),
+                )
+                .arg(
+                    Arg::new("slot-wait-timeout")
+                        .long("slot-wait-timeout")
+                        .value_name("DURATION")
+                        .default_value("5min")
+                        .value_parser(strom_core::config::parse_duration)
+                        .help("How long a job waits for enough free slots before it fails"),
+                )
+                .arg(
+                    Arg::new("application")
+                        .long("application")
+                        .action(clap::ArgAction::SetTrue)
+                        .help("Application mode: run the one program given after the options, print its result, and exit (with the TaskManagers) when it ends"),
+                )
+                .subcommand_value_name("PROGRAM")
+                .subcommands(program_commands("Run in application mode")),
+        )
+        .subcommand(
+            Command::new("taskmanager")
+                .about("Run a standalone cluster's TaskManager: register its slots (one pinned core each) with the JobManager and run the subtasks it deploys")
+                .arg(
+                    Arg::new("jobmanager")
+                        .long("jobmanager")
+                        .short('m')
+                        .value_name("HOST:PORT")
+                        .default_value("127.0.0.1:6123")
+                        .help("The JobManager's control port (its --rpc-port, not the REST port)"),
+                )
+                .arg(
+                    Arg::new("slots")
+                        .long("slots")
+                        .value_name("N")
+                        .value_parser(clap::value_parser!(u32).range(1..=1024))
+                        .help("How many slots to offer [default: one per core of --cores, else 1]"),
+                )
+                .arg(
+                    Arg::new("cores")
+                        .long("cores")
+                        .value_name("LIST")
+                        .value_parser(parse_cores)
+                        .help("The cores to pin the slots to, like 0,2-3 (slot i on the i-th) [default: every core this process may use]"),
+                )
+                .arg(
+                    Arg::new("allow-oversubscribe")
+                        .long("allow-oversubscribe")
+                        .action(clap::ArgAction::SetTrue)
+                        .help("Offer more slots than cores (slots then share cores)"),
+                )
+                .arg(
+                    Arg::new("bind")
+                        .long("bind")
+                        .value_name("ADDRESS")
+                        .default_value("127.0.0.1")
+                        .value_parser(clap::value_parser!(std::net::IpAddr))
+                        .help("The address of the data port; other TaskManagers connect to it, so on several machines give this machine's address"),
+                )
+                .arg(
+                    Arg::new("data-port")
+                        .long("data-port")
+                        .value_name("PORT")
+                        .default_value("0")
+                        .value_parser(clap::value_parser!(u16))
+                        .help("The data port (0: any free port)"),
+                )
+                .arg(secret_file_arg())
+                .arg(
+                    Arg::new("registration-timeout")
+                        .long("registration-timeout")
+                        .value_name("DURATION")
+                        .default_value("5min")
+                        .value_parser(strom_core::config::parse_duration)
+                        .help("How long to keep trying to reach the JobManager"),
+                )
+                .arg(
+                    Arg::new("heartbeat-timeout")
+                        .long("heartbeat-timeout")
+                        .value_name("DURATION")
+                        .default_value("10s")
+                        .value_parser(strom_core::config::parse_duration)
+                        .help("A JobManager silent this long is lost: the TaskManager stops its subtasks and registers again"),
+                ),
+        )
+        .subcommand(
             Command::new("plan")
                 .about("Print the JobGraph of a job program: vertices, chained operators, parallelism, partitioning")
                 .subcommand_required(true)
@@ -197,7 +331,11 @@ pub fn main_with_programs(programs: Vec<Program>) -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Some((verb @ ("local" | "plan"), verb_matches)) => {
+        Some(("jobmanager", jobmanager_matches)) => {
+            run_jobmanager(&programs, jobmanager_matches, &arguments)
+        }
+        Some(("taskmanager", taskmanager_matches)) => run_taskmanager(&programs, taskmanager_matches),
+        Some((verb @ ("local" | "plan" | "run"), verb_matches)) => {
             let (program_name, program_matches) =
                 verb_matches.subcommand().expect("a program is required");
             let program = programs
@@ -213,6 +351,13 @@ pub fn main_with_programs(programs: Vec<Program>) -> ExitCode {
                 JobArgs::from_matches(arguments[position + 1..].to_vec(), program_matches);
             if verb == "plan" {
                 plan(program, &job_args)
+            } else if verb == "run" {
+                client::run_program(
+                    verb_matches,
+                    program,
+                    arguments[position + 1..].to_vec(),
+                    program_matches,
+                )
             } else {
                 let bind = *verb_matches
                     .get_one::<std::net::IpAddr>("bind")
@@ -339,6 +484,264 @@ fn run_local(
             // them to unwind: a failed job ends the process at once.
             std::process::exit(i32::from(EXIT_JOB_FAILED));
         }
+    }
+}
+
+fn secret_file_arg() -> Arg {
+    Arg::new("secret-file")
+        .long("secret-file")
+        .value_name("PATH")
+        .value_parser(clap::value_parser!(std::path::PathBuf))
+        .help("A file holding the cluster's shared secret: every REST request (as a bearer token) and every TaskManager connection must present it")
+}
+
+/// Parses a core list like `0,2-3`.
+fn parse_cores(text: &str) -> Result<Vec<usize>, String> {
+    let mut cores = Vec::new();
+    for part in text.split(',') {
+        let part = part.trim();
+        let bad = || format!("'{part}' is not a core or a range of cores (like 0,2-3)");
+        let (first, last) = match part.split_once('-') {
+            Some((first, last)) => (
+                first.trim().parse::<usize>().map_err(|_| bad())?,
+                last.trim().parse::<usize>().map_err(|_| bad())?,
+            ),
+            None => {
+                let core = part.parse::<usize>().map_err(|_| bad())?;
+                (core, core)
+            }
+        };
+        if first > last {
+            return Err(bad());
+        }
+        for core in first..=last {
+            if cores.contains(&core) {
+                return Err(format!("core {core} is listed twice"));
+            }
+            cores.push(core);
+        }
+    }
+    Ok(cores)
+}
+
+fn read_secret(matches: &ArgMatches) -> Result<Option<Vec<u8>>, String> {
+    matches
+        .get_one::<std::path::PathBuf>("secret-file")
+        .map(|path| strom_scheduler::cluster::read_secret_file(path))
+        .transpose()
+}
+
+/// `strom jobmanager`: serves until killed, or in application mode until
+/// its one job ends.
+fn run_jobmanager(programs: &[Program], matches: &ArgMatches, arguments: &[String]) -> ExitCode {
+    use strom_scheduler::cluster::ControlServer;
+    use strom_scheduler::jobmanager::{JobManager, JobManagerConfig};
+    use strom_scheduler::JobManagerHandle;
+    let bind = *matches.get_one::<std::net::IpAddr>("bind").expect("a default");
+    let rest_port = *matches.get_one::<u16>("rest-port").expect("a default");
+    let rpc_port = *matches.get_one::<u16>("rpc-port").expect("a default");
+    let heartbeat_timeout = *matches
+        .get_one::<std::time::Duration>("heartbeat-timeout")
+        .expect("a default");
+    let slot_wait_timeout = *matches
+        .get_one::<std::time::Duration>("slot-wait-timeout")
+        .expect("a default");
+    let secret = match read_secret(matches) {
+        Ok(secret) => secret,
+        Err(message) => return fail(EXIT_USAGE, &message),
+    };
+    let rest_secret = match secret.as_ref().map(|secret| String::from_utf8(secret.clone())) {
+        Some(Err(_)) => return fail(EXIT_USAGE, "the secret file is not UTF-8 text"),
+        Some(Ok(secret)) => Some(secret),
+        None => None,
+    };
+    let application = matches.get_flag("application");
+    let application_program = match (application, matches.subcommand()) {
+        (true, Some((name, program_matches))) => {
+            let program = programs
+                .iter()
+                .find(|program| program.name == name)
+                .expect("clap knows only these");
+            let position = arguments
+                .iter()
+                .position(|argument| argument == name)
+                .expect("the program name");
+            let job_args =
+                JobArgs::from_matches(arguments[position + 1..].to_vec(), program_matches);
+            if let Err(message) = check_parallelism(&job_args) {
+                return fail(EXIT_USAGE, &message);
+            }
+            Some((program, job_args, program_matches.clone()))
+        }
+        (true, None) => {
+            return fail(
+                EXIT_USAGE,
+                "--application needs the program to run after the options, like `strom jobmanager --application nexmark --query q5`",
+            )
+        }
+        (false, Some((name, _))) => {
+            return fail(
+                EXIT_USAGE,
+                &format!("a program ('{name}') is given without --application; submit jobs with `strom run`"),
+            )
+        }
+        (false, None) => None,
+    };
+    let (sender, inbox) = mpsc::channel();
+    let job_manager = JobManager::with_config(
+        programs.to_vec(),
+        JobManagerConfig {
+            slot_wait_timeout: Some(slot_wait_timeout),
+            log: true,
+        },
+    );
+    let job_manager_thread = match std::thread::Builder::new()
+        .name("strom-jobmanager".to_string())
+        .spawn(move || job_manager.run(inbox))
+    {
+        Ok(thread) => thread,
+        Err(error) => {
+            return fail(
+                EXIT_JOB_FAILED,
+                &format!("cannot start the JobManager thread: {error}"),
+            )
+        }
+    };
+    let control = match ControlServer::start(
+        (bind, rpc_port).into(),
+        secret,
+        heartbeat_timeout,
+        sender.clone(),
+    ) {
+        Ok(control) => control,
+        Err(message) => return fail(EXIT_JOB_FAILED, &message),
+    };
+    let rest = match RestServer::start(
+        JobManagerHandle::new(sender.clone()),
+        (bind, rest_port).into(),
+        rest_secret,
+    ) {
+        Ok(rest) => rest,
+        Err(message) => return fail(EXIT_JOB_FAILED, &message),
+    };
+    eprintln!(
+        "JobManager started: REST API at http://{}, control port {} (TaskManagers: strom taskmanager --jobmanager {})",
+        rest.local_addr(),
+        control.local_addr(),
+        control.local_addr()
+    );
+    let Some((program, job_args, program_matches)) = application_program else {
+        let _ = job_manager_thread.join();
+        return ExitCode::SUCCESS;
+    };
+    let (events, event_inbox) = mpsc::channel();
+    let printer = std::thread::spawn(move || {
+        for event in event_inbox {
+            print_event(&event);
+        }
+    });
+    let (reply, result) = mpsc::channel();
+    let submitted = sender.send(strom_scheduler::messages::ToJobManager::SubmitJob {
+        program: program.name.to_string(),
+        args: job_args,
+        reply,
+        events: Some(events),
+    });
+    let result = match submitted {
+        Ok(()) => result
+            .recv()
+            .unwrap_or_else(|_| Err("the JobManager stopped before the job ended".to_string())),
+        Err(_) => Err("the JobManager stopped".to_string()),
+    };
+    let _ = printer.join();
+    // The JobManager tells its TaskManagers to shut down too.
+    let _ = sender.send(strom_scheduler::messages::ToJobManager::Shutdown);
+    let _ = job_manager_thread.join();
+    rest.stop();
+    match result {
+        Ok(result) => {
+            match &result.stopped_with_savepoint {
+                Some(path) => println!(
+                    "job {} stopped with savepoint {}",
+                    result.job_id,
+                    path.display()
+                ),
+                None => {
+                    let outcome = JobOutcome {
+                        accumulators: result.accumulators,
+                        duration: result.duration,
+                        slots_used: result.slots_used,
+                    };
+                    for line in (program.report)(&program_matches, &outcome) {
+                        println!("{line}");
+                    }
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(message) => fail(EXIT_JOB_FAILED, &message),
+    }
+}
+
+/// `strom taskmanager`: serves its JobManager until told to shut down.
+fn run_taskmanager(programs: &[Program], matches: &ArgMatches) -> ExitCode {
+    use strom_scheduler::cluster::{run_task_manager, TaskManagerConfig};
+    let allowed = allowed_cpus();
+    let cores: Vec<usize> = matches
+        .get_one::<Vec<usize>>("cores")
+        .cloned()
+        .unwrap_or_default();
+    if let Some(core) = cores.iter().find(|core| !allowed.contains(core)) {
+        return fail(
+            EXIT_USAGE,
+            &format!("--cores: core {core} is not one this process may run on ({allowed:?})"),
+        );
+    }
+    let core_count = if cores.is_empty() {
+        allowed.len()
+    } else {
+        cores.len()
+    } as u32;
+    let slots = matches
+        .get_one::<u32>("slots")
+        .copied()
+        .unwrap_or(if cores.is_empty() { 1 } else { core_count });
+    if slots > core_count && !matches.get_flag("allow-oversubscribe") {
+        return fail(
+            EXIT_USAGE,
+            &format!(
+                "--slots {slots} is more than the {core_count} cores to pin them to; pass --allow-oversubscribe to share cores"
+            ),
+        );
+    }
+    let secret = match read_secret(matches) {
+        Ok(secret) => secret,
+        Err(message) => return fail(EXIT_USAGE, &message),
+    };
+    let bind = *matches.get_one::<std::net::IpAddr>("bind").expect("a default");
+    let data_port = *matches.get_one::<u16>("data-port").expect("a default");
+    let config = TaskManagerConfig {
+        job_manager: matches
+            .get_one::<String>("jobmanager")
+            .cloned()
+            .expect("a default"),
+        slot_count: slots,
+        cpus: cores,
+        data_bind: (bind, data_port).into(),
+        secret,
+        registration_timeout: *matches
+            .get_one::<std::time::Duration>("registration-timeout")
+            .expect("a default"),
+        heartbeat_timeout: *matches
+            .get_one::<std::time::Duration>("heartbeat-timeout")
+            .expect("a default"),
+    };
+    match run_task_manager(programs.to_vec(), config) {
+        Ok(()) => {
+            eprintln!("TaskManager shut down by its JobManager");
+            ExitCode::SUCCESS
+        }
+        Err(message) => fail(EXIT_JOB_FAILED, &message),
     }
 }
 
