@@ -1526,6 +1526,8 @@ mod tests {
             slot_count: 4,
             sender,
             data_address: None,
+            control_address: None,
+            registered: None,
         });
         let args = JobArgs::new(Vec::new(), 2);
         let (reply, results) = mpsc::channel();
@@ -1553,7 +1555,7 @@ mod tests {
             .try_recv()
             .expect("a reply")
             .expect_err("no slots are free");
-        assert!(refused.starts_with("not enough slots"), "{refused}");
+        assert!(refused.contains("not enough slots"), "{refused}");
         for (vertex, subtask) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
             let finished = ToJobManager::TaskFinished {
                 job: first,
@@ -1579,5 +1581,215 @@ mod tests {
             vec![vec![0, 1], vec![0, 1]],
             "the first job's slots are free again"
         );
+    }
+
+    fn register(
+        job_manager: &mut JobManager,
+        task_manager: usize,
+        slot_count: u32,
+    ) -> mpsc::Receiver<ToTaskManager> {
+        let (sender, inbox) = mpsc::channel();
+        let (registered, answer) = mpsc::channel();
+        job_manager.handle(ToJobManager::RegisterTaskManager {
+            task_manager,
+            slot_count,
+            sender,
+            data_address: Some(SocketAddr::from(([127, 0, 0, 1], 1000 + task_manager as u16))),
+            control_address: None,
+            registered: Some(registered),
+        });
+        answer.recv().expect("an answer").expect("registered");
+        inbox
+    }
+
+    fn job_state(job_manager: &mut JobManager, job: JobId) -> JobStatus {
+        let (reply, answer) = mpsc::channel();
+        job_manager.handle(ToJobManager::ListJobs { reply });
+        answer
+            .recv()
+            .expect("a listing")
+            .into_iter()
+            .find(|status| status.job_id == job)
+            .expect("the job is listed")
+    }
+
+    fn cluster_config() -> JobManagerConfig {
+        JobManagerConfig {
+            slot_wait_timeout: Some(Duration::from_secs(60)),
+            log: false,
+        }
+    }
+
+    #[test]
+    fn a_lost_task_manager_restarts_its_jobs_on_the_slots_of_one_that_registers_later() {
+        let mut job_manager = JobManager::with_config(vec![NUMBERS], cluster_config());
+        let first = register(&mut job_manager, 1, 1);
+        let second = register(&mut job_manager, 2, 1);
+        let mut args = JobArgs::new(Vec::new(), 2);
+        args.restart = strom_core::config::RestartStrategy::FixedDelay {
+            attempts: 3,
+            delay: Duration::ZERO,
+        };
+        let (reply, results) = mpsc::channel();
+        job_manager.handle(ToJobManager::SubmitJob {
+            program: "numbers".into(),
+            args,
+            reply,
+            events: None,
+        });
+        let (job, _) = deployed_slots(&first);
+        let _ = deployed_slots(&second);
+        job_manager.handle(ToJobManager::TaskManagerLost {
+            task_manager: 2,
+            reason: "killed".into(),
+        });
+        // The attempt is cancelled on the TaskManager that is left.
+        assert!(matches!(first.try_recv(), Ok(ToTaskManager::CancelJob { .. })));
+        job_manager.on_timers(Instant::now());
+        let waiting = job_state(&mut job_manager, job);
+        assert_eq!(waiting.state, "WAITING_FOR_SLOTS");
+        let reason = waiting.reason.expect("a reason");
+        assert!(reason.contains("needs 2, the cluster has 1 free of 1"), "{reason}");
+        let third = register(&mut job_manager, 3, 1);
+        job_manager.on_timers(Instant::now());
+        let (deployed_job, _) = deployed_slots(&third);
+        assert_eq!(deployed_job, job);
+        let status = job_state(&mut job_manager, job);
+        assert_eq!((status.state.as_str(), status.attempt, status.restarts), ("RUNNING", 2, 1));
+        let task_managers: Vec<Option<String>> = status.vertices[0]
+            .subtasks
+            .iter()
+            .map(|subtask| subtask.task_manager.clone())
+            .collect();
+        assert_eq!(
+            task_managers,
+            vec![Some(format!("{:016x}", 1)), Some(format!("{:016x}", 3))]
+        );
+        assert!(results.try_recv().is_err(), "the job has not ended");
+    }
+
+    #[test]
+    fn a_job_without_enough_slots_fails_after_the_slot_wait_timeout() {
+        let mut job_manager = JobManager::with_config(
+            vec![NUMBERS],
+            JobManagerConfig {
+                slot_wait_timeout: Some(Duration::from_millis(10)),
+                log: false,
+            },
+        );
+        let _inbox = register(&mut job_manager, 7, 1);
+        let (reply, _) = mpsc::channel();
+        job_manager.handle(ToJobManager::SubmitDetached {
+            submission: JobSubmission {
+                program: "numbers".into(),
+                parallelism: Some(2),
+                ..JobSubmission::default()
+            },
+            reply,
+        });
+        let (reply, answer) = mpsc::channel();
+        job_manager.handle(ToJobManager::ListJobs { reply });
+        let job = answer.recv().expect("a listing")[0].job_id;
+        assert_eq!(job_state(&mut job_manager, job).state, "WAITING_FOR_SLOTS");
+        job_manager.on_timers(Instant::now() + Duration::from_secs(1));
+        let failed = job_state(&mut job_manager, job);
+        assert_eq!(failed.state, "FAILED");
+        let reason = failed.reason.expect("a reason");
+        assert!(
+            reason.contains("not enough slots") && reason.contains("slot wait timeout"),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn detached_submissions_are_checked_before_anything_runs() {
+        let mut job_manager = JobManager::with_config(vec![NUMBERS], cluster_config());
+        let inbox = register(&mut job_manager, 1, 4);
+        let submit = |job_manager: &mut JobManager, submission: JobSubmission| {
+            let (reply, answer) = mpsc::channel();
+            job_manager.handle(ToJobManager::SubmitDetached { submission, reply });
+            answer.recv().expect("an answer")
+        };
+        let refusals = [
+            (
+                JobSubmission {
+                    program: "nope".into(),
+                    ..JobSubmission::default()
+                },
+                "unknown program 'nope'; this JobManager knows: numbers",
+            ),
+            (
+                JobSubmission {
+                    program: "numbers".into(),
+                    arguments: vec!["--bogus".into()],
+                    ..JobSubmission::default()
+                },
+                "invalid arguments for program 'numbers'",
+            ),
+            (
+                JobSubmission {
+                    program: "numbers".into(),
+                    arguments: vec!["-p".into(), "2".into()],
+                    parallelism: Some(2),
+                    ..JobSubmission::default()
+                },
+                "the parallelism is given twice",
+            ),
+            (
+                JobSubmission {
+                    program: "numbers".into(),
+                    arguments: vec![
+                        "--checkpoint-dir".into(),
+                        "/tmp/../etc".into(),
+                        "--checkpoint-interval".into(),
+                        "1s".into(),
+                    ],
+                    ..JobSubmission::default()
+                },
+                "contains '..'",
+            ),
+            (
+                JobSubmission {
+                    program: "numbers".into(),
+                    arguments: vec!["--checkpoint-dir".into(), "relative".into()],
+                    ..JobSubmission::default()
+                },
+                "is not an absolute path",
+            ),
+            (
+                JobSubmission {
+                    program: "numbers".into(),
+                    savepoint_path: Some(PathBuf::from("/no/such/savepoint")),
+                    ..JobSubmission::default()
+                },
+                "/no/such/savepoint",
+            ),
+            (
+                JobSubmission {
+                    program: "numbers".into(),
+                    arguments: vec!["--max-parallelism".into(), "2".into()],
+                    parallelism: Some(3),
+                    ..JobSubmission::default()
+                },
+                "above the max parallelism",
+            ),
+        ];
+        for (submission, expected) in refusals {
+            let refused = submit(&mut job_manager, submission.clone())
+                .expect_err(&format!("{submission:?} is refused"));
+            assert!(refused.contains(expected), "{refused} (expected: {expected})");
+        }
+        assert!(inbox.try_recv().is_err(), "nothing was deployed");
+        let job = submit(
+            &mut job_manager,
+            JobSubmission {
+                program: "numbers".into(),
+                parallelism: Some(2),
+                ..JobSubmission::default()
+            },
+        )
+        .expect("accepted");
+        let (deployed, slots) = deployed_slots(&inbox);
+        assert_eq!((deployed, slots), (job, vec![vec![0, 1], vec![0, 1]]));
     }
 }

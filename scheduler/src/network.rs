@@ -179,7 +179,7 @@ struct ErrorLog {
 
 impl ErrorLog {
     fn report(&self, error: String) {
-        eprintln!("TaskManager {} network: {error}", self.local_id);
+        eprintln!("TaskManager {:016x} network: {error}", self.local_id);
         let mut errors = self
             .errors
             .lock()

@@ -188,7 +188,22 @@ impl TaskManager {
     /// Sends the JobManager what the tasks counted and what the network
     /// service moved.
     fn report_metrics(&self) {
-        for (job, (attempt, tasks)) in &self.mailboxes {
+        for job in self.mailboxes.keys() {
+            self.report_job_metrics(*job);
+        }
+        let _ = self.job_manager.send(ToJobManager::TaskManagerHeartbeat {
+            task_manager: self.id,
+            network: self
+                .network
+                .as_ref()
+                .map(NetworkService::counts)
+                .unwrap_or_default(),
+        });
+    }
+
+    /// Sends the JobManager what the tasks of `job` here counted.
+    fn report_job_metrics(&self, job: JobId) {
+        if let Some((attempt, tasks)) = self.mailboxes.get(&job) {
             let tasks = tasks
                 .iter()
                 .map(|task| SubtaskMetrics {
@@ -200,19 +215,11 @@ impl TaskManager {
                 })
                 .collect();
             let _ = self.job_manager.send(ToJobManager::TaskMetrics {
-                job: *job,
+                job,
                 attempt: *attempt,
                 tasks,
             });
         }
-        let _ = self.job_manager.send(ToJobManager::TaskManagerHeartbeat {
-            task_manager: self.id,
-            network: self
-                .network
-                .as_ref()
-                .map(NetworkService::counts)
-                .unwrap_or_default(),
-        });
     }
 
     /// Handles messages until `Shutdown`, then stops the slots.
@@ -302,6 +309,11 @@ impl TaskManager {
                     }
                 }
                 ToTaskManager::Report(report) => {
+                    // A finished task's counts are final: the JobManager
+                    // gets them before the report that may end the job.
+                    if let ToJobManager::TaskFinished { job, .. } = &report {
+                        self.report_job_metrics(*job);
+                    }
                     let _ = self.job_manager.send(report);
                 }
                 ToTaskManager::Shutdown => break,
