@@ -57,7 +57,11 @@
 //!    `CheckpointComplete` and `CancelJob`; `T` reports `TaskFinished`,
 //!    `TaskFailed`, `AcknowledgeCheckpoint` and `DeclineCheckpoint` per
 //!    subtask. Every report names its job and attempt; `J` ignores reports
-//!    of an attempt that is no longer current.
+//!    of an attempt that is no longer current. Each second `T` also sends
+//!    `TaskMetrics` per job (records in and out and the watermark of each
+//!    of its subtasks) and `NetworkMetrics` (what its data plane moved),
+//!    just before its `Heartbeat`; and it sends a job's `TaskMetrics`
+//!    before each `TaskFinished`, so the finished job's counts are final.
 //! 7. Shutdown: `J` sends `Shutdown`; `T` cancels what runs, closes the
 //!    connection and exits. Either side may instead send `Close { reason }`
 //!    ([`ControlConnection::close`]), which the other side's next receive

@@ -869,14 +869,16 @@ fn deployment(
         let mut vertex_slots = Vec::with_capacity(vertex.len());
         for slot in vertex {
             let task_manager = slot.task_manager_id as usize;
-            if !data_addresses.contains_key(&task_manager) {
+            if let std::collections::btree_map::Entry::Vacant(entry) =
+                data_addresses.entry(task_manager)
+            {
                 let address: SocketAddr = slot.data_address.parse().map_err(|_| {
                     format!(
                         "TaskManager {task_manager:016x} has no valid data address ('{}')",
                         slot.data_address
                     )
                 })?;
-                data_addresses.insert(task_manager, address);
+                entry.insert(address);
             }
             vertex_slots.push(SlotRef {
                 task_manager,

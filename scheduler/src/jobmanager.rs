@@ -58,7 +58,7 @@ const IDLE_WAKE_INTERVAL: Duration = Duration::from_secs(1);
 pub const JOB_ARCHIVE_SIZE: usize = 256;
 
 /// How the JobManager behaves beyond its jobs' own options.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct JobManagerConfig {
     /// How long a job waits for enough free slots (at submission or after
     /// losing a TaskManager) before it fails; `None`: a job that does not
@@ -70,14 +70,6 @@ pub struct JobManagerConfig {
     pub log: bool,
 }
 
-impl Default for JobManagerConfig {
-    fn default() -> Self {
-        JobManagerConfig {
-            slot_wait_timeout: None,
-            log: false,
-        }
-    }
-}
 
 struct RegisteredTaskManager {
     /// Which job holds each slot; `None` when free.
