@@ -118,10 +118,12 @@ where
 /// counting (metrics); a buffer too short to hold a root counts 0.
 pub fn buffer_record_count(bytes: &[u8]) -> u64 {
     const _: () = assert!(std::mem::size_of::<ArchivedVec<u8>>() == 8);
-    match bytes.len().checked_sub(4).and_then(|start| bytes.get(start..)) {
-        Some(length) => u64::from(u32::from_le_bytes(
-            length.try_into().expect("four bytes"),
-        )),
+    match bytes
+        .len()
+        .checked_sub(4)
+        .and_then(|start| bytes.get(start..))
+    {
+        Some(length) => u64::from(u32::from_le_bytes(length.try_into().expect("four bytes"))),
         None => 0,
     }
 }
@@ -156,7 +158,10 @@ mod tests {
                     value,
                 })
                 .collect();
-            assert_eq!(buffer_record_count(&u64::encode(&numbers).expect("encodes")), count);
+            assert_eq!(
+                buffer_record_count(&u64::encode(&numbers).expect("encodes")),
+                count
+            );
         }
         assert_eq!(buffer_record_count(&[1, 2]), 0);
     }

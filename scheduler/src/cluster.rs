@@ -41,9 +41,7 @@ use strom_net::control::{
 };
 use strom_state::TaskStateHandle;
 
-use crate::messages::{
-    JobId, NetworkCounts, SlotRef, SubtaskMetrics, ToJobManager, ToTaskManager,
-};
+use crate::messages::{JobId, NetworkCounts, SlotRef, SubtaskMetrics, ToJobManager, ToTaskManager};
 use crate::taskmanager::TaskManager;
 
 /// How long a connected TaskManager may take to send `Register`.
@@ -118,16 +116,14 @@ fn accept_loop(
             continue;
         }
         served.fetch_add(1, Ordering::Relaxed);
-        let (secret, job_manager, served_too) = (secret.clone(), job_manager.clone(), served.clone());
+        let (secret, job_manager, served_too) =
+            (secret.clone(), job_manager.clone(), served.clone());
         let spawned = thread::Builder::new()
             .name("strom-control".to_string())
             .spawn(move || {
-                if let Err(error) = serve_task_manager(
-                    stream,
-                    secret.as_deref(),
-                    heartbeat_timeout,
-                    &job_manager,
-                ) {
+                if let Err(error) =
+                    serve_task_manager(stream, secret.as_deref(), heartbeat_timeout, &job_manager)
+                {
                     eprintln!("control port: disconnected {peer}: {error}");
                 }
                 served_too.fetch_sub(1, Ordering::Relaxed);
@@ -217,7 +213,9 @@ fn serve_task_manager(
                 let Some(wire) = to_task_manager_wire(message) else {
                     continue;
                 };
-                let mut sender = writer_sender.lock().unwrap_or_else(|poison| poison.into_inner());
+                let mut sender = writer_sender
+                    .lock()
+                    .unwrap_or_else(|poison| poison.into_inner());
                 if sender.send(&wire).is_err() || shutdown {
                     break;
                 }
@@ -508,11 +506,8 @@ fn to_job_manager_wire(message: ToJobManager) -> Result<Option<ToJobManagerWire>
             attempt,
             vertex: vertex as u32,
             subtask,
-            error: strom_net::control::cut_to_length(
-                &error,
-                strom_net::control::REASON_LENGTH_MAX,
-            )
-            .to_string(),
+            error: strom_net::control::cut_to_length(&error, strom_net::control::REASON_LENGTH_MAX)
+                .to_string(),
         },
         ToJobManager::AcknowledgeCheckpoint {
             job,
@@ -672,7 +667,8 @@ fn serve_job_manager(programs: &[Program], config: &TaskManagerConfig) -> Result
         .name("strom-taskmanager".to_string())
         .spawn(move || task_manager.run(inbox))
         .map_err(|error| format!("cannot start the TaskManager thread: {error}"))?;
-    let stop_task_manager = |inbox_sender: &Sender<ToTaskManager>, thread: thread::JoinHandle<()>| {
+    let stop_task_manager = |inbox_sender: &Sender<ToTaskManager>,
+                             thread: thread::JoinHandle<()>| {
         let _ = inbox_sender.send(ToTaskManager::Shutdown);
         let _ = thread.join();
     };
@@ -684,7 +680,9 @@ fn serve_job_manager(programs: &[Program], config: &TaskManagerConfig) -> Result
         })
         .map_err(|error| error.to_string())
         .and_then(|()| match connection.recv_timeout(REGISTRATION_TIMEOUT) {
-            Ok(Some(ToTaskManagerWire::Registered { task_manager_id })) if task_manager_id == id => {
+            Ok(Some(ToTaskManagerWire::Registered { task_manager_id }))
+                if task_manager_id == id =>
+            {
                 Ok(())
             }
             Ok(Some(_)) => Err("the JobManager answered Register with something else".to_string()),
@@ -725,7 +723,9 @@ fn serve_job_manager(programs: &[Program], config: &TaskManagerConfig) -> Result
                         continue;
                     }
                 };
-                let mut sender = writer_sender.lock().unwrap_or_else(|poison| poison.into_inner());
+                let mut sender = writer_sender
+                    .lock()
+                    .unwrap_or_else(|poison| poison.into_inner());
                 let mut sent = sender.send(&wire);
                 if heartbeat && sent.is_ok() {
                     sent = sender.send(&ToJobManagerWire::Heartbeat {

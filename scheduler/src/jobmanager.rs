@@ -70,7 +70,6 @@ pub struct JobManagerConfig {
     pub log: bool,
 }
 
-
 struct RegisteredTaskManager {
     /// Which job holds each slot; `None` when free.
     slot_holders: Vec<Option<JobId>>,
@@ -199,7 +198,11 @@ fn log_event(job: JobId, event: &JobEvent) {
             ..
         } => eprintln!(
             "job {job}: {} {id} completed in {} ms, {size_bytes} bytes: {}",
-            if *savepoint { "savepoint" } else { "checkpoint" },
+            if *savepoint {
+                "savepoint"
+            } else {
+                "checkpoint"
+            },
             duration.as_millis(),
             path.display()
         ),
@@ -430,10 +433,13 @@ impl JobManager {
                 // The directory may come back (a full disk, a remount):
                 // count a failed checkpoint and try at the next interval.
                 master.coordinator.metadata_failed();
-                master.event(job, JobEvent::CheckpointAborted {
-                    id,
-                    reason: error.to_string(),
-                });
+                master.event(
+                    job,
+                    JobEvent::CheckpointAborted {
+                        id,
+                        reason: error.to_string(),
+                    },
+                );
             }
         }
     }
@@ -476,12 +482,14 @@ impl JobManager {
                 master.savepoint_in_flight = Some((id, request));
             }
         }
-        master.event(job, JobEvent::CheckpointAborted {
-            id: pending.id,
-            reason,
-        });
+        master.event(
+            job,
+            JobEvent::CheckpointAborted {
+                id: pending.id,
+                reason,
+            },
+        );
     }
-
 
     fn handle(&mut self, message: ToJobManager) {
         match message {
@@ -1005,15 +1013,18 @@ impl JobManager {
         master
             .coordinator
             .complete(completed.clone(), Instant::now());
-        master.event(job, JobEvent::CheckpointCompleted {
-            id: pending.id,
-            savepoint: is_savepoint,
-            path: pending.directory.clone(),
-            duration: completed.duration,
-            size_bytes: completed.size_bytes,
-            pause_max,
-            alignment_max,
-        });
+        master.event(
+            job,
+            JobEvent::CheckpointCompleted {
+                id: pending.id,
+                savepoint: is_savepoint,
+                path: pending.directory.clone(),
+                duration: completed.duration,
+                size_bytes: completed.size_bytes,
+                pause_max,
+                alignment_max,
+            },
+        );
         let stop = matches!(pending.kind, CheckpointKind::Savepoint { stop: true });
         if !is_savepoint {
             master.restore_path = Some(pending.directory.clone());
@@ -1056,7 +1067,6 @@ impl JobManager {
             self.finish(job, master, Ending::Finished(result));
         }
     }
-
 
     fn task_finished(
         &mut self,
@@ -1271,9 +1281,9 @@ impl JobManager {
         {
             arguments.push("--allow-non-restored-state".to_string());
         }
-        let matches = program
-            .parse(&arguments)
-            .map_err(|error| format!("invalid arguments for program '{}': {error}", program.name))?;
+        let matches = program.parse(&arguments).map_err(|error| {
+            format!("invalid arguments for program '{}': {error}", program.name)
+        })?;
         let args = JobArgs::from_matches(arguments, &matches);
         if let Some(directory) = &args.checkpointing.directory {
             check_remote_path("checkpoint directory", directory)?;
@@ -1586,7 +1596,10 @@ mod tests {
             task_manager,
             slot_count,
             sender,
-            data_address: Some(SocketAddr::from(([127, 0, 0, 1], 1000 + task_manager as u16))),
+            data_address: Some(SocketAddr::from((
+                [127, 0, 0, 1],
+                1000 + task_manager as u16,
+            ))),
             control_address: None,
             registered: Some(registered),
         });
@@ -1636,18 +1649,27 @@ mod tests {
             reason: "killed".into(),
         });
         // The attempt is cancelled on the TaskManager that is left.
-        assert!(matches!(first.try_recv(), Ok(ToTaskManager::CancelJob { .. })));
+        assert!(matches!(
+            first.try_recv(),
+            Ok(ToTaskManager::CancelJob { .. })
+        ));
         job_manager.on_timers(Instant::now());
         let waiting = job_state(&mut job_manager, job);
         assert_eq!(waiting.state, "WAITING_FOR_SLOTS");
         let reason = waiting.reason.expect("a reason");
-        assert!(reason.contains("needs 2, the cluster has 1 free of 1"), "{reason}");
+        assert!(
+            reason.contains("needs 2, the cluster has 1 free of 1"),
+            "{reason}"
+        );
         let third = register(&mut job_manager, 3, 1);
         job_manager.on_timers(Instant::now());
         let (deployed_job, _) = deployed_slots(&third);
         assert_eq!(deployed_job, job);
         let status = job_state(&mut job_manager, job);
-        assert_eq!((status.state.as_str(), status.attempt, status.restarts), ("RUNNING", 2, 1));
+        assert_eq!(
+            (status.state.as_str(), status.attempt, status.restarts),
+            ("RUNNING", 2, 1)
+        );
         let task_managers: Vec<Option<String>> = status.vertices[0]
             .subtasks
             .iter()
@@ -1769,7 +1791,10 @@ mod tests {
         for (submission, expected) in refusals {
             let refused = submit(&mut job_manager, submission.clone())
                 .expect_err(&format!("{submission:?} is refused"));
-            assert!(refused.contains(expected), "{refused} (expected: {expected})");
+            assert!(
+                refused.contains(expected),
+                "{refused} (expected: {expected})"
+            );
         }
         assert!(inbox.try_recv().is_err(), "nothing was deployed");
         let job = submit(

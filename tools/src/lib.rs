@@ -334,7 +334,9 @@ pub fn main_with_programs(programs: Vec<Program>) -> ExitCode {
         Some(("jobmanager", jobmanager_matches)) => {
             run_jobmanager(&programs, jobmanager_matches, &arguments)
         }
-        Some(("taskmanager", taskmanager_matches)) => run_taskmanager(&programs, taskmanager_matches),
+        Some(("taskmanager", taskmanager_matches)) => {
+            run_taskmanager(&programs, taskmanager_matches)
+        }
         Some((verb @ ("local" | "plan" | "run"), verb_matches)) => {
             let (program_name, program_matches) =
                 verb_matches.subcommand().expect("a program is required");
@@ -537,7 +539,9 @@ fn run_jobmanager(programs: &[Program], matches: &ArgMatches, arguments: &[Strin
     use strom_scheduler::cluster::ControlServer;
     use strom_scheduler::jobmanager::{JobManager, JobManagerConfig};
     use strom_scheduler::JobManagerHandle;
-    let bind = *matches.get_one::<std::net::IpAddr>("bind").expect("a default");
+    let bind = *matches
+        .get_one::<std::net::IpAddr>("bind")
+        .expect("a default");
     let rest_port = *matches.get_one::<u16>("rest-port").expect("a default");
     let rpc_port = *matches.get_one::<u16>("rpc-port").expect("a default");
     let heartbeat_timeout = *matches
@@ -550,7 +554,10 @@ fn run_jobmanager(programs: &[Program], matches: &ArgMatches, arguments: &[Strin
         Ok(secret) => secret,
         Err(message) => return fail(EXIT_USAGE, &message),
     };
-    let rest_secret = match secret.as_ref().map(|secret| String::from_utf8(secret.clone())) {
+    let rest_secret = match secret
+        .as_ref()
+        .map(|secret| String::from_utf8(secret.clone()))
+    {
         Some(Err(_)) => return fail(EXIT_USAGE, "the secret file is not UTF-8 text"),
         Some(Ok(secret)) => Some(secret),
         None => None,
@@ -718,7 +725,9 @@ fn run_taskmanager(programs: &[Program], matches: &ArgMatches) -> ExitCode {
         Ok(secret) => secret,
         Err(message) => return fail(EXIT_USAGE, &message),
     };
-    let bind = *matches.get_one::<std::net::IpAddr>("bind").expect("a default");
+    let bind = *matches
+        .get_one::<std::net::IpAddr>("bind")
+        .expect("a default");
     let data_port = *matches.get_one::<u16>("data-port").expect("a default");
     let config = TaskManagerConfig {
         job_manager: matches
