@@ -901,3 +901,222 @@ pub fn read_secret_file(path: &std::path::Path) -> Result<Vec<u8>, String> {
     }
     Ok(secret.as_bytes().to_vec())
 }
+
+#[cfg(test)]
+mod tests {
+    use strom_core::program::report_accumulators;
+    use strom_core::source::GeneratorSource;
+    use strom_core::{StreamExecutionEnvironment, WatermarkStrategy};
+    use strom_state::{BlockRef, OperatorStateHandle};
+
+    use super::*;
+
+    fn build_numbers(env: &StreamExecutionEnvironment, _: &clap::ArgMatches) -> Result<(), String> {
+        env.from_source(
+            GeneratorSource::bounded(10, |index| index),
+            WatermarkStrategy::no_watermarks(),
+            "numbers",
+        )
+        .rebalance()
+        .map(|value| value + 1)
+        .name("increment");
+        Ok(())
+    }
+
+    const NUMBERS: Program = Program {
+        name: "numbers",
+        about: "ten numbers",
+        command: || clap::Command::new("numbers"),
+        build: build_numbers,
+        report: report_accumulators,
+    };
+
+    /// Through the wire and back, as the control connection carries it.
+    fn report_round_trip(report: ToJobManager) -> ToJobManager {
+        let wire = to_job_manager_wire(report)
+            .expect("encodes")
+            .expect("a report that is sent");
+        to_job_manager(7, wire).expect("decodes")
+    }
+
+    #[test]
+    fn reports_cross_the_wire_unchanged() {
+        let handle = TaskStateHandle {
+            file_name: "task-1-0".into(),
+            file_size: 4096,
+            file_crc32: 0xdead_beef,
+            operators: vec![OperatorStateHandle {
+                operator_id: "2:window".into(),
+                operator_name: "window".into(),
+                subtask_index: 0,
+                parallelism: 2,
+                max_parallelism: 128,
+                key_groups: vec![BlockRef {
+                    index: 3,
+                    offset: 16,
+                    length: 100,
+                    crc32: 9,
+                }],
+                operator_state: Vec::new(),
+            }],
+        };
+        let acknowledged = report_round_trip(ToJobManager::AcknowledgeCheckpoint {
+            job: JobId(42),
+            attempt: 3,
+            vertex: 1,
+            subtask: 0,
+            checkpoint_id: 9,
+            handle: handle.clone(),
+            pause: Duration::from_micros(54),
+            alignment: Duration::from_micros(1290),
+        });
+        match acknowledged {
+            ToJobManager::AcknowledgeCheckpoint {
+                job,
+                attempt,
+                vertex,
+                checkpoint_id,
+                handle: decoded,
+                pause,
+                alignment,
+                ..
+            } => {
+                assert_eq!((job, attempt, vertex, checkpoint_id), (JobId(42), 3, 1, 9));
+                assert_eq!(decoded, handle);
+                assert_eq!(
+                    (pause, alignment),
+                    (Duration::from_micros(54), Duration::from_micros(1290))
+                );
+            }
+            _ => panic!("an acknowledgement"),
+        }
+        let mut accumulators = Accumulators::default();
+        accumulators.add("rows", 74);
+        let finished = report_round_trip(ToJobManager::TaskFinished {
+            job: JobId(42),
+            attempt: 3,
+            vertex: 1,
+            subtask: 1,
+            accumulators: accumulators.clone(),
+            committables: vec![Committable {
+                from: "/out/.part-0.inprogress".into(),
+                to: "/out/part-0".into(),
+            }],
+        });
+        match finished {
+            ToJobManager::TaskFinished {
+                accumulators: decoded,
+                committables,
+                subtask,
+                ..
+            } => {
+                assert_eq!((decoded, subtask), (accumulators, 1));
+                assert_eq!(committables[0].to, PathBuf::from("/out/part-0"));
+            }
+            _ => panic!("a finished task"),
+        }
+        match report_round_trip(ToJobManager::TaskManagerHeartbeat {
+            task_manager: 1,
+            network: NetworkCounts {
+                elements_sent: 1,
+                bytes_sent: 2,
+                elements_received: 3,
+                bytes_received: 4,
+            },
+        }) {
+            ToJobManager::TaskManagerHeartbeat {
+                task_manager,
+                network,
+            } => {
+                // The connection, not the message, says who it is.
+                assert_eq!(task_manager, 7);
+                assert_eq!(network.bytes_received, 4);
+            }
+            _ => panic!("a heartbeat"),
+        }
+        let malformed = ToJobManagerWire::AcknowledgeCheckpoint {
+            job: 1,
+            attempt: 1,
+            vertex: 0,
+            subtask: 0,
+            checkpoint_id: 1,
+            state_handle: vec![0xff; 10],
+            pause_us: 0,
+            alignment_us: 0,
+        };
+        let refused = to_job_manager(7, malformed).err().expect("refused");
+        assert!(refused.contains("malformed state handle"), "{refused}");
+    }
+
+    #[test]
+    fn a_deployment_crosses_the_wire_and_is_parsed_as_the_job_manager_did() {
+        let arguments = vec!["--parallelism".to_string(), "2".to_string()];
+        let args = JobArgs::from_matches(
+            arguments.clone(),
+            &NUMBERS.parse(&arguments).expect("parses"),
+        );
+        let slots = vec![
+            vec![
+                SlotRef {
+                    task_manager: 5,
+                    slot: 0,
+                },
+                SlotRef {
+                    task_manager: 9,
+                    slot: 1,
+                },
+            ];
+            2
+        ];
+        let data_addresses = BTreeMap::from([
+            (5, SocketAddr::from(([10, 0, 0, 5], 4000))),
+            (9, SocketAddr::from(([10, 0, 0, 9], 4001))),
+        ]);
+        let wire = to_task_manager_wire(ToTaskManager::DeployJob {
+            job: JobId(1),
+            attempt: 2,
+            program: "numbers".into(),
+            args: args.clone(),
+            slots: slots.clone(),
+            data_addresses: data_addresses.clone(),
+            restore: Some(PathBuf::from("/chk/chk-3")),
+        })
+        .expect("sent");
+        let (reports, report_inbox) = mpsc::channel();
+        match from_wire(&[NUMBERS], 5, wire, &reports) {
+            Some(ToTaskManager::DeployJob {
+                args: decoded_args,
+                slots: decoded_slots,
+                data_addresses: decoded_addresses,
+                restore,
+                attempt,
+                ..
+            }) => {
+                assert_eq!(decoded_args.arguments, args.arguments);
+                assert_eq!(decoded_args.parallelism, 2);
+                assert_eq!(decoded_slots, slots);
+                assert_eq!(decoded_addresses, data_addresses);
+                assert_eq!(restore, Some(PathBuf::from("/chk/chk-3")));
+                assert_eq!(attempt, 2);
+            }
+            _ => panic!("a deployment"),
+        }
+        // A program this TaskManager does not know fails the attempt.
+        let unknown = ToTaskManagerWire::DeployJob {
+            job: 1,
+            attempt: 2,
+            program: "other".into(),
+            arguments: Vec::new(),
+            slots: Vec::new(),
+            restore: None,
+        };
+        assert!(from_wire(&[NUMBERS], 5, unknown, &reports).is_none());
+        match report_inbox.try_recv() {
+            Ok(ToJobManager::TaskFailed { error, attempt, .. }) => {
+                assert_eq!(attempt, 2);
+                assert!(error.contains("does not know program 'other'"), "{error}");
+            }
+            _ => panic!("a failure report"),
+        }
+    }
+}
