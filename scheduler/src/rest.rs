@@ -38,10 +38,12 @@
 //! version=1.0.0`) when the `Accept` header asks for it, as Prometheus'
 //! scraper does. Both are written by the `prometheus-client` crate, which
 //! writes OpenMetrics: a counter's samples carry `_total`
-//! (`strom_task_records_in_total`), and the text ends with `# EOF`, a
-//! comment to a Prometheus text parser. Metrics: `strom_taskmanagers`,
-//! `strom_slots_total`, `strom_slots_available`, `strom_jobs{state}`
-//! (gauges); per job not ended, `strom_job_restarts_total`,
+//! (`strom_task_records_in_total`), and `# HELP` and `# TYPE` name the
+//! family without it; in Prometheus' format they name the samples, as
+//! Prometheus' own client writes them, and there is no `# EOF`.
+//!
+//! Metrics: `strom_taskmanagers`, `strom_slots_total`,
+//! `strom_slots_available`, `strom_jobs{state}` (gauges); per job not ended, `strom_job_restarts_total`,
 //! `strom_job_checkpoints_triggered_total`,
 //! `strom_job_checkpoints_completed_total`,
 //! `strom_job_checkpoints_failed_total` `{job_id, job_name}`; per subtask of
@@ -737,6 +739,44 @@ impl MetricsFormat {
                 "application/openmetrics-text; version=1.0.0; charset=utf-8"
             }
         }
+    }
+
+    /// The text of `open_metrics` (as `prometheus-client` writes it) in
+    /// this format. OpenMetrics names a counter family `x` in `# HELP` and
+    /// `# TYPE` and its samples `x_total`; Prometheus' format names the
+    /// samples in both (as Prometheus' Go client writes them), or a parser
+    /// of that format takes the samples as untyped. So a counter's two
+    /// descriptor lines get `_total`, and `# EOF` goes. Only the lines
+    /// that start with `#` change (samples and their labels stay as the
+    /// crate wrote them), and the crate writes `# HELP` just before
+    /// `# TYPE`.
+    fn convert(self, open_metrics: String) -> String {
+        if self == MetricsFormat::OpenMetrics {
+            return open_metrics;
+        }
+        let mut lines: Vec<String> = Vec::new();
+        for line in open_metrics.lines() {
+            if line == "# EOF" {
+                continue;
+            }
+            let counter = line
+                .strip_prefix("# TYPE ")
+                .and_then(|rest| rest.strip_suffix(" counter"));
+            if let Some(name) = counter {
+                let help_prefix = format!("# HELP {name} ");
+                if let Some(help) = lines.last_mut() {
+                    if let Some(text) = help.strip_prefix(&help_prefix) {
+                        *help = format!("# HELP {name}_total {text}");
+                    }
+                }
+                lines.push(format!("# TYPE {name}_total counter"));
+            } else {
+                lines.push(line.to_string());
+            }
+        }
+        let mut text = lines.join("\n");
+        text.push('\n');
+        text
     }
 }
 
@@ -1510,7 +1550,7 @@ fn dispatch(api: &dyn JobManagerApi, route: Route, body: &[u8]) -> Result<Reply,
         Route::Metrics(format) => {
             let jobs = api.list_jobs().map_err(job_manager_failure)?;
             let task_managers = api.task_managers().map_err(job_manager_failure)?;
-            let text = metrics_text(&jobs, &task_managers)?;
+            let text = format.convert(metrics_text(&jobs, &task_managers)?);
             Ok(Reply::text(200, format.content_type(), text))
         }
     }
@@ -2738,6 +2778,7 @@ mod tests {
         );
         let samples = parse_prometheus_text(&text);
         let lines: Vec<&str> = text.lines().collect();
+        assert!(!lines.contains(&"# EOF"), "{text}");
         for expected in [
             "# TYPE strom_slots_total gauge",
             "strom_taskmanagers 1",
@@ -2747,10 +2788,10 @@ mod tests {
             "strom_jobs{state=\"FINISHED\"} 1",
             "strom_jobs{state=\"FAILED\"} 1",
             "strom_jobs{state=\"CANCELED\"} 0",
-            "# TYPE strom_task_records_out counter",
+            "# TYPE strom_task_records_out_total counter",
+            "# HELP strom_task_records_out_total Records the subtask wrote, in the job's current attempt.",
             "strom_taskmanager_network_bytes_sent_total{taskmanager_id=\"00000000000000a1\"} 500",
             "strom_taskmanager_network_elements_received_total{taskmanager_id=\"00000000000000a1\"} 6",
-            "# EOF",
         ] {
             assert!(lines.contains(&expected), "{expected} not in\n{text}");
         }
@@ -2811,6 +2852,12 @@ mod tests {
             "{head}"
         );
         assert!(text.ends_with("# EOF\n"), "{text}");
+        assert!(
+            text.lines()
+                .any(|line| line == "# TYPE strom_task_records_out counter"),
+            "{text}"
+        );
+        assert_eq!(parse_prometheus_text(&text).len(), samples.len());
         let (status, head, _) = exchange(&server, &request("POST", "/metrics", ""));
         assert_eq!(status, 405);
         assert!(head.contains("allow: get"), "{head}");
