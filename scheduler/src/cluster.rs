@@ -904,32 +904,10 @@ pub fn read_secret_file(path: &std::path::Path) -> Result<Vec<u8>, String> {
 
 #[cfg(test)]
 mod tests {
-    use strom_core::program::report_accumulators;
-    use strom_core::source::GeneratorSource;
-    use strom_core::{StreamExecutionEnvironment, WatermarkStrategy};
     use strom_state::{BlockRef, OperatorStateHandle};
 
     use super::*;
-
-    fn build_numbers(env: &StreamExecutionEnvironment, _: &clap::ArgMatches) -> Result<(), String> {
-        env.from_source(
-            GeneratorSource::bounded(10, |index| index),
-            WatermarkStrategy::no_watermarks(),
-            "numbers",
-        )
-        .rebalance()
-        .map(|value| value + 1)
-        .name("increment");
-        Ok(())
-    }
-
-    const NUMBERS: Program = Program {
-        name: "numbers",
-        about: "ten numbers",
-        command: || clap::Command::new("numbers"),
-        build: build_numbers,
-        report: report_accumulators,
-    };
+    use crate::test_programs::NUMBERS;
 
     /// Through the wire and back, as the control connection carries it.
     fn report_round_trip(report: ToJobManager) -> ToJobManager {

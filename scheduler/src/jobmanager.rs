@@ -178,50 +178,8 @@ impl JobMaster {
 /// log).
 fn log_event(job: JobId, event: &JobEvent) {
     match event {
-        JobEvent::Submitted {
-            job_name,
-            restored_from,
-            ..
-        } => eprintln!(
-            "job {job} ({job_name}) submitted{}",
-            restored_from
-                .as_ref()
-                .map(|path| format!(", restoring from {}", path.display()))
-                .unwrap_or_default()
-        ),
-        JobEvent::CheckpointCompleted {
-            id,
-            savepoint,
-            path,
-            duration,
-            size_bytes,
-            ..
-        } => eprintln!(
-            "job {job}: {} {id} completed in {} ms, {size_bytes} bytes: {}",
-            if *savepoint {
-                "savepoint"
-            } else {
-                "checkpoint"
-            },
-            duration.as_millis(),
-            path.display()
-        ),
-        JobEvent::CheckpointAborted { id, reason } => {
-            eprintln!("job {job}: checkpoint {id} aborted: {reason}")
-        }
-        JobEvent::Restarting {
-            restart,
-            delay,
-            cause,
-            from_checkpoint,
-        } => eprintln!(
-            "job {job}: restart {restart} in {} ms from {}: {cause}",
-            delay.as_millis(),
-            from_checkpoint
-                .as_ref()
-                .map(|path| path.display().to_string())
-                .unwrap_or_else(|| "the start".to_string())
-        ),
+        JobEvent::Submitted { .. } => eprintln!("{event}"),
+        _ => eprintln!("job {job}: {event}"),
     }
 }
 
@@ -1480,31 +1438,10 @@ pub fn checkpoint_directory(path: &Path) -> &Path {
 mod tests {
     use std::sync::mpsc;
 
-    use strom_core::program::report_accumulators;
-    use strom_core::source::GeneratorSource;
-    use strom_core::{JobArgs, StreamExecutionEnvironment, WatermarkStrategy};
+    use strom_core::JobArgs;
 
     use super::*;
-
-    fn build_numbers(env: &StreamExecutionEnvironment, _: &clap::ArgMatches) -> Result<(), String> {
-        env.from_source(
-            GeneratorSource::bounded(10, |index| index),
-            WatermarkStrategy::no_watermarks(),
-            "numbers",
-        )
-        .rebalance()
-        .map(|value| value + 1)
-        .name("increment");
-        Ok(())
-    }
-
-    const NUMBERS: Program = Program {
-        name: "numbers",
-        about: "ten numbers",
-        command: || clap::Command::new("numbers"),
-        build: build_numbers,
-        report: report_accumulators,
-    };
+    use crate::test_programs::NUMBERS;
 
     fn deployed_slots(inbox: &mpsc::Receiver<ToTaskManager>) -> (JobId, Vec<Vec<u32>>) {
         match inbox.try_recv() {

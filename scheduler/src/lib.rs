@@ -32,6 +32,8 @@ pub mod rest;
 pub mod restart;
 pub mod task;
 pub mod taskmanager;
+#[cfg(test)]
+mod test_programs;
 
 pub use local::{JobManagerHandle, LocalCluster, LocalClusterConfig};
 pub use messages::{JobEvent, JobId, JobResult};

@@ -132,6 +132,60 @@ pub enum JobEvent {
     },
 }
 
+/// One line (two for a restored submission) per event, as `strom local`
+/// and a JobManager's log show it.
+impl fmt::Display for JobEvent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            JobEvent::Submitted {
+                job_id,
+                job_name,
+                restored_from,
+            } => {
+                write!(f, "job {job_id} ({job_name}) submitted")?;
+                if let Some(path) = restored_from {
+                    write!(f, "\nrestoring from {}", path.display())?;
+                }
+                Ok(())
+            }
+            JobEvent::CheckpointCompleted {
+                id,
+                savepoint,
+                path,
+                duration,
+                size_bytes,
+                pause_max,
+                alignment_max,
+            } => write!(
+                f,
+                "{} {id} completed in {} ms, {size_bytes} bytes, longest stream pause {} us, longest alignment {} us: {}",
+                if *savepoint { "savepoint" } else { "checkpoint" },
+                duration.as_millis(),
+                pause_max.as_micros(),
+                alignment_max.as_micros(),
+                path.display()
+            ),
+            JobEvent::CheckpointAborted { id, reason } => {
+                write!(f, "checkpoint {id} aborted: {reason}")
+            }
+            JobEvent::Restarting {
+                restart,
+                delay,
+                cause,
+                from_checkpoint,
+            } => write!(
+                f,
+                "restart {restart} in {} ms from {}: {cause}",
+                delay.as_millis(),
+                from_checkpoint
+                    .as_ref()
+                    .map(|path| path.display().to_string())
+                    .unwrap_or_else(|| "the start".to_string())
+            ),
+        }
+    }
+}
+
 /// A job as `list` and the REST API show it: running, waiting, or ended
 /// (the JobManager keeps the last [`crate::jobmanager::JOB_ARCHIVE_SIZE`]
 /// ended jobs, as Flink's job history).

@@ -756,52 +756,5 @@ fn run_taskmanager(programs: &[Program], matches: &ArgMatches) -> ExitCode {
 
 /// One line on standard error per thing that happens to a running job.
 fn print_event(event: &JobEvent) {
-    match event {
-        JobEvent::Submitted {
-            job_id,
-            job_name,
-            restored_from,
-        } => {
-            eprintln!("job {job_id} ({job_name}) submitted");
-            if let Some(path) = restored_from {
-                eprintln!("restoring from {}", path.display());
-            }
-        }
-        JobEvent::CheckpointCompleted {
-            id,
-            savepoint,
-            path,
-            duration,
-            size_bytes,
-            pause_max,
-            alignment_max,
-        } => eprintln!(
-            "{} {id} completed in {} ms, {size_bytes} bytes, longest stream pause {} us, longest alignment {} us: {}",
-            if *savepoint {
-                "savepoint"
-            } else {
-                "checkpoint"
-            },
-            duration.as_millis(),
-            pause_max.as_micros(),
-            alignment_max.as_micros(),
-            path.display()
-        ),
-        JobEvent::CheckpointAborted { id, reason } => {
-            eprintln!("checkpoint {id} aborted: {reason}")
-        }
-        JobEvent::Restarting {
-            restart,
-            delay,
-            cause,
-            from_checkpoint,
-        } => eprintln!(
-            "restart {restart} in {} ms from {}: {cause}",
-            delay.as_millis(),
-            from_checkpoint
-                .as_ref()
-                .map(|path| path.display().to_string())
-                .unwrap_or_else(|| "the start".to_string())
-        ),
-    }
+    eprintln!("{event}");
 }
