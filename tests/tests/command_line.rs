@@ -44,6 +44,10 @@ fn every_command_has_help() {
         vec!["plan", "--help"],
         vec!["plan", "nexmark", "--help"],
         vec!["programs", "--help"],
+        vec!["jobmanager", "--help"],
+        vec!["taskmanager", "--help"],
+        vec!["run", "--help"],
+        vec!["run", "nexmark", "--help"],
     ] {
         let finished = strom(&arguments);
         assert_eq!(finished.code, Some(0), "{arguments:?}: {finished:?}");
@@ -147,6 +151,54 @@ fn bad_arguments_get_a_one_line_error_and_exit_code_2() {
     );
     assert_usage_error(&["local", "no-such-program"], "no-such-program");
     assert_usage_error(&["launch"], "launch");
+}
+
+#[test]
+fn cluster_commands_refuse_bad_arguments_before_starting() {
+    assert_usage_error(&["taskmanager", "--cores", "0,x"], "'x' is not a core");
+    assert_usage_error(&["taskmanager", "--cores", "3-1"], "'3-1'");
+    assert_usage_error(&["taskmanager", "--cores", "0,0"], "core 0 is listed twice");
+    assert_usage_error(&["taskmanager", "--cores", "4096"], "core 4096");
+    assert_usage_error(
+        &["taskmanager", "--cores", "0", "--slots", "2"],
+        "--allow-oversubscribe",
+    );
+    assert_usage_error(&["taskmanager", "--slots", "0"], "--slots");
+    assert_usage_error(
+        &["taskmanager", "--secret-file", "/no/such/secret"],
+        "/no/such/secret",
+    );
+    assert_usage_error(
+        &["jobmanager", "--secret-file", "/no/such/secret"],
+        "/no/such/secret",
+    );
+    assert_usage_error(
+        &["jobmanager", "--heartbeat-timeout", "soon"],
+        "--heartbeat-timeout",
+    );
+    assert_usage_error(
+        &["jobmanager", "--application"],
+        "--application needs the program",
+    );
+    assert_usage_error(
+        &["jobmanager", "nexmark", "--query", "q5"],
+        "without --application",
+    );
+    assert_usage_error(
+        &["run", "-m", "nowhere", "nexmark", "--query", "q5"],
+        "--jobmanager 'nowhere' is not HOST:PORT",
+    );
+    assert_usage_error(&["run", "nexmark", "--query", "q4"], "q4");
+    // A JobManager that is not there: one line, exit 1.
+    let finished = strom(&["run", "-m", "127.0.0.1:1", "nexmark", "--query", "q5"]);
+    assert_eq!(finished.code, Some(1), "{finished:?}");
+    assert!(
+        finished
+            .stderr
+            .contains("cannot reach the JobManager at 127.0.0.1:1"),
+        "{}",
+        finished.stderr
+    );
 }
 
 #[test]
