@@ -149,9 +149,12 @@ pub const CONTROL_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a TaskManager sends `Heartbeat` (the default).
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a side hears nothing from the other before it declares it lost
-/// (the default): ten missed heartbeats, so a busy machine or a slow fsync
-/// does not cost a restart, while a dead TaskManager is found in seconds.
-pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(10);
+/// (the default): five missed heartbeats, so a busy moment does not cost a
+/// restart, while a TaskManager that hangs is found in seconds. (Heartbeats
+/// are sent and answered by the connection's own threads, never held up by
+/// a deployment or a checkpoint; a TaskManager that dies closes its
+/// connection and is lost at once.)
+pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The longest `host:port` address, in bytes.
 pub const ADDRESS_LENGTH_MAX: usize = 255;

@@ -708,32 +708,45 @@ fn serve_job_manager(programs: &[Program], config: &TaskManagerConfig) -> Result
     let (control_sender, mut receiver) = connection.split();
     let control_sender = Arc::new(Mutex::new(control_sender));
     let writer_sender = control_sender.clone();
-    // The TaskManager's reports, and a heartbeat with each metrics report
-    // (every second): ends when the TaskManager stops.
+    // The TaskManager's reports, and a heartbeat every second, sent by
+    // this thread so that a busy TaskManager thread (reading a large
+    // checkpoint to restore) never misses one. Ends when the TaskManager
+    // stops.
     let writer = thread::Builder::new()
         .name("strom-control-send".to_string())
         .spawn(move || {
-            for report in report_inbox {
-                let heartbeat = matches!(report, ToJobManager::TaskManagerHeartbeat { .. });
-                let wire = match to_job_manager_wire(report) {
-                    Ok(Some(wire)) => wire,
-                    Ok(None) => continue,
-                    Err(error) => {
-                        eprintln!("cannot report to the JobManager: {error}");
-                        continue;
-                    }
+            let mut last_heartbeat = Instant::now();
+            loop {
+                let wire = match report_inbox.recv_timeout(HEARTBEAT_INTERVAL) {
+                    Ok(report) => match to_job_manager_wire(report) {
+                        Ok(wire) => wire,
+                        Err(error) => {
+                            eprintln!("cannot report to the JobManager: {error}");
+                            None
+                        }
+                    },
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 };
+                let heartbeat = last_heartbeat.elapsed() >= HEARTBEAT_INTERVAL;
+                if wire.is_none() && !heartbeat {
+                    continue;
+                }
                 let mut sender = writer_sender
                     .lock()
                     .unwrap_or_else(|poison| poison.into_inner());
-                let mut sent = sender.send(&wire);
+                let mut sent = wire.map_or(Ok(()), |wire| sender.send(&wire));
                 if heartbeat && sent.is_ok() {
+                    last_heartbeat = Instant::now();
                     sent = sender.send(&ToJobManagerWire::Heartbeat {
                         task_manager_id: id,
                     });
                 }
                 if let Err(error) = sent {
+                    // The reader finds the connection lost too and starts
+                    // over; until then reports have nowhere to go.
                     eprintln!("cannot report to the JobManager: {error}");
+                    break;
                 }
             }
         })

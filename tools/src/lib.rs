@@ -132,7 +132,7 @@ fn command(programs: &[Program]) -> Command {
                     Arg::new("heartbeat-timeout")
                         .long("heartbeat-timeout")
                         .value_name("DURATION")
-                        .default_value("10s")
+                        .default_value("5s")
                         .value_parser(strom_core::config::parse_duration)
                         .help("A TaskManager silent this long is lost, and its jobs restart elsewhere (a closed connection is lost at once)"),
                 )
@@ -213,7 +213,7 @@ fn command(programs: &[Program]) -> Command {
                     Arg::new("heartbeat-timeout")
                         .long("heartbeat-timeout")
                         .value_name("DURATION")
-                        .default_value("10s")
+                        .default_value("5s")
                         .value_parser(strom_core::config::parse_duration)
                         .help("A JobManager silent this long is lost: the TaskManager stops its subtasks and registers again"),
                 ),
