@@ -61,8 +61,11 @@
 //! `parallelism` overrides `--parallelism`; `savepointPath` is the
 //! savepoint (or retained checkpoint) to start from. The JobManager builds
 //! and checks the job before it answers, so an unknown program, bad
-//! arguments, a damaged or unmatched savepoint or too few free slots is
-//! refused with 400 and its message, and nothing runs.
+//! arguments, a relative or `..` path among the job options, or a damaged
+//! or unmatched savepoint is refused with 400 and its message, and nothing
+//! runs. A job the free slots cannot hold yet is accepted and waits for
+//! them (state `WAITING_FOR_SLOTS`), failing after the JobManager's slot
+//! wait timeout.
 //!
 //! Deviation from Flink: Flink answers a savepoint or stop request at once
 //! with a trigger id to poll (`GET /jobs/:id/savepoints/:triggerid`). Here
@@ -679,8 +682,8 @@ fn job_manager_failure(message: String) -> Failure {
 }
 
 /// Maps the JobManager's refusal of a submission: it checks the program,
-/// its arguments, the savepoint and the free slots before it answers, so
-/// every refusal but its absence is the client's to fix.
+/// its arguments and the savepoint before it answers, so every refusal but
+/// its absence is the client's to fix.
 fn submission_failure(message: String) -> Failure {
     let status = if message.starts_with("the JobManager stopped") {
         503

@@ -149,6 +149,18 @@ impl RunningCommand {
         }
     }
 
+    /// Whether the process still runs (it has not exited, nor been killed).
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Kills the process with SIGKILL, as a crash would end it: it gets no
+    /// chance to close its connections itself. Waits until it is gone.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Waits for the process to exit and returns all it printed, failing the
     /// test if it is still running after `deadline`.
     pub fn finish(mut self, deadline: Duration) -> Finished {

@@ -641,18 +641,13 @@ fn run_jobmanager(programs: &[Program], matches: &ArgMatches, arguments: &[Strin
         let _ = job_manager_thread.join();
         return ExitCode::SUCCESS;
     };
-    let (events, event_inbox) = mpsc::channel();
-    let printer = std::thread::spawn(move || {
-        for event in event_inbox {
-            print_event(&event);
-        }
-    });
+    // The JobManager logs the job's events itself.
     let (reply, result) = mpsc::channel();
     let submitted = sender.send(strom_scheduler::messages::ToJobManager::SubmitJob {
         program: program.name.to_string(),
         args: job_args,
         reply,
-        events: Some(events),
+        events: None,
     });
     let result = match submitted {
         Ok(()) => result
@@ -660,7 +655,6 @@ fn run_jobmanager(programs: &[Program], matches: &ArgMatches, arguments: &[Strin
             .unwrap_or_else(|_| Err("the JobManager stopped before the job ended".to_string())),
         Err(_) => Err("the JobManager stopped".to_string()),
     };
-    let _ = printer.join();
     // The JobManager tells its TaskManagers to shut down too.
     let _ = sender.send(strom_scheduler::messages::ToJobManager::Shutdown);
     let _ = job_manager_thread.join();
