@@ -372,6 +372,9 @@ pub(crate) struct RecordWriter<T> {
     /// Index of this writer's first channel in the task's output queue.
     pub(crate) channel_base: usize,
     pub(crate) buffers: Vec<Vec<StreamRecord<T>>>,
+    /// The size of each channel's last encoded buffer: the capacity to
+    /// encode its next one into, so that a buffer is one allocation.
+    pub(crate) encoded_sizes: Vec<usize>,
     pub(crate) queue: OutputQueue,
 }
 
@@ -388,6 +391,7 @@ impl<T: Record> RecordWriter<T> {
             buffers: (0..channel_count)
                 .map(|_| Vec::with_capacity(BATCH_RECORDS_MAX))
                 .collect(),
+            encoded_sizes: vec![0; channel_count],
             queue,
         }
     }
@@ -410,7 +414,9 @@ impl<T: Record> RecordWriter<T> {
         }
         // Encoding into an AlignedVec cannot fail for our record types short
         // of running out of memory, which aborts anyway.
-        let bytes = T::encode(buffer).expect("encoding records into a buffer");
+        let bytes =
+            T::encode(buffer, self.encoded_sizes[channel]).expect("encoding records into a buffer");
+        self.encoded_sizes[channel] = bytes.len();
         buffer.clear();
         self.queue
             .borrow_mut()

@@ -46,10 +46,12 @@ pub enum StreamElement {
 /// What the engine needs of a record type. Implemented for every `Clone +
 /// Send + 'static` type that derives rkyv's traits; users never implement it.
 pub trait Record: Clone + Send + 'static {
-    /// Archives `records` into a new buffer. (A `Vec`, not a slice: the
-    /// archived root is an `ArchivedVec`.)
+    /// Archives `records` into a new buffer of at least `capacity` bytes
+    /// (a good guess, such as the size of the channel's previous buffer,
+    /// makes it one allocation instead of one per doubling). (A `Vec`, not
+    /// a slice: the archived root is an `ArchivedVec`.)
     #[allow(clippy::ptr_arg)]
-    fn encode(records: &Vec<StreamRecord<Self>>) -> Result<AlignedVec, String>;
+    fn encode(records: &Vec<StreamRecord<Self>>, capacity: usize) -> Result<AlignedVec, String>;
     /// Validates `bytes` and hands every record, deserialized, to `each`.
     fn decode(bytes: &[u8], each: &mut dyn FnMut(Self, Timestamp)) -> Result<(), String>;
     /// Appends one value to a snapshot: its archived length (u32), then its
@@ -68,8 +70,9 @@ where
     T::Archived: Deserialize<T, HighDeserializer<RkyvError>>,
 {
     #[allow(clippy::ptr_arg)]
-    fn encode(records: &Vec<StreamRecord<Self>>) -> Result<AlignedVec, String> {
-        rkyv::to_bytes::<RkyvError>(records).map_err(|error| error.to_string())
+    fn encode(records: &Vec<StreamRecord<Self>>, capacity: usize) -> Result<AlignedVec, String> {
+        rkyv::api::high::to_bytes_in::<_, RkyvError>(records, AlignedVec::with_capacity(capacity))
+            .map_err(|error| error.to_string())
     }
 
     fn decode(bytes: &[u8], each: &mut dyn FnMut(Self, Timestamp)) -> Result<(), String> {
@@ -150,7 +153,7 @@ mod tests {
                     },
                 })
                 .collect();
-            let bytes = Sample::encode(&records).expect("encodes");
+            let bytes = Sample::encode(&records, 0).expect("encodes");
             assert_eq!(buffer_record_count(&bytes), count);
             let numbers: Vec<StreamRecord<u64>> = (0..count)
                 .map(|value| StreamRecord {
@@ -159,7 +162,7 @@ mod tests {
                 })
                 .collect();
             assert_eq!(
-                buffer_record_count(&u64::encode(&numbers).expect("encodes")),
+                buffer_record_count(&u64::encode(&numbers, 0).expect("encodes")),
                 count
             );
         }
@@ -177,7 +180,7 @@ mod tests {
                 },
             })
             .collect();
-        let bytes = Sample::encode(&records).unwrap();
+        let bytes = Sample::encode(&records, 0).unwrap();
         let mut decoded = Vec::new();
         Sample::decode(&bytes, &mut |value, timestamp| {
             decoded.push(StreamRecord { timestamp, value })
@@ -195,7 +198,7 @@ mod tests {
                 name: "x".into(),
             },
         }];
-        let bytes = Sample::encode(&records).unwrap();
+        let bytes = Sample::encode(&records, 0).unwrap();
         let truncated = &bytes[..bytes.len() / 2];
         let mut aligned = AlignedVec::<16>::new();
         aligned.extend_from_slice(truncated);

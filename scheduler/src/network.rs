@@ -994,7 +994,7 @@ mod tests {
                 value,
             })
             .collect();
-        StreamElement::Records(u64::encode(&records).unwrap())
+        StreamElement::Records(u64::encode(&records, 0).unwrap())
     }
 
     fn decode_records(element: &StreamElement) -> Vec<u64> {
