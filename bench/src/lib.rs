@@ -14,5 +14,6 @@
 
 #![forbid(unsafe_code)]
 
+pub mod latency;
 pub mod nexmark;
 pub mod queries;
