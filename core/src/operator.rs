@@ -626,7 +626,11 @@ impl<T> SourceHead for SourceTask<T> {
                 self.output.next.watermark(watermark);
             }
         }
-        if !produced && !self.idle && status == SourceStatus::NothingAvailable {
+        let nothing_available = matches!(
+            status,
+            SourceStatus::NothingAvailable | SourceStatus::NothingAvailableFor(_)
+        );
+        if !produced && !self.idle && nothing_available {
             let timeout = self.strategy.idleness.unwrap_or(Duration::MAX);
             if self.last_record_at.elapsed() >= timeout {
                 self.idle = true;

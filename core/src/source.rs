@@ -15,8 +15,14 @@ use crate::time::Timestamp;
 pub enum SourceStatus {
     /// More records are ready now.
     MoreAvailable,
-    /// Nothing is ready now; poll again later.
+    /// Nothing is ready now; poll again later (the task waits its idle
+    /// interval, a millisecond).
     NothingAvailable,
+    /// Nothing is ready now, and nothing will be before this long (a paced
+    /// or scheduled source knows): the task polls again then, if that is
+    /// sooner than its idle interval, so a record due in 10 µs is not held
+    /// for a millisecond.
+    NothingAvailableFor(std::time::Duration),
     /// This reader has emitted everything it ever will.
     Finished,
 }

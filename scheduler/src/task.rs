@@ -271,10 +271,20 @@ impl TaskRun<'_> {
             match status {
                 SourceStatus::Finished => break,
                 SourceStatus::MoreAvailable => glommio::yield_if_needed().await,
-                SourceStatus::NothingAvailable => {
+                SourceStatus::NothingAvailable | SourceStatus::NothingAvailableFor(_) => {
                     self.guarded(|| head.flush())?;
                     self.drain(&queue).await?;
-                    glommio::timer::sleep(SOURCE_IDLE_POLL_INTERVAL).await;
+                    let wait = match status {
+                        SourceStatus::NothingAvailableFor(wait) => {
+                            wait.min(SOURCE_IDLE_POLL_INTERVAL)
+                        }
+                        _ => SOURCE_IDLE_POLL_INTERVAL,
+                    };
+                    if wait.is_zero() {
+                        futures_lite::future::yield_now().await;
+                    } else {
+                        glommio::timer::sleep(wait).await;
+                    }
                 }
             }
         }

@@ -187,6 +187,11 @@ impl PacingSchedule {
     }
 
     /// Whether this subtask has sent all its events.
+    /// When the next event this subtask sends is due.
+    pub fn next_scheduled_ns(&self) -> u64 {
+        self.scheduled_ns(self.next_index)
+    }
+
     pub fn is_finished(&self) -> bool {
         self.next_index >= self.event_count
     }
@@ -282,7 +287,12 @@ impl SourceReader<StampedBid> for PacedBidReader {
         } else if count < due {
             SourceStatus::MoreAvailable
         } else {
-            SourceStatus::NothingAvailable
+            // Polled again when the next event is due, not after the task's
+            // idle interval.
+            let next_ns = schedule.next_scheduled_ns();
+            SourceStatus::NothingAvailableFor(Duration::from_nanos(
+                next_ns.saturating_sub(monotonic_now_ns()),
+            ))
         }
     }
 }
