@@ -66,20 +66,10 @@ fn command(programs: &[Program]) -> Command {
                 .about("Run a job program on an embedded local cluster (a JobManager and a TaskManager in this process)")
                 .subcommand_required(true)
                 .arg(
-                    Arg::new("rest-port")
-                        .long("rest-port")
-                        .value_name("PORT")
-                        .default_value("8081")
-                        .value_parser(clap::value_parser!(u16))
-                        .help("The port of the REST API (for `strom savepoint`, `stop`, `list`, `cancel`); if it is taken, any free port; 0: any free port"),
+                    port_arg("rest-port", "8081", "The port of the REST API (for `strom savepoint`, `stop`, `list`, `cancel`); if it is taken, any free port; 0: any free port"),
                 )
                 .arg(
-                    Arg::new("bind")
-                        .long("bind")
-                        .value_name("ADDRESS")
-                        .default_value("127.0.0.1")
-                        .value_parser(clap::value_parser!(std::net::IpAddr))
-                        .help("The address the REST API listens on"),
+                    bind_arg("The address the REST API listens on"),
                 )
                 .subcommand_value_name("PROGRAM")
                 .subcommands(program_commands("Run")),
@@ -104,45 +94,20 @@ fn command(programs: &[Program]) -> Command {
             Command::new("jobmanager")
                 .about("Run a standalone cluster's JobManager: the REST API (for clients) and the control port (for TaskManagers)")
                 .arg(
-                    Arg::new("bind")
-                        .long("bind")
-                        .value_name("ADDRESS")
-                        .default_value("127.0.0.1")
-                        .value_parser(clap::value_parser!(std::net::IpAddr))
-                        .help("The address both ports listen on (0.0.0.0 for every interface)"),
+                    bind_arg("The address both ports listen on (0.0.0.0 for every interface)"),
                 )
                 .arg(
-                    Arg::new("rest-port")
-                        .long("rest-port")
-                        .value_name("PORT")
-                        .default_value("8081")
-                        .value_parser(clap::value_parser!(u16))
-                        .help("The REST API's port (0: any free port)"),
+                    port_arg("rest-port", "8081", "The REST API's port (0: any free port)"),
                 )
                 .arg(
-                    Arg::new("rpc-port")
-                        .long("rpc-port")
-                        .value_name("PORT")
-                        .default_value("6123")
-                        .value_parser(clap::value_parser!(u16))
-                        .help("The control port TaskManagers register at (0: any free port)"),
+                    port_arg("rpc-port", "6123", "The control port TaskManagers register at (0: any free port)"),
                 )
                 .arg(secret_file_arg())
                 .arg(
-                    Arg::new("heartbeat-timeout")
-                        .long("heartbeat-timeout")
-                        .value_name("DURATION")
-                        .default_value("5s")
-                        .value_parser(strom_core::config::parse_duration)
-                        .help("A TaskManager silent this long is lost, and its jobs restart elsewhere (a closed connection is lost at once)"),
+                    duration_arg("heartbeat-timeout", "5s", "A TaskManager silent this long is lost, and its jobs restart elsewhere (a closed connection is lost at once)"),
                 )
                 .arg(
-                    Arg::new("slot-wait-timeout")
-                        .long("slot-wait-timeout")
-                        .value_name("DURATION")
-                        .default_value("5min")
-                        .value_parser(strom_core::config::parse_duration)
-                        .help("How long a job waits for enough free slots before it fails"),
+                    duration_arg("slot-wait-timeout", "5min", "How long a job waits for enough free slots before it fails"),
                 )
                 .arg(
                     Arg::new("application")
@@ -185,37 +150,17 @@ fn command(programs: &[Program]) -> Command {
                         .help("Offer more slots than cores (slots then share cores)"),
                 )
                 .arg(
-                    Arg::new("bind")
-                        .long("bind")
-                        .value_name("ADDRESS")
-                        .default_value("127.0.0.1")
-                        .value_parser(clap::value_parser!(std::net::IpAddr))
-                        .help("The address of the data port; other TaskManagers connect to it, so on several machines give this machine's address"),
+                    bind_arg("The address of the data port; other TaskManagers connect to it, so on several machines give this machine's address"),
                 )
                 .arg(
-                    Arg::new("data-port")
-                        .long("data-port")
-                        .value_name("PORT")
-                        .default_value("0")
-                        .value_parser(clap::value_parser!(u16))
-                        .help("The data port (0: any free port)"),
+                    port_arg("data-port", "0", "The data port (0: any free port)"),
                 )
                 .arg(secret_file_arg())
                 .arg(
-                    Arg::new("registration-timeout")
-                        .long("registration-timeout")
-                        .value_name("DURATION")
-                        .default_value("5min")
-                        .value_parser(strom_core::config::parse_duration)
-                        .help("How long to keep trying to reach the JobManager"),
+                    duration_arg("registration-timeout", "5min", "How long to keep trying to reach the JobManager"),
                 )
                 .arg(
-                    Arg::new("heartbeat-timeout")
-                        .long("heartbeat-timeout")
-                        .value_name("DURATION")
-                        .default_value("5s")
-                        .value_parser(strom_core::config::parse_duration)
-                        .help("A JobManager silent this long is lost: the TaskManager stops its subtasks and registers again"),
+                    duration_arg("heartbeat-timeout", "5s", "A JobManager silent this long is lost: the TaskManager stops its subtasks and registers again"),
                 ),
         )
         .subcommand(
@@ -487,6 +432,36 @@ fn run_local(
             std::process::exit(i32::from(EXIT_JOB_FAILED));
         }
     }
+}
+
+/// `--NAME DURATION` (like `5s`, `5min`) with a default.
+fn duration_arg(name: &'static str, default: &'static str, help: &'static str) -> Arg {
+    Arg::new(name)
+        .long(name)
+        .value_name("DURATION")
+        .default_value(default)
+        .value_parser(strom_core::config::parse_duration)
+        .help(help)
+}
+
+/// `--bind ADDRESS`, 127.0.0.1 unless given.
+fn bind_arg(help: &'static str) -> Arg {
+    Arg::new("bind")
+        .long("bind")
+        .value_name("ADDRESS")
+        .default_value("127.0.0.1")
+        .value_parser(clap::value_parser!(std::net::IpAddr))
+        .help(help)
+}
+
+/// `--NAME PORT` with a default.
+fn port_arg(name: &'static str, default: &'static str, help: &'static str) -> Arg {
+    Arg::new(name)
+        .long(name)
+        .value_name("PORT")
+        .default_value(default)
+        .value_parser(clap::value_parser!(u16))
+        .help(help)
 }
 
 fn secret_file_arg() -> Arg {
