@@ -734,21 +734,31 @@ impl JobManager {
         };
         let task_managers = std::mem::take(&mut master.task_managers);
         master.slots.clear();
+        self.free_slots(job, &task_managers);
+    }
+
+    /// Frees the slots `job` holds on `task_managers` and cancels what runs
+    /// of it there.
+    fn free_slots(&mut self, job: JobId, task_managers: &[usize]) {
         for task_manager in task_managers {
-            if let Some(registered) = self.task_managers.get_mut(&task_manager) {
+            if let Some(registered) = self.task_managers.get_mut(task_manager) {
                 registered.release(job);
                 let _ = registered.sender.send(ToTaskManager::CancelJob { job });
             }
         }
     }
 
-    /// Why a job of `slots_required` slots cannot start now.
-    fn slot_shortage(&self, slots_required: u32) -> String {
-        let slots_free: u32 = self
-            .task_managers
+    /// Free slots over all TaskManagers.
+    fn slots_free(&self) -> u32 {
+        self.task_managers
             .values()
             .map(RegisteredTaskManager::slots_free)
-            .sum();
+            .sum()
+    }
+
+    /// Why a job of `slots_required` slots cannot start now.
+    fn slot_shortage(&self, slots_required: u32) -> String {
+        let slots_free = self.slots_free();
         let slot_count: usize = self
             .task_managers
             .values()
@@ -770,12 +780,7 @@ impl JobManager {
             return true;
         }
         let slots_required = master.slots_used as usize;
-        let slots_free: usize = self
-            .task_managers
-            .values()
-            .map(|task_manager| task_manager.slots_free() as usize)
-            .sum();
-        if slots_free < slots_required {
+        if (self.slots_free() as usize) < slots_required {
             return false;
         }
         let mut free_slots: Vec<SlotRef> = Vec::new();
@@ -814,12 +819,7 @@ impl JobManager {
     /// A job has ended: its slots go back, its client hears how, and the
     /// archive keeps its status.
     fn finish(&mut self, job: JobId, master: JobMaster, ending: Ending) {
-        for task_manager in &master.task_managers {
-            if let Some(registered) = self.task_managers.get_mut(task_manager) {
-                registered.release(job);
-                let _ = registered.sender.send(ToTaskManager::CancelJob { job });
-            }
-        }
+        self.free_slots(job, &master.task_managers);
         let mut status = self.status(job, &master);
         status.end_time_ms = Some(now_ms());
         let (state, outcome) = match ending {
@@ -1299,12 +1299,7 @@ impl JobManager {
             first_checkpoint_id = restored_id + 1;
         }
         let slots_required = job_graph.slots_required();
-        let slots_free: u32 = self
-            .task_managers
-            .values()
-            .map(RegisteredTaskManager::slots_free)
-            .sum();
-        if slots_free < slots_required && self.config.slot_wait_timeout.is_none() {
+        if self.slots_free() < slots_required && self.config.slot_wait_timeout.is_none() {
             return Err(format!(
                 "job '{}': {}",
                 job_graph.name,

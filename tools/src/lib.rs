@@ -403,25 +403,8 @@ fn run_local(
         rest.stop();
     }
     match result {
-        Ok(result) if result.stopped_with_savepoint.is_some() => {
-            let path = result.stopped_with_savepoint.expect("a savepoint");
-            println!(
-                "job {} stopped with savepoint {}",
-                result.job_id,
-                path.display()
-            );
-            shutdown_within(cluster, CLUSTER_SHUTDOWN_TIMEOUT);
-            ExitCode::SUCCESS
-        }
         Ok(result) => {
-            let outcome = JobOutcome {
-                accumulators: result.accumulators,
-                duration: result.duration,
-                slots_used: result.slots_used,
-            };
-            for line in (program.report)(matches, &outcome) {
-                println!("{line}");
-            }
+            print_result(program, matches, result);
             shutdown_within(cluster, CLUSTER_SHUTDOWN_TIMEOUT);
             ExitCode::SUCCESS
         }
@@ -431,6 +414,27 @@ fn run_local(
             // them to unwind: a failed job ends the process at once.
             std::process::exit(i32::from(EXIT_JOB_FAILED));
         }
+    }
+}
+
+/// Prints a finished job's result on standard output: the savepoint it was
+/// stopped with, or the program's report.
+fn print_result(program: &Program, matches: &ArgMatches, result: strom_scheduler::JobResult) {
+    if let Some(path) = &result.stopped_with_savepoint {
+        println!(
+            "job {} stopped with savepoint {}",
+            result.job_id,
+            path.display()
+        );
+        return;
+    }
+    let outcome = JobOutcome {
+        accumulators: result.accumulators,
+        duration: result.duration,
+        slots_used: result.slots_used,
+    };
+    for line in (program.report)(matches, &outcome) {
+        println!("{line}");
     }
 }
 
@@ -636,23 +640,7 @@ fn run_jobmanager(programs: &[Program], matches: &ArgMatches, arguments: &[Strin
     rest.stop();
     match result {
         Ok(result) => {
-            match &result.stopped_with_savepoint {
-                Some(path) => println!(
-                    "job {} stopped with savepoint {}",
-                    result.job_id,
-                    path.display()
-                ),
-                None => {
-                    let outcome = JobOutcome {
-                        accumulators: result.accumulators,
-                        duration: result.duration,
-                        slots_used: result.slots_used,
-                    };
-                    for line in (program.report)(&program_matches, &outcome) {
-                        println!("{line}");
-                    }
-                }
-            }
+            print_result(program, &program_matches, result);
             ExitCode::SUCCESS
         }
         Err(message) => fail(EXIT_JOB_FAILED, &message),
