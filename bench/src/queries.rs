@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use strom_core::function::{Collector, KeyedContext, KeyedProcessFunction, SinkFunction};
+use strom_core::function::{Collector, KeyedContext, SinkFunction};
 use strom_core::operator::OperatorContext;
 use strom_core::program::{JobOutcome, Program};
 use strom_core::snapshot::{IndexSplits, StateReader, StateWriter};
@@ -296,6 +296,10 @@ pub fn build_query(
                 .add_sink_with(&sinks);
         }
         Query::Q5 => {
+            // As Flink SQL runs q5: a count per auction and sliding window,
+            // then, per window, the auctions with the largest count. Both
+            // are window aggregates, so each runs in two phases (a local
+            // aggregate per slide before the shuffle, merged after it).
             let size = Duration::from_millis(Q5_WINDOW_SIZE_MS);
             let slide = Duration::from_millis(Q5_WINDOW_SLIDE_MS);
             bids(events(env, source.clone()))
@@ -315,16 +319,23 @@ pub fn build_query(
                     },
                 )
                 .name("q5 bid counts")
+                // A row is stamped with its window's last millisecond, so
+                // the one slide-long window holding it is its own window's
+                // last slide.
                 .key_by(|row| row.window_end)
-                .process(TopPerWindow::new(|row: &Q5Row| row.count))
+                .window(WindowAssigner::tumbling(slide))
+                .aggregate_with(TopRows::new(|row: &Q5Row| row.count), each_row::<Q5Row>)
                 .name("q5 hot items")
                 .add_sink_with(&sinks);
         }
         Query::Q7 => {
-            let size = Duration::from_millis(Q7_WINDOW_SIZE_MS);
+            // As Flink SQL's q7, grouped by the window alone: the highest
+            // bids of each subtask's share of a window (the local phase),
+            // then of the whole window.
+            let size = Q7_WINDOW_SIZE_MS;
             bids(events(env, source.clone()))
-                .key_by(|bid| bid.auction)
-                .window(WindowAssigner::tumbling(size))
+                .key_by(move |bid| tumbling_window_start(bid.date_time, size))
+                .window(WindowAssigner::tumbling(Duration::from_millis(size)))
                 .aggregate_with(
                     HighestBids,
                     |_: &u64,
@@ -332,19 +343,15 @@ pub fn build_query(
                      bids: Vec<Bid>,
                      out: &mut dyn Collector<Q7Row>| {
                         for bid in bids {
-                            let row = Q7Row {
+                            out.collect(Q7Row {
                                 window_end: window.end as u64,
                                 auction: bid.auction,
                                 bidder: bid.bidder,
                                 price: bid.price,
-                            };
-                            out.collect(row);
+                            });
                         }
                     },
                 )
-                .name("q7 highest per auction")
-                .key_by(|row| row.window_end)
-                .process(TopPerWindow::new(|row: &Q7Row| row.price))
                 .name("q7 highest bid")
                 .add_sink_with(&sinks);
         }
@@ -418,66 +425,58 @@ impl AggregateFunction<Bid, Vec<Bid>, Vec<Bid>> for HighestBids {
     }
 }
 
-/// Per window (the key), the rows whose measure equals the window's largest,
-/// emitted when the watermark passes the window: the second stage of q5 and
-/// q7. Rows arrive stamped with their window's last timestamp.
-#[derive(Clone)]
-pub struct TopPerWindow<R> {
+/// Keeps the rows with the largest measure (all of them on a tie): the
+/// second stage of q5.
+pub struct TopRows<R> {
     measure: fn(&R) -> u64,
-    largest: ValueState<u64>,
-    rows: ListState<R>,
 }
 
-impl<R> TopPerWindow<R> {
+impl<R> TopRows<R> {
     pub fn new(measure: fn(&R) -> u64) -> Self {
-        TopPerWindow {
-            measure,
-            largest: ValueState::default(),
-            rows: ListState::default(),
+        TopRows { measure }
+    }
+}
+
+impl<R> Clone for TopRows<R> {
+    fn clone(&self) -> Self {
+        TopRows {
+            measure: self.measure,
         }
     }
 }
 
-impl<R: strom_core::Record + Sync> KeyedProcessFunction<u64, R, R> for TopPerWindow<R> {
-    fn open(&mut self, state: &mut KeyedStateStore<u64>) {
-        self.largest = state.value_state("largest");
-        self.rows = state.list_state("rows");
+impl<R: Clone + Send + Sync + 'static> AggregateFunction<R, Vec<R>, Vec<R>> for TopRows<R> {
+    fn create_accumulator(&self) -> Vec<R> {
+        Vec::new()
     }
-
-    fn process_element(
-        &mut self,
-        row: R,
-        context: &mut KeyedContext<'_, u64>,
-        _out: &mut dyn Collector<R>,
-    ) {
+    #[inline]
+    fn add(&self, row: R, top: &mut Vec<R>) {
         let measure = (self.measure)(&row);
-        let timestamp = context.timestamp();
-        match self.largest.value(context).copied() {
+        match top.first().map(self.measure) {
             Some(largest) if measure < largest => {}
-            Some(largest) if measure == largest => self.rows.add(context, row),
-            Some(_) => {
-                self.largest.update(context, measure);
-                self.rows.take(context);
-                self.rows.add(context, row);
-            }
-            None => {
-                self.largest.update(context, measure);
-                self.rows.add(context, row);
-                context.register_event_time_timer(timestamp);
+            Some(largest) if measure == largest => top.push(row),
+            _ => {
+                top.clear();
+                top.push(row);
             }
         }
     }
-
-    fn on_timer(
-        &mut self,
-        _timestamp: Timestamp,
-        context: &mut KeyedContext<'_, u64>,
-        out: &mut dyn Collector<R>,
-    ) {
-        self.largest.clear(context);
-        for row in self.rows.take(context) {
-            out.collect(row);
+    fn get_result(&self, top: Vec<R>) -> Vec<R> {
+        top
+    }
+    fn merge(&self, first: Vec<R>, second: Vec<R>) -> Vec<R> {
+        let mut merged = first;
+        for row in second {
+            self.add(row, &mut merged);
         }
+        merged
+    }
+}
+
+/// A window function that emits every row of a window's result.
+fn each_row<R>(_: &u64, _: &TimeWindow, rows: Vec<R>, out: &mut dyn Collector<R>) {
+    for row in rows {
+        out.collect(row);
     }
 }
 

@@ -38,4 +38,4 @@ pub use source::{Source, SourceOutput, SourceReader, SourceStatus};
 pub use state::{ListState, MapState, ReducingState, ValueState};
 pub use stream::{DataStream, KeyedStream, StreamExecutionEnvironment};
 pub use time::{Timestamp, WatermarkStrategy};
-pub use window::{AggregateFunction, TimeWindow, WindowAssigner};
+pub use window::{AggregateFunction, TimeWindow, WindowAssigner, WindowPartial};

@@ -38,8 +38,8 @@ use crate::source::{CollectionSource, Source};
 use crate::state::ValueCodec;
 use crate::time::{Timestamp, WatermarkStrategy};
 use crate::window::{
-    AggregateFunction, TimeWindow, WindowAggregation, WindowAssigner, WindowJoinHead,
-    WindowOperator,
+    AggregateFunction, LocalWindowAggregate, MergePartials, TimeWindow, WindowAggregation,
+    WindowAssigner, WindowJoinHead, WindowOperator, WindowPartial,
 };
 
 /// Where a job is built: holds the StreamGraph and the job's defaults.
@@ -345,9 +345,11 @@ impl<T: Record> DataStream<T> {
         let hash_selector = key_selector.clone();
         let key_hash_of: Arc<dyn Fn(&T) -> u64 + Send + Sync> =
             Arc::new(move |record| key_hash(&hash_selector(record)));
+        let unkeyed_partitioning = self.partitioning.clone();
         KeyedStream {
             stream: self.with_partitioning(Partitioning::Hash(Arc::new(key_hash_of))),
             key_selector,
+            unkeyed_partitioning,
         }
     }
 
@@ -432,6 +434,9 @@ impl<T: std::fmt::Debug> SinkFunction<T> for PrintSink {
 pub struct KeyedStream<K, T> {
     stream: DataStream<T>,
     key_selector: Arc<dyn Fn(&T) -> K + Send + Sync>,
+    /// How the stream was partitioned before `key_by` (for an operator
+    /// chained before the shuffle, as a local aggregation is).
+    unkeyed_partitioning: Option<Partitioning>,
 }
 
 impl<K: Key, T: Record> KeyedStream<K, T> {
@@ -465,6 +470,7 @@ impl<K: Key, T: Record> KeyedStream<K, T> {
             keyed: self,
             assigner,
             allowed_lateness: 0,
+            local_aggregation: true,
         }
     }
 
@@ -516,6 +522,7 @@ pub struct WindowedStream<K, T> {
     keyed: KeyedStream<K, T>,
     assigner: WindowAssigner,
     allowed_lateness: i64,
+    local_aggregation: bool,
 }
 
 impl<K: Key, T: Record> WindowedStream<K, T> {
@@ -526,8 +533,26 @@ impl<K: Key, T: Record> WindowedStream<K, T> {
         self
     }
 
+    /// Aggregates in one phase, after the shuffle: every record crosses
+    /// to its key's subtask (see [`WindowedStream::aggregate_with`]).
+    pub fn without_local_aggregation(mut self) -> Self {
+        self.local_aggregation = false;
+        self
+    }
+
     /// Aggregates each window and hands the result, with key and window, to
     /// `window_function`.
+    ///
+    /// For tumbling windows, and sliding windows whose size is a multiple
+    /// of their slide, this runs in two phases, as Flink SQL's local-global
+    /// window aggregation: a local phase chained before the shuffle adds
+    /// each record to its key's accumulator of one pane (a slide) and ships
+    /// one partial accumulator per key and pane when the watermark passes
+    /// the pane; the global phase merges the partials into each window with
+    /// the aggregate's `merge`. The result is the same when `merge` is
+    /// consistent with `add` (merging two accumulators equals adding both
+    /// inputs' records to one), which every aggregate must be;
+    /// [`WindowedStream::without_local_aggregation`] turns it off.
     pub fn aggregate_with<A, R, O, F, W>(self, aggregate: F, window_function: W) -> DataStream<O>
     where
         A: Record,
@@ -535,8 +560,76 @@ impl<K: Key, T: Record> WindowedStream<K, T> {
         O: Record,
         F: AggregateFunction<T, A, R>,
         W: Fn(&K, &TimeWindow, R, &mut dyn Collector<O>) + Send + Sync + 'static,
+        WindowPartial<K, A>: Record,
     {
-        self.window_operator(aggregate, window_function, ValueCodec::record())
+        match self.assigner.panes() {
+            Some(panes) if self.local_aggregation => {
+                self.two_phase(aggregate, window_function, panes)
+            }
+            _ => self.window_operator(aggregate, window_function, ValueCodec::record()),
+        }
+    }
+
+    /// The local phase, chained before the shuffle, then the shuffle of
+    /// partials by key, then the global window operator merging them.
+    fn two_phase<A, R, O, F, W>(
+        self,
+        aggregate: F,
+        window_function: W,
+        panes: (i64, i64),
+    ) -> DataStream<O>
+    where
+        A: Record,
+        R: 'static,
+        O: Record,
+        F: AggregateFunction<T, A, R>,
+        W: Fn(&K, &TimeWindow, R, &mut dyn Collector<O>) + Send + Sync + 'static,
+        WindowPartial<K, A>: Record,
+    {
+        let WindowedStream {
+            keyed,
+            assigner,
+            allowed_lateness,
+            local_aggregation: _,
+        } = self;
+        let env = keyed.stream.env.clone();
+        let selector = keyed.key_selector.clone();
+        let local_aggregate = aggregate.clone();
+        let local = env.add_one_input::<T, WindowPartial<K, A>, _>(
+            keyed.stream.node,
+            keyed.unkeyed_partitioning.clone(),
+            "Local Window Aggregate",
+            move |context, next| {
+                LocalWindowAggregate::new(
+                    selector.clone(),
+                    local_aggregate.clone(),
+                    panes,
+                    context.operator_name.clone(),
+                    next,
+                )
+            },
+        );
+        {
+            // The local phase runs beside its input, at its parallelism.
+            let mut graph = env.graph.borrow_mut();
+            graph.nodes[local].parallelism = graph.nodes[keyed.stream.node].parallelism;
+        }
+        let partials: DataStream<WindowPartial<K, A>> = DataStream::new(env, local);
+        let keyed_partials = partials.key_by(|partial: &WindowPartial<K, A>| partial.key.clone());
+        WindowedStream {
+            keyed: keyed_partials,
+            assigner,
+            allowed_lateness,
+            local_aggregation: false,
+        }
+        .window_operator(
+            MergePartials {
+                aggregate,
+                _input: PhantomData,
+            },
+            window_function,
+            ValueCodec::record(),
+        )
     }
 
     /// The window operator, with the codec that writes its accumulators
@@ -558,6 +651,7 @@ impl<K: Key, T: Record> WindowedStream<K, T> {
             keyed,
             assigner,
             allowed_lateness,
+            local_aggregation: _,
         } = self;
         let selector = keyed.key_selector.clone();
         let env = keyed.stream.env.clone();
@@ -592,6 +686,7 @@ impl<K: Key, T: Record> WindowedStream<K, T> {
         A: Record,
         R: Record,
         F: AggregateFunction<T, A, R>,
+        WindowPartial<K, A>: Record,
     {
         self.aggregate_with(
             aggregate,

@@ -160,6 +160,236 @@ pub trait AggregateFunction<I, A, R>: Clone + Send + Sync + 'static {
     fn merge(&self, first: A, second: A) -> A;
 }
 
+/// A window aggregate's partial result for one key and one pane, as the
+/// local phase of a two-phase aggregation ships it to the global phase.
+#[derive(Clone, Debug, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct WindowPartial<K, A> {
+    pub key: K,
+    pub accumulator: A,
+}
+
+impl WindowAssigner {
+    /// The tumbling "panes" (Flink SQL's slices) whose unions are this
+    /// assigner's windows, as `(size, offset)`: a tumbling window is its own
+    /// pane; a sliding window whose size is a multiple of its slide is the
+    /// union of `size / slide` panes of one slide. Every window holding a
+    /// pane's last millisecond holds the whole pane, and only those windows
+    /// hold any of it. `None` for sessions and for sliding windows whose
+    /// size is not a multiple of the slide.
+    pub(crate) fn panes(&self) -> Option<(i64, i64)> {
+        match *self {
+            WindowAssigner::Tumbling { size, offset } => Some((size, offset)),
+            WindowAssigner::Sliding {
+                size,
+                slide,
+                offset,
+            } if size % slide == 0 => Some((slide, offset)),
+            _ => None,
+        }
+    }
+}
+
+/// Most `(key, pane)` accumulators the local phase holds before it ships
+/// them all early (Flink's mini-batch size): bounds its memory whatever
+/// the number of keys.
+pub(crate) const LOCAL_AGGREGATION_MAX_ENTRIES: usize = 1 << 16;
+
+/// The local phase of a two-phase window aggregation (Flink SQL's
+/// local-global aggregation over slices): chained before the shuffle, it
+/// adds each record to its key's accumulator of the record's pane, and
+/// ships one [`WindowPartial`] per key and pane, stamped with the pane's
+/// last millisecond, when the watermark passes the pane. The global phase,
+/// after the shuffle, merges the partials into its windows as the window
+/// operator would have added the records. So a shuffle carries one record
+/// per key and pane instead of one per input record.
+///
+/// It keeps no state across checkpoints: a barrier first ships every
+/// accumulator (Flink's `prepareSnapshotPreBarrier`), so what a checkpoint
+/// covers is in the global phase's state. It ships early too when it holds
+/// [`LOCAL_AGGREGATION_MAX_ENTRIES`], and a record for a pane the watermark
+/// has passed goes out at once, for the global phase to judge as late or
+/// not, as it would judge the record itself.
+pub(crate) struct LocalWindowAggregate<K, I, A, R, F> {
+    pub(crate) key_selector: Arc<dyn Fn(&I) -> K + Send + Sync>,
+    pub(crate) aggregate: F,
+    /// Pane size and offset (see [`WindowAssigner::panes`]).
+    pub(crate) pane_size: i64,
+    pub(crate) pane_offset: i64,
+    /// Open panes by start, each with its keys' accumulators.
+    pub(crate) panes: std::collections::BTreeMap<i64, rustc_hash::FxHashMap<K, A>>,
+    /// The pane of the previous record, `[start, end)`: most records fall
+    /// in the same pane as the one before.
+    pub(crate) current: (i64, i64),
+    /// Emptied pane maps, kept for their capacity.
+    pub(crate) spare: Vec<rustc_hash::FxHashMap<K, A>>,
+    pub(crate) entries: usize,
+    pub(crate) watermark: Timestamp,
+    pub(crate) next: Box<dyn Output<WindowPartial<K, A>>>,
+    pub(crate) operator_name: String,
+    pub(crate) _result: PhantomData<fn() -> R>,
+}
+
+impl<K, I, A, R, F> LocalWindowAggregate<K, I, A, R, F> {
+    pub(crate) fn new(
+        key_selector: Arc<dyn Fn(&I) -> K + Send + Sync>,
+        aggregate: F,
+        (pane_size, pane_offset): (i64, i64),
+        operator_name: String,
+        next: Box<dyn Output<WindowPartial<K, A>>>,
+    ) -> Self {
+        LocalWindowAggregate {
+            key_selector,
+            aggregate,
+            pane_size,
+            pane_offset,
+            panes: std::collections::BTreeMap::new(),
+            current: (0, 0),
+            spare: Vec::new(),
+            entries: 0,
+            watermark: MIN_WATERMARK,
+            next,
+            operator_name,
+            _result: PhantomData,
+        }
+    }
+
+    /// Ships every pane that ends at or before `watermark` (all of them
+    /// for `Timestamp::MAX`).
+    fn ship_through(&mut self, watermark: Timestamp) {
+        while let Some(entry) = self.panes.first_entry() {
+            let last = entry.key().saturating_add(self.pane_size - 1);
+            if last > watermark {
+                break;
+            }
+            let mut pane = entry.remove();
+            self.entries -= pane.len();
+            for (key, accumulator) in pane.drain() {
+                self.next.push(WindowPartial { key, accumulator }, last);
+            }
+            self.spare.push(pane);
+            // The cached pane may be the one shipped: judge the next
+            // record's pane afresh.
+            self.current = (0, 0);
+        }
+    }
+}
+
+impl<K, I, A, R, F> Output<I> for LocalWindowAggregate<K, I, A, R, F>
+where
+    K: Key,
+    F: AggregateFunction<I, A, R>,
+{
+    #[inline]
+    fn push(&mut self, record: I, timestamp: Timestamp) {
+        assert!(
+            timestamp != NO_TIMESTAMP,
+            "window operator '{}' received a record without a timestamp: give the source a WatermarkStrategy with a timestamp assigner",
+            self.operator_name
+        );
+        let key = (self.key_selector)(&record);
+        let (mut start, mut end) = self.current;
+        if timestamp < start || timestamp >= end {
+            start = timestamp - (timestamp - self.pane_offset).rem_euclid(self.pane_size);
+            end = start + self.pane_size;
+            if end - 1 <= self.watermark {
+                // Late here: ship it alone, for the global phase to judge.
+                let mut accumulator = self.aggregate.create_accumulator();
+                self.aggregate.add(record, &mut accumulator);
+                self.next.push(WindowPartial { key, accumulator }, end - 1);
+                return;
+            }
+            self.current = (start, end);
+        }
+        let pane = match self.panes.get_mut(&start) {
+            Some(pane) => pane,
+            None => {
+                let spare = self.spare.pop().unwrap_or_default();
+                self.panes.entry(start).or_insert(spare)
+            }
+        };
+        match pane.get_mut(&key) {
+            Some(accumulator) => self.aggregate.add(record, accumulator),
+            None => {
+                let mut accumulator = self.aggregate.create_accumulator();
+                self.aggregate.add(record, &mut accumulator);
+                pane.insert(key, accumulator);
+                self.entries += 1;
+                if self.entries >= LOCAL_AGGREGATION_MAX_ENTRIES {
+                    self.ship_through(Timestamp::MAX);
+                }
+            }
+        }
+    }
+
+    fn watermark(&mut self, watermark: Timestamp) {
+        self.watermark = watermark;
+        self.ship_through(watermark);
+        self.next.watermark(watermark);
+    }
+    fn idle(&mut self, idle: bool) {
+        if idle {
+            // An idle input no longer holds the global phase's watermark
+            // back, so what it holds must be there first, as the records
+            // themselves would be.
+            self.ship_through(Timestamp::MAX);
+        }
+        self.next.idle(idle);
+    }
+    fn flush(&mut self) {
+        // Holding partials until their pane ends is the point; a flush
+        // ships only what is already downstream of here.
+        self.next.flush();
+    }
+    fn end_of_input(&mut self) {
+        self.ship_through(Timestamp::MAX);
+        self.next.end_of_input();
+    }
+    fn snapshot(&mut self, barrier: &CheckpointBarrier, snapshot: &mut TaskSnapshot) {
+        self.ship_through(Timestamp::MAX);
+        self.next.snapshot(barrier, snapshot);
+    }
+    fn checkpoint_complete(&mut self, checkpoint_id: u64) {
+        self.next.checkpoint_complete(checkpoint_id);
+    }
+}
+
+/// The global phase's aggregate function: merges partial accumulators
+/// with the user's `merge`, and finishes with the user's `get_result`.
+pub(crate) struct MergePartials<F, I> {
+    pub(crate) aggregate: F,
+    pub(crate) _input: PhantomData<fn(I)>,
+}
+
+impl<F: Clone, I> Clone for MergePartials<F, I> {
+    fn clone(&self) -> Self {
+        MergePartials {
+            aggregate: self.aggregate.clone(),
+            _input: PhantomData,
+        }
+    }
+}
+
+impl<K, I, A, R, F> AggregateFunction<WindowPartial<K, A>, A, R> for MergePartials<F, I>
+where
+    I: 'static,
+    F: AggregateFunction<I, A, R>,
+{
+    fn create_accumulator(&self) -> A {
+        self.aggregate.create_accumulator()
+    }
+    #[inline]
+    fn add(&self, partial: WindowPartial<K, A>, accumulator: &mut A) {
+        let current = std::mem::replace(accumulator, self.aggregate.create_accumulator());
+        *accumulator = self.aggregate.merge(current, partial.accumulator);
+    }
+    fn get_result(&self, accumulator: A) -> R {
+        self.aggregate.get_result(accumulator)
+    }
+    fn merge(&self, first: A, second: A) -> A {
+        self.aggregate.merge(first, second)
+    }
+}
+
 /// What the window operator does with a window's contents: an aggregate
 /// function followed by a window function.
 pub(crate) struct WindowAggregation<K, I, A, R, O, F, W> {
@@ -917,6 +1147,117 @@ mod tests {
             &context,
             Box::new(Emitted(emitted.clone())),
         )
+    }
+
+    /// The two phases of a window aggregation over `assigner`: the local
+    /// phase feeding the global one directly (one subtask, so the shuffle
+    /// between them changes nothing).
+    fn two_phase_summing_operator(
+        assigner: WindowAssigner,
+        allowed_lateness: i64,
+        emitted: &Emissions,
+        key: fn(&u64) -> u64,
+    ) -> impl Output<u64> {
+        let context = OperatorContext {
+            operator_name: "window".to_string(),
+            subtask_index: 0,
+            parallelism: 1,
+            max_parallelism: 128,
+            key_groups: crate::key::KeyGroupRange::for_subtask(128, 1, 0),
+            accumulators: Default::default(),
+            chain_position: 0,
+            tracker: Default::default(),
+            operator_id: "1:window".to_string(),
+            restore: Default::default(),
+            committables: Default::default(),
+        };
+        let global = WindowOperator::new(
+            Arc::new(|partial: &WindowPartial<u64, u64>| partial.key),
+            assigner,
+            allowed_lateness,
+            WindowAggregation {
+                aggregate: MergePartials {
+                    aggregate: Sum,
+                    _input: PhantomData::<fn(u64)>,
+                },
+                window_function: Arc::new(
+                    |_: &u64, _: &TimeWindow, sum: u64, out: &mut dyn Collector<u64>| {
+                        out.collect(sum)
+                    },
+                ),
+                _types: PhantomData,
+            },
+            ValueCodec::record(),
+            &context,
+            Box::new(Emitted(emitted.clone())),
+        );
+        LocalWindowAggregate::new(
+            Arc::new(key),
+            Sum,
+            assigner.panes().expect("the assigner has panes"),
+            "window".to_string(),
+            Box::new(global),
+        )
+    }
+
+    #[test]
+    fn two_phase_aggregation_emits_what_one_phase_does() {
+        // Records in rough time order with some late ones, watermarks
+        // every few records, and the input turning idle and active (which
+        // ships the local phase early, as a checkpoint barrier does).
+        let key = |value: &u64| value % 7;
+        let assigners = [
+            WindowAssigner::tumbling(Duration::from_millis(100)),
+            WindowAssigner::sliding(Duration::from_millis(100), Duration::from_millis(20)),
+        ];
+        for assigner in assigners {
+            for allowed_lateness in [0, 50] {
+                let (one, two) = (Emissions::default(), Emissions::default());
+                let mut one_phase = summing_operator_from(
+                    assigner,
+                    allowed_lateness,
+                    &one,
+                    Default::default(),
+                    key,
+                );
+                let mut two_phase =
+                    two_phase_summing_operator(assigner, allowed_lateness, &two, key);
+                let mut state = 42u64;
+                for index in 0..3000u64 {
+                    state = state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    let jitter = ((state >> 33) % 120) as i64;
+                    let timestamp = (index as i64) * 2 - jitter;
+                    let value = state >> 40;
+                    one_phase.push(value, timestamp);
+                    two_phase.push(value, timestamp);
+                    if index % 17 == 0 {
+                        let watermark = (index as i64) * 2 - 60;
+                        one_phase.watermark(watermark);
+                        two_phase.watermark(watermark);
+                    }
+                    if index % 500 == 0 {
+                        two_phase.idle(true);
+                        two_phase.idle(false);
+                    }
+                }
+                one_phase.watermark(crate::time::MAX_WATERMARK);
+                two_phase.end_of_input();
+                two_phase.watermark(crate::time::MAX_WATERMARK);
+                let sorted = |emissions: &Emissions| {
+                    let mut rows = emissions.borrow().clone();
+                    rows.sort();
+                    rows
+                };
+                assert!(!one.borrow().is_empty());
+                assert_eq!(
+                    sorted(&one),
+                    sorted(&two),
+                    "{assigner:?}, allowed lateness {allowed_lateness}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -1627,7 +1627,7 @@ fn operators_with_their_own_parallelism_give_the_same_results() {
         shape,
         [
             ("numbers", 1),
-            ("double -> not divisible by 3", 2),
+            ("double -> not divisible by 3 -> Local Window Aggregate", 2),
             ("counts", 1),
             ("sink", 2)
         ]
@@ -1686,7 +1686,12 @@ fn disable_chaining_and_slot_sharing_groups_change_the_job_graph_not_the_results
         assert_eq!(
             vertices(CHAINED_PROGRAM),
             owned(&[
-                ("numbers -> double -> not divisible by 3", "default"),
+                // The window aggregate's local phase chains before the
+                // shuffle, its global phase after.
+                (
+                    "numbers -> double -> not divisible by 3 -> Local Window Aggregate",
+                    "default",
+                ),
                 ("counts -> sink", "default"),
             ])
         );
@@ -1695,7 +1700,7 @@ fn disable_chaining_and_slot_sharing_groups_change_the_job_graph_not_the_results
             owned(&[
                 ("numbers", "default"),
                 ("double", "default"),
-                ("not divisible by 3", "default"),
+                ("not divisible by 3 -> Local Window Aggregate", "default"),
                 ("counts -> sink", "default"),
             ])
         );
@@ -1704,7 +1709,10 @@ fn disable_chaining_and_slot_sharing_groups_change_the_job_graph_not_the_results
             owned(&[
                 ("numbers", "default"),
                 // Operators after "double" name no group: they inherit its.
-                ("double -> not divisible by 3", "isolated"),
+                (
+                    "double -> not divisible by 3 -> Local Window Aggregate",
+                    "isolated"
+                ),
                 ("counts -> sink", "isolated"),
             ])
         );
