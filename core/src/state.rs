@@ -175,6 +175,17 @@ impl<K: Key, V: Clone + 'static> StateTable<K, V> {
         self.groups.iter().map(|group| group.len()).sum()
     }
 
+    /// Visits every key and its value, over all key groups, keeping those
+    /// for which `keep` returns true. Each key group is copied first if a
+    /// snapshot still shares it, as for any write.
+    pub fn retain(&mut self, mut keep: impl FnMut(&K, &mut V) -> bool) {
+        for group in &mut self.groups {
+            if !group.is_empty() {
+                Rc::make_mut(group).retain(|key, value| keep(key, value));
+            }
+        }
+    }
+
     /// Every key and its value, over all key groups.
     pub fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
         self.groups.iter().flat_map(|group| group.iter())

@@ -38,8 +38,8 @@ use crate::source::{CollectionSource, Source};
 use crate::state::ValueCodec;
 use crate::time::{Timestamp, WatermarkStrategy};
 use crate::window::{
-    AggregateFunction, LocalWindowAggregate, MergePartials, TimeWindow, WindowAggregation,
-    WindowAssigner, WindowJoinHead, WindowOperator, WindowPartial,
+    AggregateFunction, LocalWindowAggregate, MergePartials, SlicingWindowOperator, TimeWindow,
+    WindowAggregation, WindowAssigner, WindowJoinHead, WindowOperator, WindowPartial,
 };
 
 /// Where a job is built: holds the StreamGraph and the job's defaults.
@@ -616,6 +616,34 @@ impl<K: Key, T: Record> WindowedStream<K, T> {
         }
         let partials: DataStream<WindowPartial<K, A>> = DataStream::new(env, local);
         let keyed_partials = partials.key_by(|partial: &WindowPartial<K, A>| partial.key.clone());
+        if allowed_lateness == 0 {
+            let window_function = Arc::new(window_function);
+            let size = assigner.window_size();
+            let env = keyed_partials.stream.env.clone();
+            let node = env.add_one_input::<WindowPartial<K, A>, O, _>(
+                keyed_partials.stream.node,
+                keyed_partials.stream.partitioning.clone(),
+                "Window",
+                move |context, next| {
+                    SlicingWindowOperator::new(
+                        size,
+                        panes,
+                        WindowAggregation {
+                            aggregate: MergePartials {
+                                aggregate: aggregate.clone(),
+                                _input: PhantomData,
+                            },
+                            window_function: window_function.clone(),
+                            _types: PhantomData,
+                        },
+                        ValueCodec::record(),
+                        context,
+                        next,
+                    )
+                },
+            );
+            return DataStream::new(env, node);
+        }
         WindowedStream {
             keyed: keyed_partials,
             assigner,

@@ -176,6 +176,13 @@ impl WindowAssigner {
     /// pane's last millisecond holds the whole pane, and only those windows
     /// hold any of it. `None` for sessions and for sliding windows whose
     /// size is not a multiple of the slide.
+    pub(crate) fn window_size(&self) -> i64 {
+        match *self {
+            WindowAssigner::Tumbling { size, .. } | WindowAssigner::Sliding { size, .. } => size,
+            WindowAssigner::Session { gap } => gap,
+        }
+    }
+
     pub(crate) fn panes(&self) -> Option<(i64, i64)> {
         match *self {
             WindowAssigner::Tumbling { size, offset } => Some((size, offset)),
@@ -215,11 +222,12 @@ pub(crate) struct LocalWindowAggregate<K, I, A, R, F> {
     /// Pane size and offset (see [`WindowAssigner::panes`]).
     pub(crate) pane_size: i64,
     pub(crate) pane_offset: i64,
-    /// Open panes by start, each with its keys' accumulators.
-    pub(crate) panes: std::collections::BTreeMap<i64, rustc_hash::FxHashMap<K, A>>,
-    /// The pane of the previous record, `[start, end)`: most records fall
-    /// in the same pane as the one before.
-    pub(crate) current: (i64, i64),
+    /// Open panes, each with its keys' accumulators, in ascending start
+    /// order (a handful: the watermark ships the old ones).
+    pub(crate) panes: Vec<(i64, rustc_hash::FxHashMap<K, A>)>,
+    /// The pane of the previous record, `[start, end)`, and its index in
+    /// `panes`: most records fall in the same pane as the one before.
+    pub(crate) current: (i64, i64, usize),
     /// Emptied pane maps, kept for their capacity.
     pub(crate) spare: Vec<rustc_hash::FxHashMap<K, A>>,
     pub(crate) entries: usize,
@@ -242,8 +250,8 @@ impl<K, I, A, R, F> LocalWindowAggregate<K, I, A, R, F> {
             aggregate,
             pane_size,
             pane_offset,
-            panes: std::collections::BTreeMap::new(),
-            current: (0, 0),
+            panes: Vec::new(),
+            current: (0, 0, 0),
             spare: Vec::new(),
             entries: 0,
             watermark: MIN_WATERMARK,
@@ -256,21 +264,25 @@ impl<K, I, A, R, F> LocalWindowAggregate<K, I, A, R, F> {
     /// Ships every pane that ends at or before `watermark` (all of them
     /// for `Timestamp::MAX`).
     fn ship_through(&mut self, watermark: Timestamp) {
-        while let Some(entry) = self.panes.first_entry() {
-            let last = entry.key().saturating_add(self.pane_size - 1);
-            if last > watermark {
-                break;
-            }
-            let mut pane = entry.remove();
+        let shipped = self
+            .panes
+            .iter()
+            .take_while(|(start, _)| start.saturating_add(self.pane_size - 1) <= watermark)
+            .count();
+        if shipped == 0 {
+            return;
+        }
+        for (start, mut pane) in self.panes.drain(..shipped) {
+            let last = start.saturating_add(self.pane_size - 1);
             self.entries -= pane.len();
             for (key, accumulator) in pane.drain() {
                 self.next.push(WindowPartial { key, accumulator }, last);
             }
             self.spare.push(pane);
-            // The cached pane may be the one shipped: judge the next
-            // record's pane afresh.
-            self.current = (0, 0);
         }
+        // The cached pane may be one shipped, and the indices moved:
+        // judge the next record's pane afresh.
+        self.current = (0, 0, 0);
     }
 }
 
@@ -287,10 +299,10 @@ where
             self.operator_name
         );
         let key = (self.key_selector)(&record);
-        let (mut start, mut end) = self.current;
+        let (start, end, mut index) = self.current;
         if timestamp < start || timestamp >= end {
-            start = timestamp - (timestamp - self.pane_offset).rem_euclid(self.pane_size);
-            end = start + self.pane_size;
+            let start = timestamp - (timestamp - self.pane_offset).rem_euclid(self.pane_size);
+            let end = start + self.pane_size;
             if end - 1 <= self.watermark {
                 // Late here: ship it alone, for the global phase to judge.
                 let mut accumulator = self.aggregate.create_accumulator();
@@ -298,15 +310,22 @@ where
                 self.next.push(WindowPartial { key, accumulator }, end - 1);
                 return;
             }
-            self.current = (start, end);
+            index = match self
+                .panes
+                .iter()
+                .rposition(|(existing, _)| *existing <= start)
+            {
+                Some(found) if self.panes[found].0 == start => found,
+                found => {
+                    let at = found.map_or(0, |found| found + 1);
+                    let spare = self.spare.pop().unwrap_or_default();
+                    self.panes.insert(at, (start, spare));
+                    at
+                }
+            };
+            self.current = (start, end, index);
         }
-        let pane = match self.panes.get_mut(&start) {
-            Some(pane) => pane,
-            None => {
-                let spare = self.spare.pop().unwrap_or_default();
-                self.panes.entry(start).or_insert(spare)
-            }
-        };
+        let pane = &mut self.panes[index].1;
         match pane.get_mut(&key) {
             Some(accumulator) => self.aggregate.add(record, accumulator),
             None => {
@@ -346,6 +365,364 @@ where
     }
     fn snapshot(&mut self, barrier: &CheckpointBarrier, snapshot: &mut TaskSnapshot) {
         self.ship_through(Timestamp::MAX);
+        self.next.snapshot(barrier, snapshot);
+    }
+    fn checkpoint_complete(&mut self, checkpoint_id: u64) {
+        self.next.checkpoint_complete(checkpoint_id);
+    }
+}
+
+/// A key's panes in the global phase of a two-phase window aggregation.
+#[derive(Clone)]
+pub(crate) struct KeyPanes<A> {
+    /// Every window of this key that ends at or before this has fired
+    /// (so that windows fired before a checkpoint do not fire again after
+    /// a restore).
+    fired_through: Timestamp,
+    /// `(pane start, accumulator)`, in ascending start order.
+    panes: smallvec::SmallVec<[(Timestamp, A); 2]>,
+}
+
+/// How a key's panes go into a checkpoint.
+fn key_panes_codec<A: 'static>(accumulator: ValueCodec<A>) -> ValueCodec<KeyPanes<A>> {
+    let write = accumulator.write.clone();
+    let read = accumulator.read;
+    ValueCodec::new(
+        move |key_panes: &KeyPanes<A>, writer| {
+            writer.put_i64(key_panes.fired_through);
+            writer.put_u32(key_panes.panes.len() as u32);
+            for (start, value) in &key_panes.panes {
+                writer.put_i64(*start);
+                write(value, writer)?;
+            }
+            Ok(())
+        },
+        move |reader| {
+            let fired_through = reader.i64()?;
+            let count = reader.u32()?;
+            let panes = (0..count)
+                .map(|_| Ok((reader.i64()?, read(reader)?)))
+                .collect::<Result<_, String>>()?;
+            Ok(KeyPanes {
+                fired_through,
+                panes,
+            })
+        },
+    )
+}
+
+/// The name of the slicing window operator's state in snapshots.
+const WINDOW_PANES_STATE: &str = "window-panes";
+
+/// One pane of the slicing window operator: per key group of the
+/// subtask, its keys' accumulators, each map shared copy-on-write with
+/// the snapshots taken of it.
+type PaneGroups<K, A> = Vec<std::rc::Rc<rustc_hash::FxHashMap<K, A>>>;
+
+/// The global phase of a two-phase window aggregation without allowed
+/// lateness (Flink SQL's slicing window aggregate). State is held per pane
+/// and key group, not per window: a partial is merged once whatever the
+/// number of windows holding its pane, and firing a window touches only
+/// the panes of that window, however far ahead of the watermark other
+/// panes are. When the watermark passes a window's end, its panes are
+/// merged per key (a single pane is emitted as it is), the results are
+/// emitted, and the oldest pane, which no later window holds, is dropped.
+/// No timers: the panes held and the watermark say what fires.
+///
+/// Snapshots are keyed state like any other operator's (by key group, so
+/// a job restores at another parallelism): per key, its panes and the end
+/// through which its windows have fired, so that a restored operator does
+/// not fire them again.
+pub(crate) struct SlicingWindowOperator<K, A, R, O, F, W> {
+    pub(crate) aggregation: WindowAggregation<K, WindowPartial<K, A>, A, R, O, F, W>,
+    pub(crate) size: i64,
+    pub(crate) pane_size: i64,
+    pub(crate) pane_offset: i64,
+    /// Only for key groups and their keys' group indices.
+    pub(crate) store: KeyedStateStore<K>,
+    pub(crate) codec: ValueCodec<KeyPanes<A>>,
+    /// Open panes by start.
+    pub(crate) panes: std::collections::BTreeMap<Timestamp, PaneGroups<K, A>>,
+    /// Per key group: every window ending at or before this has fired for
+    /// its keys (restored; the minimum otherwise).
+    pub(crate) group_fired_end: Vec<Timestamp>,
+    /// Every window ending at or before this has fired (or was empty).
+    pub(crate) fired_end: Timestamp,
+    pub(crate) watermark: Timestamp,
+    /// Scratch: one window's results per key, merged from its panes.
+    pub(crate) merged: rustc_hash::FxHashMap<K, A>,
+    pub(crate) next: Box<dyn Output<O>>,
+    pub(crate) operator_name: String,
+    pub(crate) context: OperatorContext,
+}
+
+impl<K, A, R, O, F, W> SlicingWindowOperator<K, A, R, O, F, W>
+where
+    K: Key,
+    A: Clone + 'static,
+    F: AggregateFunction<WindowPartial<K, A>, A, R>,
+    W: Fn(&K, &TimeWindow, R, &mut dyn Collector<O>),
+{
+    pub(crate) fn new(
+        size: i64,
+        (pane_size, pane_offset): (i64, i64),
+        aggregation: WindowAggregation<K, WindowPartial<K, A>, A, R, O, F, W>,
+        accumulator: ValueCodec<A>,
+        context: &OperatorContext,
+        next: Box<dyn Output<O>>,
+    ) -> Self {
+        let codec = key_panes_codec(accumulator);
+        let mut store = KeyedStateStore::new(context.key_groups, context.max_parallelism);
+        let group_count = context.key_groups.count();
+        let mut operator = SlicingWindowOperator {
+            aggregation,
+            size,
+            pane_size,
+            pane_offset,
+            store: KeyedStateStore::new(context.key_groups, context.max_parallelism),
+            codec: codec.clone(),
+            panes: std::collections::BTreeMap::new(),
+            group_fired_end: vec![MIN_WATERMARK; group_count],
+            fired_end: MIN_WATERMARK,
+            watermark: MIN_WATERMARK,
+            merged: Default::default(),
+            next,
+            operator_name: context.operator_name.clone(),
+            context: context.clone(),
+        };
+        if let Some(restored) = context.take_restored() {
+            // Read the snapshot as the keyed state it is, then spread each
+            // key's panes over the pane maps.
+            let table = store.table_index::<KeyPanes<A>>(WINDOW_PANES_STATE, codec);
+            store
+                .restore_without_timers(&restored.key_groups)
+                .unwrap_or_else(|error| context.restore_failed(&error));
+            for (key, key_panes) in store.table::<KeyPanes<A>>(table).iter() {
+                let group = operator.store.group_index(key);
+                let fired = &mut operator.group_fired_end[group];
+                *fired = (*fired).max(key_panes.fired_through);
+                for (start, accumulator) in &key_panes.panes {
+                    let groups = operator
+                        .panes
+                        .entry(*start)
+                        .or_insert_with(|| new_pane_groups(group_count));
+                    std::rc::Rc::make_mut(&mut groups[group])
+                        .insert(key.clone(), accumulator.clone());
+                }
+            }
+        }
+        operator
+    }
+
+    /// The largest window end `e` (on the pane grid) with `e - 1 <= watermark`.
+    fn last_end_through(&self, watermark: Timestamp) -> Timestamp {
+        let bound = watermark.saturating_add(1);
+        bound - (bound - self.pane_offset).rem_euclid(self.pane_size)
+    }
+
+    /// Fires the window ending at `end` for every key that holds a pane of
+    /// it, and drops the oldest pane, which no later window holds.
+    fn fire(&mut self, end: Timestamp) {
+        let start = end - self.size;
+        let next_start = start + self.pane_size;
+        let window = TimeWindow { start, end };
+        let mut out = TimestampedCollector {
+            output: &mut *self.next,
+            timestamp: window.max_timestamp(),
+        };
+        let aggregate = &self.aggregation.aggregate;
+        let window_function = &self.aggregation.window_function;
+        let group_fired_end = &self.group_fired_end;
+        let skip = |group: usize| group_fired_end[group] >= end;
+        let held: Vec<Timestamp> = self
+            .panes
+            .range(start..end)
+            .map(|(start, _)| *start)
+            .collect();
+        if let [only] = held[..] {
+            // One pane: emit it as it is (moved out when no later window
+            // holds it).
+            let last_use = only < next_start;
+            let groups = self.panes.get_mut(&only).expect("a held pane");
+            for (group, map) in groups.iter_mut().enumerate() {
+                if map.is_empty() || skip(group) {
+                    continue;
+                }
+                if last_use {
+                    for (key, accumulator) in std::mem::take(std::rc::Rc::make_mut(map)) {
+                        window_function(&key, &window, aggregate.get_result(accumulator), &mut out);
+                    }
+                } else {
+                    for (key, accumulator) in map.iter() {
+                        let result = aggregate.get_result(accumulator.clone());
+                        window_function(key, &window, result, &mut out);
+                    }
+                }
+            }
+        } else {
+            let merged = &mut self.merged;
+            for pane_start in &held {
+                let groups = &self.panes[pane_start];
+                for (group, map) in groups.iter().enumerate() {
+                    if skip(group) {
+                        continue;
+                    }
+                    for (key, accumulator) in map.iter() {
+                        match merged.get_mut(key) {
+                            Some(sum) => {
+                                let current =
+                                    std::mem::replace(sum, aggregate.create_accumulator());
+                                *sum = aggregate.merge(current, accumulator.clone());
+                            }
+                            None => {
+                                merged.insert(key.clone(), accumulator.clone());
+                            }
+                        }
+                    }
+                }
+            }
+            for (key, accumulator) in merged.drain() {
+                window_function(&key, &window, aggregate.get_result(accumulator), &mut out);
+            }
+        }
+        self.panes = self.panes.split_off(&next_start);
+    }
+}
+
+/// A pane's empty maps, one per key group.
+fn new_pane_groups<K, A>(group_count: usize) -> PaneGroups<K, A> {
+    (0..group_count).map(|_| std::rc::Rc::default()).collect()
+}
+
+/// A snapshot of the slicing window operator, in the layout of a keyed
+/// state store with one table ([`WINDOW_PANES_STATE`]) and no timers.
+struct PanesCapture<K, A> {
+    key_groups: crate::key::KeyGroupRange,
+    panes: Vec<(Timestamp, PaneGroups<K, A>)>,
+    fired_end: Vec<Timestamp>,
+    codec: ValueCodec<KeyPanes<A>>,
+}
+
+impl<K: Key, A: Clone + 'static> crate::snapshot::KeyedCapture for PanesCapture<K, A> {
+    fn group_count(&self) -> usize {
+        self.key_groups.count()
+    }
+
+    fn serialize_group(&self, group_index: usize) -> Result<Option<(u32, Vec<u8>)>, String> {
+        let mut keys: rustc_hash::FxHashMap<&K, KeyPanes<A>> = Default::default();
+        for (start, groups) in &self.panes {
+            for (key, accumulator) in groups[group_index].iter() {
+                keys.entry(key)
+                    .or_insert_with(|| KeyPanes {
+                        fired_through: self.fired_end[group_index],
+                        panes: smallvec::SmallVec::new(),
+                    })
+                    .panes
+                    .push((*start, accumulator.clone()));
+            }
+        }
+        if keys.is_empty() {
+            return Ok(None);
+        }
+        let mut writer = StateWriter::default();
+        writer.put_u32(1);
+        writer.put_str(WINDOW_PANES_STATE);
+        writer.put_u32(keys.len() as u32);
+        for (key, key_panes) in &keys {
+            key.write_value(&mut writer)?;
+            (self.codec.write)(key_panes, &mut writer)?;
+        }
+        // No timers.
+        writer.put_u32(0);
+        Ok(Some((
+            self.key_groups.start + group_index as u32,
+            writer.bytes,
+        )))
+    }
+}
+
+impl<K, A, R, O, F, W> Output<WindowPartial<K, A>> for SlicingWindowOperator<K, A, R, O, F, W>
+where
+    K: Key,
+    A: Clone + 'static,
+    F: AggregateFunction<WindowPartial<K, A>, A, R>,
+    W: Fn(&K, &TimeWindow, R, &mut dyn Collector<O>),
+{
+    fn push(&mut self, partial: WindowPartial<K, A>, timestamp: Timestamp) {
+        assert!(
+            timestamp != NO_TIMESTAMP,
+            "window operator '{}' received a record without a timestamp",
+            self.operator_name
+        );
+        let pane_start = timestamp - (timestamp - self.pane_offset).rem_euclid(self.pane_size);
+        if pane_start + self.size - 1 <= self.watermark {
+            // Every window holding the pane is late: dropped, as the
+            // records themselves would be.
+            return;
+        }
+        let group = self.store.group_index(&partial.key);
+        let group_count = self.group_fired_end.len();
+        let groups = self
+            .panes
+            .entry(pane_start)
+            .or_insert_with(|| new_pane_groups(group_count));
+        let map = std::rc::Rc::make_mut(&mut groups[group]);
+        let aggregate = &self.aggregation.aggregate;
+        match map.get_mut(&partial.key) {
+            Some(accumulator) => aggregate.add(partial, accumulator),
+            None => {
+                let key = partial.key.clone();
+                let mut accumulator = aggregate.create_accumulator();
+                aggregate.add(partial, &mut accumulator);
+                map.insert(key, accumulator);
+            }
+        }
+    }
+
+    fn watermark(&mut self, watermark: Timestamp) {
+        self.watermark = watermark;
+        let last_end = self.last_end_through(watermark);
+        while let Some((&first_pane, _)) = self.panes.first_key_value() {
+            // The next window to fire: after the last one fired, and no
+            // earlier than the first window holding the oldest pane.
+            let end = self
+                .fired_end
+                .saturating_add(self.pane_size)
+                .max(first_pane + self.pane_size);
+            if end > last_end {
+                break;
+            }
+            self.fire(end);
+            self.fired_end = end;
+        }
+        self.fired_end = self.fired_end.max(last_end);
+        self.next.watermark(watermark);
+    }
+    fn idle(&mut self, idle: bool) {
+        self.next.idle(idle);
+    }
+    fn flush(&mut self) {
+        self.next.flush();
+    }
+    fn end_of_input(&mut self) {
+        self.next.end_of_input();
+    }
+    fn snapshot(&mut self, barrier: &CheckpointBarrier, snapshot: &mut TaskSnapshot) {
+        let capture = PanesCapture {
+            key_groups: self.store.key_groups(),
+            panes: self
+                .panes
+                .iter()
+                .map(|(start, groups)| (*start, groups.clone()))
+                .collect(),
+            fired_end: self
+                .group_fired_end
+                .iter()
+                .map(|group| (*group).max(self.fired_end))
+                .collect(),
+            codec: self.codec.clone(),
+        };
+        snapshot.add(self.context.capture(Some(Box::new(capture)), Vec::new()));
         self.next.snapshot(barrier, snapshot);
     }
     fn checkpoint_complete(&mut self, checkpoint_id: u64) {
@@ -778,12 +1155,21 @@ pub(crate) struct WindowJoinHead<K, L, R, O, J> {
     pub(crate) table: usize,
     pub(crate) timers: TimerService<K, TimeWindow>,
     pub(crate) watermark: Timestamp,
+    /// Scratch: the windows of the record being added.
+    pub(crate) windows: Vec<TimeWindow>,
     pub(crate) next: Box<dyn Output<O>>,
     pub(crate) operator_name: String,
     pub(crate) context: OperatorContext,
 }
 
-type JoinContents<L, R> = Vec<(TimeWindow, Vec<L>, Vec<R>)>;
+/// One side of a key's window in the join. Most keys hold one record a
+/// side in a window (a person and their auction), so one is kept inline
+/// rather than behind an allocation.
+type JoinSide<T> = smallvec::SmallVec<[T; 1]>;
+
+/// A key's windows in the join, each with its left and right records; one
+/// window inline (tumbling windows hold a key in one at a time).
+type JoinContents<L, R> = smallvec::SmallVec<[(TimeWindow, JoinSide<L>, JoinSide<R>); 1]>;
 
 impl<K, L, R, O, J> WindowJoinHead<K, L, R, O, J>
 where
@@ -825,11 +1211,11 @@ where
                             let left_count = reader.u32()?;
                             let lefts = (0..left_count)
                                 .map(|_| L::read_value(reader))
-                                .collect::<Result<Vec<_>, _>>()?;
+                                .collect::<Result<JoinSide<L>, _>>()?;
                             let right_count = reader.u32()?;
                             let rights = (0..right_count)
                                 .map(|_| R::read_value(reader))
-                                .collect::<Result<Vec<_>, _>>()?;
+                                .collect::<Result<JoinSide<R>, _>>()?;
                             Ok((window, lefts, rights))
                         })
                         .collect()
@@ -857,6 +1243,7 @@ where
             table,
             timers,
             watermark: MIN_WATERMARK,
+            windows: Vec::new(),
             next,
             operator_name: context.operator_name.clone(),
             context: context.clone(),
@@ -864,40 +1251,48 @@ where
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn add_to_join<K: Key, L: Record, R: Record, T: Clone>(
     store: &mut KeyedStateStore<K>,
     table: usize,
     timers: &mut TimerService<K, TimeWindow>,
     assigner: &WindowAssigner,
+    windows: &mut Vec<TimeWindow>,
     watermark: Timestamp,
     key: K,
     timestamp: Timestamp,
     record: T,
-    side: impl Fn(&mut (TimeWindow, Vec<L>, Vec<R>), T),
+    side: impl Fn(&mut (TimeWindow, JoinSide<L>, JoinSide<R>), T),
 ) {
+    windows.clear();
+    assigner.assign(timestamp, windows);
+    windows.retain(|window| window.max_timestamp() > watermark);
+    let Some((last, rest)) = windows.split_last() else {
+        return;
+    };
     let group = store.group_index(&key);
-    let mut windows = Vec::new();
-    assigner.assign(timestamp, &mut windows);
-    for window in windows {
-        if window.max_timestamp() <= watermark {
-            continue;
-        }
-        let entries = store
-            .table_mut::<JoinContents<L, R>>(table)
-            .get_or_insert_with(group, &key, Vec::new);
+    // One state lookup for the key, whatever the number of windows.
+    let entries = store
+        .table_mut::<JoinContents<L, R>>(table)
+        .get_or_insert_with(group, &key, JoinContents::new);
+    let mut add = |window: &TimeWindow, record: T| {
         let position = match entries
             .iter()
-            .position(|(existing, _, _)| *existing == window)
+            .position(|(existing, _, _)| existing == window)
         {
             Some(position) => position,
             None => {
-                entries.push((window, Vec::new(), Vec::new()));
-                timers.register(&key, &window, window.max_timestamp());
+                entries.push((*window, JoinSide::new(), JoinSide::new()));
+                timers.register(&key, window, window.max_timestamp());
                 entries.len() - 1
             }
         };
-        side(&mut entries[position], record.clone());
+        side(&mut entries[position], record);
+    };
+    for window in rest {
+        add(window, record.clone());
     }
+    add(last, record);
 }
 
 impl<K, L, R, O, J> TaskHead for WindowJoinHead<K, L, R, O, J>
@@ -915,11 +1310,12 @@ where
                 "window join '{operator_name}' received a record without a timestamp: give the source a WatermarkStrategy with a timestamp assigner"
             );
         };
-        let (store, table, timers, assigner, watermark) = (
+        let (store, table, timers, assigner, windows, watermark) = (
             &mut self.store,
             self.table,
             &mut self.timers,
             &self.assigner,
+            &mut self.windows,
             self.watermark,
         );
         if input == 0 {
@@ -932,6 +1328,7 @@ where
                     table,
                     timers,
                     assigner,
+                    windows,
                     watermark,
                     key,
                     timestamp,
@@ -949,6 +1346,7 @@ where
                     table,
                     timers,
                     assigner,
+                    windows,
                     watermark,
                     key,
                     timestamp,
@@ -1151,13 +1549,16 @@ mod tests {
 
     /// The two phases of a window aggregation over `assigner`: the local
     /// phase feeding the global one directly (one subtask, so the shuffle
-    /// between them changes nothing).
+    /// between them changes nothing). The global phase is the slicing
+    /// operator without allowed lateness, the window operator with it, as
+    /// the DataStream API builds them.
     fn two_phase_summing_operator(
         assigner: WindowAssigner,
         allowed_lateness: i64,
         emitted: &Emissions,
         key: fn(&u64) -> u64,
-    ) -> impl Output<u64> {
+        restore: crate::snapshot::TaskRestore,
+    ) -> LocalWindowAggregate<u64, u64, u64, u64, Sum> {
         let context = OperatorContext {
             operator_name: "window".to_string(),
             subtask_index: 0,
@@ -1168,36 +1569,41 @@ mod tests {
             chain_position: 0,
             tracker: Default::default(),
             operator_id: "1:window".to_string(),
-            restore: Default::default(),
+            restore: std::rc::Rc::new(std::cell::RefCell::new(restore)),
             committables: Default::default(),
         };
-        let global = WindowOperator::new(
-            Arc::new(|partial: &WindowPartial<u64, u64>| partial.key),
-            assigner,
-            allowed_lateness,
-            WindowAggregation {
-                aggregate: MergePartials {
-                    aggregate: Sum,
-                    _input: PhantomData::<fn(u64)>,
-                },
-                window_function: Arc::new(
-                    |_: &u64, _: &TimeWindow, sum: u64, out: &mut dyn Collector<u64>| {
-                        out.collect(sum)
-                    },
-                ),
-                _types: PhantomData,
+        let aggregation = WindowAggregation {
+            aggregate: MergePartials {
+                aggregate: Sum,
+                _input: PhantomData::<fn(u64)>,
             },
-            ValueCodec::record(),
-            &context,
-            Box::new(Emitted(emitted.clone())),
-        );
-        LocalWindowAggregate::new(
-            Arc::new(key),
-            Sum,
-            assigner.panes().expect("the assigner has panes"),
-            "window".to_string(),
-            Box::new(global),
-        )
+            window_function: Arc::new(
+                |_: &u64, _: &TimeWindow, sum: u64, out: &mut dyn Collector<u64>| out.collect(sum),
+            ),
+            _types: PhantomData,
+        };
+        let panes = assigner.panes().expect("the assigner has panes");
+        let global: Box<dyn Output<WindowPartial<u64, u64>>> = if allowed_lateness == 0 {
+            Box::new(SlicingWindowOperator::new(
+                assigner.window_size(),
+                panes,
+                aggregation,
+                ValueCodec::record(),
+                &context,
+                Box::new(Emitted(emitted.clone())),
+            ))
+        } else {
+            Box::new(WindowOperator::new(
+                Arc::new(|partial: &WindowPartial<u64, u64>| partial.key),
+                assigner,
+                allowed_lateness,
+                aggregation,
+                ValueCodec::record(),
+                &context,
+                Box::new(Emitted(emitted.clone())),
+            ))
+        };
+        LocalWindowAggregate::new(Arc::new(key), Sum, panes, "window".to_string(), global)
     }
 
     #[test]
@@ -1220,8 +1626,13 @@ mod tests {
                     Default::default(),
                     key,
                 );
-                let mut two_phase =
-                    two_phase_summing_operator(assigner, allowed_lateness, &two, key);
+                let mut two_phase = two_phase_summing_operator(
+                    assigner,
+                    allowed_lateness,
+                    &two,
+                    key,
+                    Default::default(),
+                );
                 let mut state = 42u64;
                 for index in 0..3000u64 {
                     state = state
@@ -1289,6 +1700,72 @@ mod tests {
         operator.push(4, 30);
         operator.watermark(crate::time::MAX_WATERMARK);
         assert_eq!(*emitted.borrow(), [(3, 129)]);
+    }
+
+    #[test]
+    fn a_restored_two_phase_aggregation_fires_each_window_once() {
+        // Windows of two panes: at the barrier, the panes of [150, 200)
+        // are held for [150, 250) after [100, 200) fired. The restored
+        // operator starts from the minimum watermark and must not fire
+        // [100, 200) again.
+        let by_digit: fn(&u64) -> u64 = |record| record % 10;
+        let sliding =
+            WindowAssigner::sliding(Duration::from_millis(100), Duration::from_millis(50));
+        let records: Vec<(u64, Timestamp)> =
+            (0..200).map(|index| (index, index as i64 * 3)).collect();
+        let uninterrupted = Emissions::default();
+        let mut operator =
+            summing_operator_from(sliding, 0, &uninterrupted, Default::default(), by_digit);
+        for (record, timestamp) in &records {
+            operator.push(*record, *timestamp);
+            if *record == 120 {
+                operator.watermark(200);
+            }
+        }
+        operator.watermark(crate::time::MAX_WATERMARK);
+
+        let before = Emissions::default();
+        let mut operator =
+            two_phase_summing_operator(sliding, 0, &before, by_digit, Default::default());
+        for (record, timestamp) in &records[..=120] {
+            operator.push(*record, *timestamp);
+        }
+        operator.watermark(200);
+        let barrier = CheckpointBarrier {
+            checkpoint_id: 1,
+            timestamp_ms: 0,
+            target: Default::default(),
+            is_savepoint: false,
+        };
+        let mut snapshot = TaskSnapshot::default();
+        operator.snapshot(&barrier, &mut snapshot);
+        operator.push(1_000, 500);
+        let serialized = snapshot.serialize().unwrap();
+        assert_eq!(serialized.len(), 1);
+        let mut restore = crate::snapshot::TaskRestore::default();
+        restore.operators.insert(
+            "1:window".to_string(),
+            crate::snapshot::OperatorRestore {
+                key_groups: serialized[0].key_groups.clone(),
+                operator_state: Vec::new(),
+            },
+        );
+        let after = Emissions::default();
+        let mut restored = two_phase_summing_operator(sliding, 0, &after, by_digit, restore);
+        for (record, timestamp) in &records[121..] {
+            restored.push(*record, *timestamp);
+        }
+        restored.watermark(crate::time::MAX_WATERMARK);
+        let mut resumed: Vec<_> = before
+            .borrow()
+            .iter()
+            .chain(after.borrow().iter())
+            .copied()
+            .collect();
+        let mut expected = uninterrupted.borrow().clone();
+        resumed.sort();
+        expected.sort();
+        assert_eq!(resumed, expected);
     }
 
     #[test]
