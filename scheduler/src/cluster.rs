@@ -42,7 +42,7 @@ use strom_net::control::{
 use strom_state::TaskStateHandle;
 
 use crate::messages::{JobId, NetworkCounts, SlotRef, SubtaskMetrics, ToJobManager, ToTaskManager};
-use crate::taskmanager::TaskManager;
+use crate::taskmanager::{SlotConfig, TaskManager};
 
 /// How long a connected TaskManager may take to send `Register`.
 pub const REGISTRATION_TIMEOUT: Duration = Duration::from_secs(10);
@@ -590,6 +590,8 @@ pub struct TaskManagerConfig {
     pub registration_timeout: Duration,
     /// How long the JobManager may stay silent before it counts as lost.
     pub heartbeat_timeout: Duration,
+    /// Busy-polling of idle slots (see [`SlotConfig::busy_poll`]).
+    pub busy_poll: Option<Duration>,
 }
 
 /// Runs a TaskManager until its JobManager tells it to shut down; returns
@@ -653,8 +655,11 @@ fn serve_job_manager(programs: &[Program], config: &TaskManagerConfig) -> Result
     let task_manager = TaskManager::start(
         id as usize,
         programs.to_vec(),
-        config.slot_count,
-        config.cpus.clone(),
+        SlotConfig {
+            count: config.slot_count,
+            cpus: config.cpus.clone(),
+            busy_poll: config.busy_poll,
+        },
         Some(config.data_bind),
         config.secret.clone(),
         reports.clone(),

@@ -13,7 +13,7 @@ use crate::messages::{
     JobEvent, JobId, JobResult, JobStatus, JobSubmission, TaskManagerStatus, ToJobManager,
     ToTaskManager,
 };
-use crate::taskmanager::{allowed_cpus, TaskManager};
+use crate::taskmanager::{allowed_cpus, SlotConfig, TaskManager};
 
 /// How to size the mini-cluster.
 #[derive(Clone, Debug)]
@@ -24,6 +24,8 @@ pub struct LocalClusterConfig {
     /// each gets a network service on loopback and its own CPUs, and
     /// channels between them cross TCP as between machines.
     pub task_manager_count: u32,
+    /// Busy-polling of idle slots (see [`SlotConfig::busy_poll`]).
+    pub busy_poll: Option<std::time::Duration>,
 }
 
 impl LocalClusterConfig {
@@ -32,6 +34,7 @@ impl LocalClusterConfig {
         LocalClusterConfig {
             slot_count,
             task_manager_count: 1,
+            busy_poll: None,
         }
     }
 }
@@ -128,8 +131,11 @@ impl LocalCluster {
             let task_manager = TaskManager::start(
                 index,
                 programs.clone(),
-                config.slot_count,
-                own_cpus,
+                SlotConfig {
+                    count: config.slot_count,
+                    cpus: own_cpus,
+                    busy_poll: config.busy_poll,
+                },
                 networked.then(|| SocketAddr::from(([127, 0, 0, 1], 0))),
                 None,
                 job_manager_sender.clone(),

@@ -107,21 +107,41 @@ pub fn allowed_cpus() -> Vec<usize> {
     cpus
 }
 
+/// A TaskManager's slots.
+#[derive(Clone, Debug, Default)]
+pub struct SlotConfig {
+    pub count: u32,
+    /// The CPUs of the slots (slot `i` on the `i`-th, round robin); empty:
+    /// the CPUs this process may use.
+    pub cpus: Vec<usize>,
+    /// Busy-polling: an idle slot spins this long before it parks its
+    /// thread, so that the next element finds it awake instead of waking
+    /// it (tens of microseconds on a VM), and a source whose next record is
+    /// due within 200 µs polls again instead of setting a timer. Costs a
+    /// core per slot while the slot is idle. The network service still
+    /// parks: it needs a core of its own to spin. `None`: park at once.
+    pub busy_poll: Option<Duration>,
+}
+
 impl TaskManager {
-    /// Starts `slot_count` slots, slot `i` pinned to the `i`-th of `cpus`
+    /// Starts the slots, slot `i` pinned to the `i`-th of the slots' CPUs
     /// (round robin when there are more slots than CPUs), and, with a
     /// `data_bind` address, the network service that connects it to other
     /// TaskManagers (proving `secret` to them, and requiring it of them).
     pub fn start(
         id: usize,
         programs: Vec<Program>,
-        slot_count: u32,
-        cpus: Vec<usize>,
+        slot_config: SlotConfig,
         data_bind: Option<SocketAddr>,
         secret: Option<Vec<u8>>,
         job_manager: Sender<ToJobManager>,
         inbox_sender: Sender<ToTaskManager>,
     ) -> Result<TaskManager, String> {
+        let SlotConfig {
+            count: slot_count,
+            cpus,
+            busy_poll,
+        } = slot_config;
         let cpus = if cpus.is_empty() {
             allowed_cpus()
         } else {
@@ -135,11 +155,18 @@ impl TaskManager {
             let cpu = cpus[index % cpus.len()];
             let (commands, command_inbox) = mpsc::channel();
             let (ready, slot_ready) = mpsc::channel();
-            let thread = LocalExecutorBuilder::new(Placement::Fixed(cpu))
+            let mut builder = LocalExecutorBuilder::new(Placement::Fixed(cpu))
                 .name(&format!("strom-slot-{index}"))
                 .io_memory(SLOT_IO_MEMORY_BYTES)
-                .preempt_timer(SLOT_PREEMPT_INTERVAL)
-                .spawn(move || slot_main(command_inbox, ready))
+                .preempt_timer(SLOT_PREEMPT_INTERVAL);
+            if let Some(spin) = busy_poll {
+                builder = builder.spin_before_park(spin);
+            }
+            let thread = builder
+                .spawn(move || {
+                    crate::task::set_busy_polling(busy_poll.is_some());
+                    slot_main(command_inbox, ready)
+                })
                 .map_err(|error| format!("cannot start slot {index} on CPU {cpu}: {error}"))?;
             // An executor that cannot set up its io_uring dies in its thread;
             // wait for the slot to say it runs, so that a job is never

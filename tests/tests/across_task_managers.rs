@@ -20,6 +20,7 @@ fn nexmark_answers_across_two_task_managers_of_one_slot_each() {
         LocalClusterConfig {
             slot_count: 1,
             task_manager_count: 2,
+            busy_poll: None,
         },
     )
     .expect("two TaskManagers");

@@ -140,6 +140,7 @@ fn q1_at_parallelism_2_allocates_nothing_per_record_across_slots_and_task_manage
         LocalClusterConfig {
             slot_count: 1,
             task_manager_count: 2,
+            busy_poll: None,
         },
         "across TaskManagers",
     );

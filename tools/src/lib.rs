@@ -161,6 +161,13 @@ fn command(programs: &[Program]) -> Command {
                 )
                 .arg(
                     duration_arg("heartbeat-timeout", "5s", "A JobManager silent this long is lost: the TaskManager stops its subtasks and registers again"),
+                )
+                .arg(
+                    Arg::new("busy-poll")
+                        .long("busy-poll")
+                        .value_name("DURATION")
+                        .value_parser(strom_core::config::parse_duration)
+                        .help("Busy-poll: an idle slot spins this long before it sleeps, so that the next record finds it awake (microseconds instead of a wake-up); costs a core per slot while idle. Default: sleep at once"),
                 ),
         )
         .subcommand(
@@ -701,6 +708,7 @@ fn run_taskmanager(programs: &[Program], matches: &ArgMatches) -> ExitCode {
         heartbeat_timeout: *matches
             .get_one::<std::time::Duration>("heartbeat-timeout")
             .expect("a default"),
+        busy_poll: matches.get_one::<std::time::Duration>("busy-poll").copied(),
     };
     match run_task_manager(programs.to_vec(), config) {
         Ok(()) => {

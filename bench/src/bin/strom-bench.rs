@@ -113,6 +113,11 @@ enum Harness {
         /// Print JSON instead of tables.
         #[arg(long)]
         json: bool,
+        /// Busy-poll: idle slots and network services spin this long
+        /// before they sleep (as `strom taskmanager --busy-poll`); the CPU
+        /// it costs is printed. Default: they sleep at once.
+        #[arg(long, value_parser = strom_core::config::parse_duration)]
+        busy_poll: Option<Duration>,
     },
     /// A TaskManager process of `latency --placements processes` (started
     /// by it, not by hand).
@@ -122,6 +127,8 @@ enum Harness {
         job_manager: String,
         #[arg(long)]
         cpu: usize,
+        #[arg(long, value_parser = strom_core::config::parse_duration)]
+        busy_poll: Option<Duration>,
     },
 }
 
@@ -183,15 +190,22 @@ const TASK_MANAGER_PROCESS_TIMEOUT: Duration = Duration::from_secs(20);
 const PROCESS_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl LatencyCluster {
-    fn start(placement: LatencyPlacement) -> anyhow::Result<LatencyCluster> {
+    fn start(
+        placement: LatencyPlacement,
+        busy_poll: Option<Duration>,
+    ) -> anyhow::Result<LatencyCluster> {
         let config = match placement {
-            LatencyPlacement::Slots => LocalClusterConfig::slots(2),
+            LatencyPlacement::Slots => LocalClusterConfig {
+                busy_poll,
+                ..LocalClusterConfig::slots(2)
+            },
             LatencyPlacement::TaskManagers => LocalClusterConfig {
                 slot_count: 1,
                 task_manager_count: 2,
+                busy_poll,
             },
             LatencyPlacement::Processes => {
-                return Ok(LatencyCluster::Processes(ProcessCluster::start()?))
+                return Ok(LatencyCluster::Processes(ProcessCluster::start(busy_poll)?))
             }
         };
         Ok(LatencyCluster::Local(
@@ -244,7 +258,7 @@ impl LatencyCluster {
 }
 
 impl ProcessCluster {
-    fn start() -> anyhow::Result<ProcessCluster> {
+    fn start(busy_poll: Option<Duration>) -> anyhow::Result<ProcessCluster> {
         use strom_scheduler::cluster::ControlServer;
         use strom_scheduler::jobmanager::{JobManager, JobManagerConfig};
         let (sender, inbox) = std::sync::mpsc::channel();
@@ -274,14 +288,18 @@ impl ProcessCluster {
         let executable = std::env::current_exe().context("cannot find this executable")?;
         let (first_cpu, second_cpu) = floor::floor_cpus();
         for cpu in [first_cpu, second_cpu] {
-            let child = std::process::Command::new(&executable)
-                .args([
-                    "latency-task-manager",
-                    "--job-manager",
-                    &control.local_addr().to_string(),
-                    "--cpu",
-                    &cpu.to_string(),
-                ])
+            let mut command = std::process::Command::new(&executable);
+            command.args([
+                "latency-task-manager",
+                "--job-manager",
+                &control.local_addr().to_string(),
+                "--cpu",
+                &cpu.to_string(),
+            ]);
+            if let Some(spin) = busy_poll {
+                command.args(["--busy-poll", &format!("{}us", spin.as_micros())]);
+            }
+            let child = command
                 .stdin(std::process::Stdio::null())
                 .spawn()
                 .with_context(|| format!("cannot start {}", executable.display()))?;
@@ -341,7 +359,11 @@ impl Drop for ProcessCluster {
 }
 
 /// A TaskManager process of the `processes` placement.
-fn latency_task_manager(job_manager: String, cpu: usize) -> anyhow::Result<()> {
+fn latency_task_manager(
+    job_manager: String,
+    cpu: usize,
+    busy_poll: Option<Duration>,
+) -> anyhow::Result<()> {
     strom_scheduler::cluster::run_task_manager(
         vec![LATENCY_PROGRAM],
         strom_scheduler::cluster::TaskManagerConfig {
@@ -352,6 +374,7 @@ fn latency_task_manager(job_manager: String, cpu: usize) -> anyhow::Result<()> {
             secret: None,
             registration_timeout: TASK_MANAGER_PROCESS_TIMEOUT,
             heartbeat_timeout: PROCESS_HEARTBEAT_TIMEOUT,
+            busy_poll,
         },
     )
     .map_err(anyhow::Error::msg)
@@ -572,6 +595,7 @@ fn main() -> anyhow::Result<()> {
             floor_samples,
             histogram_dir,
             json,
+            busy_poll,
         } => latency(LatencyOptions {
             rates,
             duration,
@@ -581,8 +605,13 @@ fn main() -> anyhow::Result<()> {
             floor_samples,
             histogram_dir,
             json,
+            busy_poll,
         }),
-        Harness::LatencyTaskManager { job_manager, cpu } => latency_task_manager(job_manager, cpu),
+        Harness::LatencyTaskManager {
+            job_manager,
+            cpu,
+            busy_poll,
+        } => latency_task_manager(job_manager, cpu, busy_poll),
     }
 }
 
@@ -684,6 +713,47 @@ struct LatencyOptions {
     floor_samples: u64,
     histogram_dir: Option<std::path::PathBuf>,
     json: bool,
+    busy_poll: Option<Duration>,
+}
+
+/// Linux reports process CPU time in ticks of `USER_HZ`, 100 a second on
+/// every architecture the kernel's ABI fixes it for.
+const USER_HZ: f64 = 100.0;
+
+/// CPU time (user + system) a process has used so far, from
+/// `/proc/PID/stat` (this process for `None`).
+fn cpu_seconds(pid: Option<u32>) -> anyhow::Result<f64> {
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/stat"),
+        None => "/proc/self/stat".to_string(),
+    };
+    let stat = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
+    // Fields after the command name (which may hold spaces), from field 3.
+    let after_name = stat
+        .rsplit_once(')')
+        .with_context(|| format!("{path} has no command name"))?
+        .1;
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks = |index: usize| -> anyhow::Result<f64> {
+        fields
+            .get(index)
+            .and_then(|field| field.parse::<f64>().ok())
+            .with_context(|| format!("{path}: no CPU time field"))
+    };
+    // utime and stime are fields 14 and 15, 12 and 13 after the name.
+    Ok((ticks(11)? + ticks(12)?) / USER_HZ)
+}
+
+/// CPU time of every process of the cluster: this one and, for the
+/// `processes` placement, the TaskManager processes.
+fn cluster_cpu_seconds(cluster: &LatencyCluster) -> anyhow::Result<f64> {
+    let mut seconds = cpu_seconds(None)?;
+    if let LatencyCluster::Processes(processes) = cluster {
+        for child in &processes.children {
+            seconds += cpu_seconds(Some(child.id()))?;
+        }
+    }
+    Ok(seconds)
 }
 
 /// One run of the latency job.
@@ -702,6 +772,8 @@ struct LatencyRun {
     sink_task_managers: Vec<String>,
     /// Channel elements the TaskManagers sent one another over TCP.
     network_elements: u64,
+    /// CPU cores the cluster kept busy on average over the job.
+    cpu_cores: f64,
 }
 
 /// Microseconds, from nanoseconds.
@@ -747,8 +819,9 @@ fn run_latency(
     events: u64,
     warmup: Duration,
     directory: &std::path::Path,
+    busy_poll: Option<Duration>,
 ) -> anyhow::Result<LatencyRun> {
-    let cluster = LatencyCluster::start(placement)?;
+    let cluster = LatencyCluster::start(placement, busy_poll)?;
     let base = directory.join(format!("{}-{rate}", placement.key()));
     let arguments: Vec<String> = vec![
         "--events-per-second".to_string(),
@@ -766,7 +839,9 @@ fn run_latency(
     let mut args = JobArgs::from_matches(arguments, &matches);
     args.parallelism = 1;
     let network_before = network_elements_sent(&cluster)?;
+    let (cpu_before, started) = (cluster_cpu_seconds(&cluster)?, Instant::now());
     let result = cluster.execute(args)?;
+    let cpu_cores = (cluster_cpu_seconds(&cluster)? - cpu_before) / started.elapsed().as_secs_f64();
     let network_elements = network_elements_sent(&cluster)? - network_before;
     let status = cluster
         .job_manager()
@@ -831,6 +906,7 @@ fn run_latency(
         source_task_managers,
         sink_task_managers,
         network_elements,
+        cpu_cores,
     })
 }
 
@@ -859,8 +935,15 @@ fn latency(options: LatencyOptions) -> anyhow::Result<()> {
             let events = options
                 .events
                 .unwrap_or_else(|| (*rate as f64 * options.duration.as_secs_f64()).round() as u64);
-            let run = run_latency(*placement, *rate, events, options.warmup, &directory)
-                .with_context(|| format!("{} at {rate} events/s", placement.name()))?;
+            let run = run_latency(
+                *placement,
+                *rate,
+                events,
+                options.warmup,
+                &directory,
+                options.busy_poll,
+            )
+            .with_context(|| format!("{} at {rate} events/s", placement.name()))?;
             if !options.json {
                 eprintln!(
                     "{} at {rate} events/s: {} of {} records, p99 {:.1} us",
@@ -901,11 +984,13 @@ fn latency(options: LatencyOptions) -> anyhow::Result<()> {
                     "source_task_managers": run.source_task_managers,
                     "sink_task_managers": run.sink_task_managers,
                     "network_elements_sent": run.network_elements,
+                    "cpu_cores": run.cpu_cores,
                 })
             })
             .collect();
         let document = serde_json::json!({
             "warmup_ms": options.warmup.as_secs_f64() * 1e3,
+            "busy_poll_us": options.busy_poll.map(|spin| spin.as_micros() as u64),
             "floor_cpus": [pinger_cpu, echo_cpu],
             "floors": {
                 "ring_one_way": percentiles_json(&ring),
@@ -935,26 +1020,33 @@ fn latency(options: LatencyOptions) -> anyhow::Result<()> {
         }
         println!();
         println!(
-            "Engine: parallelism 1, source and key_by -> q1 map -> sink in two slots; latency from the scheduled send time (microseconds), {} ms warm-up not recorded",
-            options.warmup.as_millis()
+            "Engine: parallelism 1, source and key_by -> q1 map -> sink in two slots; latency from the scheduled send time (microseconds), {} ms warm-up not recorded; {}",
+            options.warmup.as_millis(),
+            match options.busy_poll {
+                Some(spin) => format!("idle slots busy-poll for {spin:?} before they sleep"),
+                None => "idle slots sleep at once (no busy-polling)".to_string(),
+            }
         );
         println!(
-            "| placement | events/s | sent | received | p50 | p99 | p99.9 | max | source wait p50 / p99 / max | transit p50 / p99 | p99 / floor p99 |"
+            "| placement | events/s | sent | received | p50 | p99 | p99.9 | max | source wait p50 / p99 / max | transit p50 / p99 | p99 / floor p99 | CPU cores busy |"
         );
-        println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+        println!(
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        );
         for run in &runs {
             let [p50, p99, p999, max] = percentiles(&run.end_to_end);
             let [wait_p50, wait_p99, _, wait_max] = percentiles(&run.source_wait);
             let [transit_p50, transit_p99, _, _] = percentiles(&run.transit);
             let (floor_name, floor) = floor_of(run.placement);
             println!(
-                "| {} | {} | {} | {} | {p50:.1} | {p99:.1} | {p999:.1} | {max:.1} | {wait_p50:.1} / {wait_p99:.1} / {wait_max:.1} | {transit_p50:.1} / {transit_p99:.1} | {:.1}x {floor_name} |",
+                "| {} | {} | {} | {} | {p50:.1} | {p99:.1} | {p999:.1} | {max:.1} | {wait_p50:.1} / {wait_p99:.1} / {wait_max:.1} | {transit_p50:.1} / {transit_p99:.1} | {:.1}x {floor_name} | {:.2} |",
                 run.placement.name(),
                 run.rate,
                 run.sent,
                 run.received,
                 run.end_to_end.value_at_quantile(0.99) as f64
                     / floor.value_at_quantile(0.99).max(1) as f64,
+                run.cpu_cores,
             );
         }
         for run in &runs {
