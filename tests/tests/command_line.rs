@@ -164,6 +164,7 @@ fn cluster_commands_refuse_bad_arguments_before_starting() {
         "--allow-oversubscribe",
     );
     assert_usage_error(&["taskmanager", "--slots", "0"], "--slots");
+    assert_usage_error(&["taskmanager", "--busy-poll", "always"], "--busy-poll");
     assert_usage_error(
         &["taskmanager", "--secret-file", "/no/such/secret"],
         "/no/such/secret",
