@@ -549,10 +549,13 @@ impl<K: Key, T: Record> WindowedStream<K, T> {
     /// each record to its key's accumulator of one pane (a slide) and ships
     /// one partial accumulator per key and pane when the watermark passes
     /// the pane; the global phase merges the partials into each window with
-    /// the aggregate's `merge`. The result is the same when `merge` is
-    /// consistent with `add` (merging two accumulators equals adding both
-    /// inputs' records to one), which every aggregate must be;
-    /// [`WindowedStream::without_local_aggregation`] turns it off.
+    /// the aggregate's `merge`, keeping its state per pane rather than per
+    /// window (see `SlicingWindowOperator`). The result is the same when
+    /// `merge` is consistent with `add` (merging two accumulators equals
+    /// adding both inputs' records to one), which every aggregate must be;
+    /// [`WindowedStream::without_local_aggregation`] turns it off. With
+    /// allowed lateness it is off: each late record must fire its window
+    /// again.
     pub fn aggregate_with<A, R, O, F, W>(self, aggregate: F, window_function: W) -> DataStream<O>
     where
         A: Record,
@@ -563,7 +566,9 @@ impl<K: Key, T: Record> WindowedStream<K, T> {
         WindowPartial<K, A>: Record,
     {
         match self.assigner.panes() {
-            Some(panes) if self.local_aggregation => {
+            // With allowed lateness, each late record fires its window
+            // again; a partial would fire it once for several.
+            Some(panes) if self.local_aggregation && self.allowed_lateness == 0 => {
                 self.two_phase(aggregate, window_function, panes)
             }
             _ => self.window_operator(aggregate, window_function, ValueCodec::record()),
@@ -589,7 +594,7 @@ impl<K: Key, T: Record> WindowedStream<K, T> {
         let WindowedStream {
             keyed,
             assigner,
-            allowed_lateness,
+            allowed_lateness: _,
             local_aggregation: _,
         } = self;
         let env = keyed.stream.env.clone();
@@ -616,48 +621,32 @@ impl<K: Key, T: Record> WindowedStream<K, T> {
         }
         let partials: DataStream<WindowPartial<K, A>> = DataStream::new(env, local);
         let keyed_partials = partials.key_by(|partial: &WindowPartial<K, A>| partial.key.clone());
-        if allowed_lateness == 0 {
-            let window_function = Arc::new(window_function);
-            let size = assigner.window_size();
-            let env = keyed_partials.stream.env.clone();
-            let node = env.add_one_input::<WindowPartial<K, A>, O, _>(
-                keyed_partials.stream.node,
-                keyed_partials.stream.partitioning.clone(),
-                "Window",
-                move |context, next| {
-                    SlicingWindowOperator::new(
-                        size,
-                        panes,
-                        WindowAggregation {
-                            aggregate: MergePartials {
-                                aggregate: aggregate.clone(),
-                                _input: PhantomData,
-                            },
-                            window_function: window_function.clone(),
-                            _types: PhantomData,
+        let window_function = Arc::new(window_function);
+        let size = assigner.window_size();
+        let env = keyed_partials.stream.env.clone();
+        let node = env.add_one_input::<WindowPartial<K, A>, O, _>(
+            keyed_partials.stream.node,
+            keyed_partials.stream.partitioning.clone(),
+            "Window",
+            move |context, next| {
+                SlicingWindowOperator::new(
+                    size,
+                    panes,
+                    WindowAggregation {
+                        aggregate: MergePartials {
+                            aggregate: aggregate.clone(),
+                            _input: PhantomData,
                         },
-                        ValueCodec::record(),
-                        context,
-                        next,
-                    )
-                },
-            );
-            return DataStream::new(env, node);
-        }
-        WindowedStream {
-            keyed: keyed_partials,
-            assigner,
-            allowed_lateness,
-            local_aggregation: false,
-        }
-        .window_operator(
-            MergePartials {
-                aggregate,
-                _input: PhantomData,
+                        window_function: window_function.clone(),
+                        _types: PhantomData,
+                    },
+                    ValueCodec::record(),
+                    context,
+                    next,
+                )
             },
-            window_function,
-            ValueCodec::record(),
-        )
+        );
+        DataStream::new(env, node)
     }
 
     /// The window operator, with the codec that writes its accumulators
