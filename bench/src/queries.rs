@@ -477,7 +477,7 @@ impl<R: Clone + Send + Sync + 'static> AggregateFunction<R, Vec<R>, Vec<R>> for 
 }
 
 /// A window function that emits every row of a window's result.
-fn each_row<R>(_: &u64, _: &TimeWindow, rows: Vec<R>, out: &mut dyn Collector<R>) {
+pub fn each_row<R>(_: &u64, _: &TimeWindow, rows: Vec<R>, out: &mut dyn Collector<R>) {
     for row in rows {
         out.collect(row);
     }
