@@ -225,6 +225,9 @@ pub struct StreamGraph {
     pub edges: Vec<StreamEdge>,
     /// Errors found while building, reported when the job is submitted.
     pub errors: Vec<GraphError>,
+    /// The local phase of each two-phase window aggregate, by its global
+    /// phase: naming the aggregate names both ("NAME (local)").
+    pub(crate) local_phases: Vec<(NodeId, NodeId)>,
 }
 
 impl StreamGraph {
@@ -236,6 +239,7 @@ impl StreamGraph {
             nodes: Vec::new(),
             edges: Vec::new(),
             errors: Vec::new(),
+            local_phases: Vec::new(),
         }
     }
 

@@ -239,8 +239,20 @@ impl<T: Record> DataStream<T> {
         self
     }
 
-    /// Names the operator that produces this stream.
+    /// Names the operator that produces this stream (and, for a window
+    /// aggregate in two phases, its local phase "NAME (local)").
     pub fn name(self, name: &str) -> Self {
+        {
+            let mut graph = self.env.graph.borrow_mut();
+            let local = graph
+                .local_phases
+                .iter()
+                .find(|(global, _)| *global == self.node)
+                .map(|(_, local)| *local);
+            if let Some(local) = local {
+                graph.nodes[local].name = format!("{name} (local)");
+            }
+        }
         self.modify(|node| node.name = name.to_string())
     }
 
@@ -646,6 +658,7 @@ impl<K: Key, T: Record> WindowedStream<K, T> {
                 )
             },
         );
+        env.graph.borrow_mut().local_phases.push((node, local));
         DataStream::new(env, node)
     }
 

@@ -1627,7 +1627,7 @@ fn operators_with_their_own_parallelism_give_the_same_results() {
         shape,
         [
             ("numbers", 1),
-            ("double -> not divisible by 3 -> Local Window Aggregate", 2),
+            ("double -> not divisible by 3 -> counts (local)", 2),
             ("counts", 1),
             ("sink", 2)
         ]
@@ -1689,7 +1689,7 @@ fn disable_chaining_and_slot_sharing_groups_change_the_job_graph_not_the_results
                 // The window aggregate's local phase chains before the
                 // shuffle, its global phase after.
                 (
-                    "numbers -> double -> not divisible by 3 -> Local Window Aggregate",
+                    "numbers -> double -> not divisible by 3 -> counts (local)",
                     "default",
                 ),
                 ("counts -> sink", "default"),
@@ -1700,7 +1700,7 @@ fn disable_chaining_and_slot_sharing_groups_change_the_job_graph_not_the_results
             owned(&[
                 ("numbers", "default"),
                 ("double", "default"),
-                ("not divisible by 3 -> Local Window Aggregate", "default"),
+                ("not divisible by 3 -> counts (local)", "default"),
                 ("counts -> sink", "default"),
             ])
         );
@@ -1709,10 +1709,7 @@ fn disable_chaining_and_slot_sharing_groups_change_the_job_graph_not_the_results
             owned(&[
                 ("numbers", "default"),
                 // Operators after "double" name no group: they inherit its.
-                (
-                    "double -> not divisible by 3 -> Local Window Aggregate",
-                    "isolated"
-                ),
+                ("double -> not divisible by 3 -> counts (local)", "isolated"),
                 ("counts -> sink", "isolated"),
             ])
         );

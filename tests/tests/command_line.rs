@@ -231,9 +231,10 @@ fn plan_prints_vertices_chains_parallelism_and_partitioning() {
     assert_eq!(finished.code, Some(0), "{finished:?}");
     let plan = finished.stdout;
     assert!(plan.contains("JobGraph 'nexmark q5': 3 vertices"), "{plan}");
-    // The source and the bid filter are chained; the shuffles are not.
+    // The source, the bid filter and the local phase of the bid counts
+    // are chained; the shuffles are not.
     assert!(
-        plan.contains("vertex 0: Source: nexmark -> bids (parallelism 2"),
+        plan.contains("vertex 0: Source: nexmark -> bids -> q5 bid counts (local) (parallelism 2"),
         "{plan}"
     );
     assert!(plan.contains("chained: bids"), "{plan}");
