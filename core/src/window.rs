@@ -451,6 +451,8 @@ pub(crate) struct SlicingWindowOperator<K, A, R, O, F, W> {
     pub(crate) watermark: Timestamp,
     /// Scratch: one window's results per key, merged from its panes.
     pub(crate) merged: rustc_hash::FxHashMap<K, A>,
+    /// Emptied pane maps of dropped panes, kept for their capacity.
+    pub(crate) spare: Vec<PaneGroups<K, A>>,
     pub(crate) next: Box<dyn Output<O>>,
     pub(crate) operator_name: String,
     pub(crate) context: OperatorContext,
@@ -486,6 +488,7 @@ where
             fired_end: MIN_WATERMARK,
             watermark: MIN_WATERMARK,
             merged: Default::default(),
+            spare: Vec::new(),
             next,
             operator_name: context.operator_name.clone(),
             context: context.clone(),
@@ -553,7 +556,7 @@ where
                     continue;
                 }
                 if last_use {
-                    for (key, accumulator) in std::mem::take(std::rc::Rc::make_mut(map)) {
+                    for (key, accumulator) in std::rc::Rc::make_mut(map).drain() {
                         window_function(&key, &window, aggregate.get_result(accumulator), &mut out);
                     }
                 } else {
@@ -589,7 +592,17 @@ where
                 window_function(&key, &window, aggregate.get_result(accumulator), &mut out);
             }
         }
-        self.panes = self.panes.split_off(&next_start);
+        let kept = self.panes.split_off(&next_start);
+        for (_, mut groups) in std::mem::replace(&mut self.panes, kept) {
+            for map in &mut groups {
+                match std::rc::Rc::get_mut(map) {
+                    Some(map) => map.clear(),
+                    // A snapshot still reads it.
+                    None => *map = std::rc::Rc::default(),
+                }
+            }
+            self.spare.push(groups);
+        }
     }
 }
 
@@ -656,10 +669,11 @@ where
         }
         let group = self.store.group_index(&partial.key);
         let group_count = self.group_fired_end.len();
+        let spare = &mut self.spare;
         let groups = self
             .panes
             .entry(pane_start)
-            .or_insert_with(|| new_pane_groups(group_count));
+            .or_insert_with(|| spare.pop().unwrap_or_else(|| new_pane_groups(group_count)));
         let map = std::rc::Rc::make_mut(&mut groups[group]);
         let aggregate = &self.aggregation.aggregate;
         match map.get_mut(&partial.key) {
