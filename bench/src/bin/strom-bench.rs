@@ -86,39 +86,7 @@ enum Harness {
     /// sink in another (in one TaskManager, and in two over TCP), from each
     /// record's scheduled send time, beside the machine's floor: a ring
     /// ping-pong between two cores and a loopback TCP round trip.
-    Latency {
-        /// Rates to run at, events per second, comma separated.
-        #[arg(long, value_delimiter = ',', default_value = "10000,100000,1000000")]
-        rates: Vec<u64>,
-        /// How long each run's schedule lasts (events = rate * duration).
-        #[arg(long, default_value = "5s", value_parser = strom_core::config::parse_duration)]
-        duration: Duration,
-        /// Events per run, whatever the rate (instead of --duration).
-        #[arg(long)]
-        events: Option<u64>,
-        /// The start of each run's schedule whose records are counted but
-        /// not recorded (links and caches warming up).
-        #[arg(long, default_value = "500ms", value_parser = strom_core::config::parse_duration)]
-        warmup: Duration,
-        /// Where the source and the sink run, comma separated.
-        #[arg(long, value_delimiter = ',', default_value = "slots,task-managers")]
-        placements: Vec<LatencyPlacement>,
-        /// Round trips each floor measures.
-        #[arg(long, default_value_t = 50_000)]
-        floor_samples: u64,
-        /// Keep the sinks' histogram files (HDR V2) here; by default they go
-        /// to a temporary directory that is removed.
-        #[arg(long)]
-        histogram_dir: Option<std::path::PathBuf>,
-        /// Print JSON instead of tables.
-        #[arg(long)]
-        json: bool,
-        /// Busy-poll: idle slots and network services spin this long
-        /// before they sleep (as `strom taskmanager --busy-poll`); the CPU
-        /// it costs is printed. Default: they sleep at once.
-        #[arg(long, value_parser = strom_core::config::parse_duration)]
-        busy_poll: Option<Duration>,
-    },
+    Latency(LatencyOptions),
     /// A TaskManager process of `latency --placements processes` (started
     /// by it, not by hand).
     #[command(hide = true)]
@@ -586,27 +554,7 @@ fn main() -> anyhow::Result<()> {
             checkpoint_dir,
             repetitions,
         ),
-        Harness::Latency {
-            rates,
-            duration,
-            events,
-            warmup,
-            placements,
-            floor_samples,
-            histogram_dir,
-            json,
-            busy_poll,
-        } => latency(LatencyOptions {
-            rates,
-            duration,
-            events,
-            warmup,
-            placements,
-            floor_samples,
-            histogram_dir,
-            json,
-            busy_poll,
-        }),
+        Harness::Latency(options) => latency(options),
         Harness::LatencyTaskManager {
             job_manager,
             cpu,
@@ -704,15 +652,39 @@ fn checkpoints(
     Ok(())
 }
 
+/// The options of `strom-bench latency`.
+#[derive(clap::Args)]
 struct LatencyOptions {
+    /// Rates to run at, events per second, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "10000,100000,1000000")]
     rates: Vec<u64>,
+    /// How long each run's schedule lasts (events = rate * duration).
+    #[arg(long, default_value = "5s", value_parser = strom_core::config::parse_duration)]
     duration: Duration,
+    /// Events per run, whatever the rate (instead of --duration).
+    #[arg(long)]
     events: Option<u64>,
+    /// The start of each run's schedule whose records are counted but
+    /// not recorded (links and caches warming up).
+    #[arg(long, default_value = "500ms", value_parser = strom_core::config::parse_duration)]
     warmup: Duration,
+    /// Where the source and the sink run, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "slots,task-managers")]
     placements: Vec<LatencyPlacement>,
+    /// Round trips each floor measures.
+    #[arg(long, default_value_t = 50_000)]
     floor_samples: u64,
+    /// Keep the sinks' histogram files (HDR V2) here; by default they go
+    /// to a temporary directory that is removed.
+    #[arg(long)]
     histogram_dir: Option<std::path::PathBuf>,
+    /// Print JSON instead of tables.
+    #[arg(long)]
     json: bool,
+    /// Busy-poll: idle slots spin this long before they sleep (as
+    /// `strom taskmanager --busy-poll`; network services still sleep);
+    /// the CPU it costs is printed. Default: they sleep at once.
+    #[arg(long, value_parser = strom_core::config::parse_duration)]
     busy_poll: Option<Duration>,
 }
 
