@@ -11,8 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use strom_core::function::{Collector, KeyedContext, SinkFunction};
-use strom_core::operator::OperatorContext;
+use strom_core::operator::{OperatorContext, CHAIN_BATCH_RECORDS};
 use strom_core::program::{JobOutcome, Program};
+use strom_core::record::StreamRecord;
 use strom_core::snapshot::{IndexSplits, StateReader, StateWriter};
 use strom_core::source::{Boundedness, Pace, Source, SourceOutput, SourceReader, SourceStatus};
 use strom_core::state::{KeyedStateStore, ValueState};
@@ -22,13 +23,14 @@ use strom_core::{
 };
 use strom_scheduler::file_sink::FileSink;
 
+use crate::nexmark::generator::timestamp;
 use crate::nexmark::model::{
     tumbling_window_start, Q5_WINDOW_SIZE_MS, Q5_WINDOW_SLIDE_MS, Q7_WINDOW_SIZE_MS,
     Q8_WINDOW_SIZE_MS,
 };
 use crate::nexmark::{
-    Answer, AnswerRow, Auction, Bid, Event, Generator, GeneratorConfig, Person, Q1Row, Q2Row,
-    Q3Row, Q5Row, Q7Row, Q8Row, Query,
+    Answer, AnswerRow, Auction, Bid, Event, EventKinds, Generator, GeneratorConfig, Person, Q1Row,
+    Q2Row, Q3Row, Q5Row, Q7Row, Q8Row, Query,
 };
 
 /// The Nexmark generator as a parallel, bounded source. Its position is
@@ -44,6 +46,11 @@ pub struct NexmarkSource {
     /// At most this many events per second over all subtasks (0: as fast
     /// as possible), so that a run lasts long enough to watch.
     pub events_per_second: u64,
+    /// The kinds of event it emits; the others are passed over, never
+    /// generated, as a consumer of only some topics never reads the rest.
+    /// Event time still moves with every index (see
+    /// [`SourceOutput::skip_to`]).
+    pub kinds: EventKinds,
 }
 
 /// The `--fail-at` indices that have failed already in this process.
@@ -55,6 +62,15 @@ impl NexmarkSource {
             config,
             fail_at: Arc::new(Vec::new()),
             events_per_second: 0,
+            kinds: EventKinds::ALL,
+        }
+    }
+
+    /// The same source, emitting only the events of `kinds`.
+    pub fn only(&self, kinds: EventKinds) -> Self {
+        NexmarkSource {
+            kinds,
+            ..self.clone()
         }
     }
 
@@ -66,6 +82,8 @@ impl NexmarkSource {
             splits,
             fail_at: self.fail_at.clone(),
             pace,
+            kinds: self.kinds,
+            batch: Vec::with_capacity(CHAIN_BATCH_RECORDS),
         })
     }
 }
@@ -98,6 +116,10 @@ struct NexmarkReader {
     fail_at: Arc<Vec<u64>>,
     /// Its share of `--events-per-second`.
     pace: Option<Pace>,
+    kinds: EventKinds,
+    /// Events generated and not yet emitted (empty between polls): built
+    /// in place here and handed over a batch at a time.
+    batch: Vec<StreamRecord<Event>>,
 }
 
 /// Fails the first time this process reaches a `--fail-at` index.
@@ -122,15 +144,32 @@ impl SourceReader<Event> for NexmarkReader {
         if budget == 0 && !self.splits.is_finished() {
             return SourceStatus::NothingAvailable;
         }
-        let (generator, fail_at) = (&self.generator, &self.fail_at);
-        self.splits.read(budget, |index| {
+        let (generator, fail_at, batch) = (&self.generator, &self.fail_at, &mut self.batch);
+        let kinds = self.kinds;
+        let mut skipped = None;
+        let status = self.splits.read(budget, |index| {
             if !fail_at.is_empty() && fail_at.contains(&index) {
+                output.collect_batch(batch);
                 inject_failure(index);
             }
+            if !kinds.includes(index) {
+                skipped = Some(index);
+                return;
+            }
             let event = generator.event(index);
-            let timestamp = event.date_time() as Timestamp;
-            output.collect_with_timestamp(event, timestamp);
-        })
+            batch.push(StreamRecord {
+                timestamp: event.date_time() as Timestamp,
+                value: event,
+            });
+            if batch.len() >= CHAIN_BATCH_RECORDS {
+                output.collect_batch(batch);
+            }
+        });
+        output.collect_batch(batch);
+        if let Some(index) = skipped {
+            output.skip_to(timestamp(index) as Timestamp);
+        }
+        status
     }
 
     fn snapshot_state(&mut self) -> Result<Vec<Vec<u8>>, String> {
@@ -198,16 +237,6 @@ fn bids(events: DataStream<Event>) -> DataStream<Bid> {
         })
         .name("bids")
 }
-
-/// The persons and auctions of the event stream: the bids (92% of the
-/// events) dropped once, before a query splits the rest into persons and
-/// auctions, rather than copied to both branches and dropped twice.
-fn persons_and_auctions(events: DataStream<Event>) -> DataStream<Event> {
-    events
-        .filter(|event| !matches!(event, Event::Bid(_)))
-        .name("persons and auctions")
-}
-
 fn persons(events: DataStream<Event>) -> DataStream<Person> {
     events
         .flat_map(|event, out: &mut dyn Collector<Person>| {
@@ -273,16 +302,16 @@ pub fn build_query(
     let sinks = RowSinks { query, output };
     match query {
         Query::Q0 => {
-            sinks.add(bids(events(env, source.clone())));
+            sinks.add(bids(events(env, source.only(EventKinds::BIDS))));
         }
         Query::Q1 => {
-            bids(events(env, source.clone()))
+            bids(events(env, source.only(EventKinds::BIDS)))
                 .map(|bid| Q1Row::from_bid(&bid))
                 .name("q1 euro")
                 .add_sink_with(&sinks);
         }
         Query::Q2 => {
-            bids(events(env, source.clone()))
+            bids(events(env, source.only(EventKinds::BIDS)))
                 .filter(Bid::is_q2_selected)
                 .name("q2 filter")
                 .map(|bid| Q2Row::from_bid(&bid))
@@ -290,7 +319,7 @@ pub fn build_query(
                 .add_sink_with(&sinks);
         }
         Query::Q3 => {
-            let events = persons_and_auctions(events(env, source.clone()));
+            let events = events(env, source.only(EventKinds::PERSONS_AND_AUCTIONS));
             let persons = persons(events.clone())
                 .filter(Person::is_q3_selected)
                 .name("q3 persons");
@@ -311,7 +340,7 @@ pub fn build_query(
             // aggregate per slide before the shuffle, merged after it).
             let size = Duration::from_millis(Q5_WINDOW_SIZE_MS);
             let slide = Duration::from_millis(Q5_WINDOW_SLIDE_MS);
-            bids(events(env, source.clone()))
+            bids(events(env, source.only(EventKinds::BIDS)))
                 .key_by(|bid| bid.auction)
                 .window(WindowAssigner::sliding(size, slide))
                 .aggregate_with(
@@ -341,7 +370,7 @@ pub fn build_query(
             // As Flink SQL's q7, grouped by the window alone: the highest
             // bids of each subtask's share of a window (the local phase),
             // then of the whole window.
-            bids(events(env, source.clone()))
+            bids(events(env, source.only(EventKinds::BIDS)))
                 // The constant size lets the compiler turn the division
                 // into a multiplication.
                 .key_by(|bid| tumbling_window_start(bid.date_time, Q7_WINDOW_SIZE_MS))
@@ -368,7 +397,7 @@ pub fn build_query(
                 .add_sink_with(&sinks);
         }
         Query::Q8 => {
-            let events = persons_and_auctions(events(env, source.clone()));
+            let events = events(env, source.only(EventKinds::PERSONS_AND_AUCTIONS));
             let size = Q8_WINDOW_SIZE_MS;
             persons(events.clone())
                 .join(auctions(events))
@@ -620,6 +649,7 @@ fn build_nexmark(
         events_per_second: *matches
             .get_one::<u64>("events-per-second")
             .expect("--events-per-second has a default"),
+        kinds: EventKinds::ALL,
     };
     build_query(
         env,
@@ -663,3 +693,75 @@ pub const NEXMARK_PROGRAM: Program = Program {
     build: build_nexmark,
     report: report_nexmark,
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a reader emitted, and how far it said event time went.
+    #[derive(Default)]
+    struct Recorded {
+        events: Vec<(Event, Timestamp)>,
+        skipped_to: Option<Timestamp>,
+    }
+
+    impl SourceOutput<Event> for Recorded {
+        fn collect(&mut self, event: Event) {
+            let timestamp = event.date_time() as Timestamp;
+            self.events.push((event, timestamp));
+        }
+        fn collect_with_timestamp(&mut self, event: Event, timestamp: Timestamp) {
+            self.events.push((event, timestamp));
+        }
+        fn skip_to(&mut self, timestamp: Timestamp) {
+            self.skipped_to = self.skipped_to.max(Some(timestamp));
+        }
+    }
+
+    fn read_all(reader: &mut dyn SourceReader<Event>, budget: usize) -> Recorded {
+        let mut recorded = Recorded::default();
+        while reader.poll_next(&mut recorded, budget) != SourceStatus::Finished {}
+        recorded
+    }
+
+    #[test]
+    fn a_source_of_some_kinds_emits_exactly_those_and_moves_event_time_past_the_rest() {
+        let config = GeneratorConfig {
+            events: 1_000,
+            seed: 42,
+        };
+        let generator = config.generator();
+        let source = NexmarkSource::new(config).only(EventKinds::PERSONS_AND_AUCTIONS);
+
+        let recorded = read_all(&mut *source.create_reader(0, 1), 7);
+        let expected: Vec<(Event, Timestamp)> = (0..config.events)
+            .filter(|index| index % 50 < 4)
+            .map(|index| {
+                let event = generator.event(index);
+                let timestamp = event.date_time() as Timestamp;
+                (event, timestamp)
+            })
+            .collect();
+        assert_eq!(recorded.events, expected);
+        // The last event (index 999) is a bid, passed over.
+        assert_eq!(recorded.skipped_to, Some(timestamp(999) as Timestamp));
+
+        // Subtask 4 of 5 reads indices 4, 9, ..., 999: bids only. It emits
+        // nothing, and its event time still reaches the last of them.
+        let recorded = read_all(&mut *source.create_reader(4, 5), 1_000);
+        assert!(recorded.events.is_empty());
+        assert_eq!(recorded.skipped_to, Some(timestamp(999) as Timestamp));
+
+        let bids = read_all(
+            &mut *NexmarkSource::new(config)
+                .only(EventKinds::BIDS)
+                .create_reader(0, 1),
+            64,
+        );
+        assert_eq!(bids.events.len(), 920);
+        assert!(bids
+            .events
+            .iter()
+            .all(|(event, _)| matches!(event, Event::Bid(_))));
+    }
+}

@@ -124,7 +124,10 @@ impl<T: Record> StreamType for TypedStream<T> {
         match outputs.len() {
             0 => erase::<T>(Box::new(Discard)),
             1 => erase(outputs.pop().expect("one output")),
-            _ => erase::<T>(Box::new(FanOut { outputs })),
+            _ => erase::<T>(Box::new(FanOut {
+                outputs,
+                copy: Vec::new(),
+            })),
         }
     }
 

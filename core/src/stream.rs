@@ -181,6 +181,7 @@ impl StreamExecutionEnvironment {
         };
         let head: HeadFactory = Arc::new(move |context, output| {
             Box::new(DecodingHead::<I> {
+                batch: Vec::new(),
                 next: Box::new(make(context, unerase::<O>(output))),
             })
         });
@@ -306,11 +307,7 @@ impl<T: Record> DataStream<T> {
             self.node,
             self.partitioning.clone(),
             "Map",
-            move |_, next| MapOperator {
-                function: function.clone(),
-                next,
-                _input: PhantomData,
-            },
+            move |_, next| MapOperator::new(function.clone(), next),
         );
         DataStream::new(self.env, node)
     }
@@ -338,11 +335,7 @@ impl<T: Record> DataStream<T> {
             self.node,
             self.partitioning.clone(),
             "Flat Map",
-            move |_, next| FlatMapOperator {
-                function: function.clone(),
-                next,
-                _input: PhantomData,
-            },
+            move |_, next| FlatMapOperator::new(function.clone(), next),
         );
         DataStream::new(self.env, node)
     }
@@ -369,6 +362,7 @@ impl<T: Record> DataStream<T> {
     pub fn union(self, others: Vec<DataStream<T>>) -> DataStream<T> {
         let head: HeadFactory = Arc::new(|_, output| {
             Box::new(DecodingHead::<T> {
+                batch: Vec::new(),
                 next: unerase::<T>(output),
             })
         });

@@ -1180,6 +1180,9 @@ pub(crate) struct WindowJoinHead<K, L, R, O, J> {
     pub(crate) watermark: Timestamp,
     /// Scratch: the windows of the record being added.
     pub(crate) scratch: Vec<TimeWindow>,
+    /// The emptied maps of fired windows, for new windows to reuse: a
+    /// window's maps then start with the room the last one grew to.
+    pub(crate) spare: Vec<JoinGroups<K, L, R>>,
     pub(crate) next: Box<dyn Output<O>>,
     pub(crate) operator_name: String,
     pub(crate) context: OperatorContext,
@@ -1261,6 +1264,7 @@ where
             windows: std::collections::BTreeMap::new(),
             watermark: MIN_WATERMARK,
             scratch: Vec::new(),
+            spare: Vec::new(),
             next,
             operator_name: context.operator_name.clone(),
             context: context.clone(),
@@ -1311,11 +1315,11 @@ where
         if let Some((last, rest)) = windows.split_last() {
             let group = self.store.group_index(&key);
             let group_count = self.context.key_groups.count();
+            let (open, spare) = (&mut self.windows, &mut self.spare);
             let mut add = |window: &TimeWindow, record: T| {
-                let groups = self
-                    .windows
+                let groups = open
                     .entry((window.end, window.start))
-                    .or_insert_with(|| new_pane_groups(group_count));
+                    .or_insert_with(|| spare.pop().unwrap_or_else(|| new_pane_groups(group_count)));
                 let map = std::rc::Rc::make_mut(&mut groups[group]);
                 match map.get_mut(&key) {
                     Some(entry) => side(entry, record),
@@ -1418,20 +1422,33 @@ where
             if timestamp > watermark {
                 break;
             }
-            for map in entry.remove() {
-                let map = std::rc::Rc::try_unwrap(map).unwrap_or_else(|shared| (*shared).clone());
-                for (_, (lefts, rights)) in map {
-                    if lefts.is_empty() || rights.is_empty() {
-                        continue;
+            let mut groups = entry.remove();
+            let (join, next) = (&self.join, &mut self.next);
+            let mut emit = |lefts: &JoinSide<L>, rights: &JoinSide<R>| {
+                for left in lefts {
+                    for right in rights {
+                        next.push(join(left.clone(), right.clone()), timestamp);
                     }
-                    for left in &lefts {
-                        for right in &rights {
-                            self.next
-                                .push((self.join)(left.clone(), right.clone()), timestamp);
+                }
+            };
+            for map in groups.iter_mut() {
+                match std::rc::Rc::get_mut(map) {
+                    Some(owned) => {
+                        for (_, (lefts, rights)) in owned.drain() {
+                            emit(&lefts, &rights);
                         }
+                    }
+                    None => {
+                        // A snapshot still holds it: read it, and start
+                        // this group afresh.
+                        for (lefts, rights) in map.values() {
+                            emit(lefts, rights);
+                        }
+                        *map = std::rc::Rc::default();
                     }
                 }
             }
+            self.spare.push(groups);
         }
         self.next.watermark(watermark);
     }

@@ -49,6 +49,44 @@ pub const fn timestamp(index: u64) -> u64 {
     BASE_TIME_MS + index / EVENTS_PER_MILLISECOND
 }
 
+/// Which kinds of event a reader of the stream takes: as a consumer
+/// subscribes to some of the person, auction and bid topics. A kind left
+/// out is never generated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EventKinds {
+    pub persons: bool,
+    pub auctions: bool,
+    pub bids: bool,
+}
+
+impl EventKinds {
+    pub const ALL: EventKinds = EventKinds {
+        persons: true,
+        auctions: true,
+        bids: true,
+    };
+    pub const BIDS: EventKinds = EventKinds {
+        persons: false,
+        auctions: false,
+        bids: true,
+    };
+    pub const PERSONS_AND_AUCTIONS: EventKinds = EventKinds {
+        persons: true,
+        auctions: true,
+        bids: false,
+    };
+
+    /// Whether event `index` is of a kind taken.
+    #[inline]
+    pub fn includes(&self, index: u64) -> bool {
+        match index % BLOCK_SIZE {
+            0 => self.persons,
+            1..=3 => self.auctions,
+            _ => self.bids,
+        }
+    }
+}
+
 /// How many events a run makes, and from which seed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GeneratorConfig {
