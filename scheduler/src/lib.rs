@@ -34,6 +34,7 @@ pub mod task;
 pub mod taskmanager;
 #[cfg(test)]
 mod test_programs;
+mod wake;
 
 pub use local::{JobManagerHandle, LocalCluster, LocalClusterConfig};
 pub use messages::{JobEvent, JobId, JobResult};

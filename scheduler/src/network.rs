@@ -64,7 +64,7 @@ use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError};
+use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
@@ -80,12 +80,10 @@ use strom_net::channel::{
 use strom_net::link::{Link, LinkSender};
 
 use crate::messages::NetworkCounts;
+use crate::wake::{CommandReceiver, CommandSender};
 
 /// Commands waiting for the service executor; a caller beyond it waits.
 pub const COMMAND_QUEUE_CAPACITY: usize = 1024;
-/// How often the service executor looks for commands. Commands come with
-/// deployments and cancellations, so a millisecond costs nothing.
-const COMMAND_POLL_INTERVAL: Duration = Duration::from_millis(1);
 /// Memory the service's io_uring may lock for registered buffers (as a
 /// slot's: a default locked-memory limit of 8 MiB holds a few executors).
 pub const NETWORK_IO_MEMORY_BYTES: usize = 512 * 1024;
@@ -227,7 +225,8 @@ pub struct NetworkService {
     counters: Arc<NetworkCounters>,
     local_id: u64,
     local_addr: SocketAddr,
-    commands: SyncSender<Command>,
+    /// The service executor's commands: it sleeps until one comes.
+    commands: CommandSender<Command>,
     /// The live remote channels, for refusing duplicate ids.
     registry: Mutex<HashSet<(u64, Direction, u32)>>,
     errors: ErrorLog,
@@ -254,7 +253,7 @@ impl NetworkService {
         bind: SocketAddr,
         secret: Option<Vec<u8>>,
     ) -> Result<NetworkService, String> {
-        let (commands, command_inbox) = mpsc::sync_channel(COMMAND_QUEUE_CAPACITY);
+        let (commands, command_inbox) = crate::wake::bounded(COMMAND_QUEUE_CAPACITY);
         let (ready, service_ready) = mpsc::channel();
         let errors = ErrorLog {
             local_id,
@@ -863,11 +862,11 @@ fn open(core: &SharedCore, channel: RemoteChannel, end: LocalEnd) {
 }
 
 /// Runs commands until Stop (or until the handle is gone).
-async fn command_loop(core: SharedCore, commands: Receiver<Command>) {
+async fn command_loop(core: SharedCore, commands: CommandReceiver<Command>) {
     loop {
-        match commands.try_recv() {
-            Ok(Command::Stop) | Err(TryRecvError::Disconnected) => return,
-            Ok(Command::Release { channel_ids }) => {
+        match commands.next().await {
+            Some(Command::Stop) | None => return,
+            Some(Command::Release { channel_ids }) => {
                 let mut core = core.borrow_mut();
                 for channel_id in channel_ids {
                     for cancel in core.channels.remove(&channel_id).unwrap_or_default() {
@@ -875,8 +874,7 @@ async fn command_loop(core: SharedCore, commands: Receiver<Command>) {
                     }
                 }
             }
-            Ok(Command::Open { channel, end }) => open(&core, channel, end),
-            Err(TryRecvError::Empty) => glommio::timer::sleep(COMMAND_POLL_INTERVAL).await,
+            Some(Command::Open { channel, end }) => open(&core, channel, end),
         }
     }
 }
@@ -885,7 +883,7 @@ async fn service_main(
     local_id: u64,
     bind: SocketAddr,
     secret: Option<Vec<u8>>,
-    commands: Receiver<Command>,
+    commands: CommandReceiver<Command>,
     ready: mpsc::Sender<Result<SocketAddr, String>>,
     errors: ErrorLog,
     counters: Arc<NetworkCounters>,

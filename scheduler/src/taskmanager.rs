@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,10 +19,8 @@ use strom_net::channel::{channel, ChannelReceiver, ChannelSender};
 use crate::messages::{JobId, SlotRef, SubtaskMetrics, ToJobManager, ToTaskManager};
 use crate::network::{channel_id, NetworkService};
 use crate::task::{run_task, TaskCommand, TaskDeployment, TaskMailbox, TaskMetrics};
+use crate::wake::{CommandReceiver, CommandSender};
 
-/// How often an idle slot looks for commands. Commands (deploy, cancel) are
-/// rare, so a millisecond costs nothing and keeps slots free of locks.
-const SLOT_COMMAND_POLL_INTERVAL: Duration = Duration::from_millis(1);
 /// A task may run this long before it must let the slot's other tasks run
 /// (glommio's default). Not shorter: glommio 0.9 can park an executor that
 /// was preempted before it ran anything (fixed upstream only in a fork), and
@@ -62,7 +60,8 @@ struct DeployedTask {
 pub const METRICS_REPORT_INTERVAL: Duration = Duration::from_secs(1);
 
 struct Slot {
-    commands: Sender<SlotCommand>,
+    /// Its commands: an idle slot sleeps until one comes.
+    commands: CommandSender<SlotCommand>,
     thread: glommio::ExecutorJoinHandle<()>,
 }
 
@@ -153,7 +152,7 @@ impl TaskManager {
         let mut slots = Vec::new();
         for index in 0..slot_count as usize {
             let cpu = cpus[index % cpus.len()];
-            let (commands, command_inbox) = mpsc::channel();
+            let (commands, command_inbox) = crate::wake::unbounded();
             let (ready, slot_ready) = mpsc::channel();
             let mut builder = LocalExecutorBuilder::new(Placement::Fixed(cpu))
                 .name(&format!("strom-slot-{index}"))
@@ -567,12 +566,12 @@ struct SlotJob {
 /// The life of a slot: run the subtasks deployed into it; cancelling a job
 /// drops its subtasks, which closes their channels so that their peers in
 /// other slots stop too.
-async fn slot_main(commands: Receiver<SlotCommand>, ready: Sender<()>) {
+async fn slot_main(commands: CommandReceiver<SlotCommand>, ready: Sender<()>) {
     let _ = ready.send(());
     let mut running: HashMap<JobId, SlotJob> = HashMap::new();
     loop {
-        match commands.try_recv() {
-            Ok(SlotCommand::Deploy {
+        match commands.next().await {
+            Some(SlotCommand::Deploy {
                 job,
                 attempt,
                 graph,
@@ -595,7 +594,7 @@ async fn slot_main(commands: Receiver<SlotCommand>, ready: Sender<()>) {
                         .push(glommio::spawn_local(run_task(graph.clone(), deployment)).detach());
                 }
             }
-            Ok(SlotCommand::Cancel { job }) => {
+            Some(SlotCommand::Cancel { job }) => {
                 // Cancelling a finished task does nothing, so the JobManager
                 // sends this for every job that ends, to release the handles.
                 if let Some(slot_job) = running.remove(&job) {
@@ -604,16 +603,13 @@ async fn slot_main(commands: Receiver<SlotCommand>, ready: Sender<()>) {
                     }
                 }
             }
-            Ok(SlotCommand::Shutdown) | Err(TryRecvError::Disconnected) => {
+            Some(SlotCommand::Shutdown) | None => {
                 for slot_job in running.into_values() {
                     for handle in slot_job.handles {
                         handle.cancel();
                     }
                 }
                 return;
-            }
-            Err(TryRecvError::Empty) => {
-                glommio::timer::sleep(SLOT_COMMAND_POLL_INTERVAL).await;
             }
         }
     }
