@@ -29,8 +29,8 @@ use crate::nexmark::model::{
     Q8_WINDOW_SIZE_MS,
 };
 use crate::nexmark::{
-    Answer, AnswerRow, Auction, Bid, Event, EventKinds, Generator, GeneratorConfig, Person, Q1Row,
-    Q2Row, Q3Row, Q5Row, Q7Row, Q8Row, Query,
+    Answer, AnswerRow, Auction, Bid, BidFields, Event, EventKinds, Generator, GeneratorConfig,
+    Person, Q1Row, Q2Row, Q3Row, Q5Row, Q7Row, Q8Row, Query,
 };
 
 /// The Nexmark generator as a parallel, bounded source. Its position is
@@ -51,6 +51,9 @@ pub struct NexmarkSource {
     /// Event time still moves with every index (see
     /// [`SourceOutput::skip_to`]).
     pub kinds: EventKinds,
+    /// The fields of each bid it computes (the others are zero), as a
+    /// source given Flink SQL's projection push-down.
+    pub bid_fields: BidFields,
 }
 
 /// The `--fail-at` indices that have failed already in this process.
@@ -63,6 +66,7 @@ impl NexmarkSource {
             fail_at: Arc::new(Vec::new()),
             events_per_second: 0,
             kinds: EventKinds::ALL,
+            bid_fields: BidFields::ALL,
         }
     }
 
@@ -70,6 +74,14 @@ impl NexmarkSource {
     pub fn only(&self, kinds: EventKinds) -> Self {
         NexmarkSource {
             kinds,
+            ..self.clone()
+        }
+    }
+
+    /// The same source, computing only `fields` of each bid.
+    pub fn projected(&self, bid_fields: BidFields) -> Self {
+        NexmarkSource {
+            bid_fields,
             ..self.clone()
         }
     }
@@ -83,6 +95,7 @@ impl NexmarkSource {
             fail_at: self.fail_at.clone(),
             pace,
             kinds: self.kinds,
+            bid_fields: self.bid_fields,
             batch: Vec::with_capacity(CHAIN_BATCH_RECORDS),
         })
     }
@@ -117,6 +130,7 @@ struct NexmarkReader {
     /// Its share of `--events-per-second`.
     pace: Option<Pace>,
     kinds: EventKinds,
+    bid_fields: BidFields,
     /// Events generated and not yet emitted (empty between polls): built
     /// in place here and handed over a batch at a time.
     batch: Vec<StreamRecord<Event>>,
@@ -145,7 +159,7 @@ impl SourceReader<Event> for NexmarkReader {
             return SourceStatus::NothingAvailable;
         }
         let (generator, fail_at, batch) = (&self.generator, &self.fail_at, &mut self.batch);
-        let kinds = self.kinds;
+        let (kinds, bid_fields) = (self.kinds, self.bid_fields);
         let mut skipped = None;
         let status = self.splits.read(budget, |index| {
             if !fail_at.is_empty() && fail_at.contains(&index) {
@@ -156,7 +170,7 @@ impl SourceReader<Event> for NexmarkReader {
                 skipped = Some(index);
                 return;
             }
-            let event = generator.event(index);
+            let event = generator.event_with(index, bid_fields);
             batch.push(StreamRecord {
                 timestamp: event.date_time() as Timestamp,
                 value: event,
@@ -300,18 +314,23 @@ pub fn build_query(
     output: Option<PathBuf>,
 ) {
     let sinks = RowSinks { query, output };
+    // Only the events and bid fields the query reads are generated (the
+    // source's filter and projection push-down).
+    let source = source
+        .only(query.event_kinds())
+        .projected(query.bid_fields());
     match query {
         Query::Q0 => {
-            sinks.add(bids(events(env, source.only(EventKinds::BIDS))));
+            sinks.add(bids(events(env, source)));
         }
         Query::Q1 => {
-            bids(events(env, source.only(EventKinds::BIDS)))
+            bids(events(env, source))
                 .map(|bid| Q1Row::from_bid(&bid))
                 .name("q1 euro")
                 .add_sink_with(&sinks);
         }
         Query::Q2 => {
-            bids(events(env, source.only(EventKinds::BIDS)))
+            bids(events(env, source))
                 .filter(Bid::is_q2_selected)
                 .name("q2 filter")
                 .map(|bid| Q2Row::from_bid(&bid))
@@ -319,7 +338,7 @@ pub fn build_query(
                 .add_sink_with(&sinks);
         }
         Query::Q3 => {
-            let events = events(env, source.only(EventKinds::PERSONS_AND_AUCTIONS));
+            let events = events(env, source);
             let persons = persons(events.clone())
                 .filter(Person::is_q3_selected)
                 .name("q3 persons");
@@ -340,7 +359,7 @@ pub fn build_query(
             // aggregate per slide before the shuffle, merged after it).
             let size = Duration::from_millis(Q5_WINDOW_SIZE_MS);
             let slide = Duration::from_millis(Q5_WINDOW_SLIDE_MS);
-            bids(events(env, source.only(EventKinds::BIDS)))
+            bids(events(env, source))
                 .key_by(|bid| bid.auction)
                 .window(WindowAssigner::sliding(size, slide))
                 .aggregate_with(
@@ -370,7 +389,7 @@ pub fn build_query(
             // As Flink SQL's q7, grouped by the window alone: the highest
             // bids of each subtask's share of a window (the local phase),
             // then of the whole window.
-            bids(events(env, source.only(EventKinds::BIDS)))
+            bids(events(env, source))
                 // The constant size lets the compiler turn the division
                 // into a multiplication.
                 .key_by(|bid| tumbling_window_start(bid.date_time, Q7_WINDOW_SIZE_MS))
@@ -397,7 +416,7 @@ pub fn build_query(
                 .add_sink_with(&sinks);
         }
         Query::Q8 => {
-            let events = events(env, source.only(EventKinds::PERSONS_AND_AUCTIONS));
+            let events = events(env, source);
             let size = Q8_WINDOW_SIZE_MS;
             persons(events.clone())
                 .join(auctions(events))
@@ -650,6 +669,7 @@ fn build_nexmark(
             .get_one::<u64>("events-per-second")
             .expect("--events-per-second has a default"),
         kinds: EventKinds::ALL,
+        bid_fields: BidFields::ALL,
     };
     build_query(
         env,

@@ -9,6 +9,7 @@
 use std::fmt;
 use std::str::FromStr;
 
+use super::generator::{BidFields, EventKinds};
 use super::model::{Bid, Q1Row, Q2Row, Q3Row, Q5Row, Q7Row, Q8Row};
 
 const FNV_OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
@@ -37,6 +38,34 @@ impl Query {
         Query::Q7,
         Query::Q8,
     ];
+
+    /// The kinds of event the query reads: a program (the engine's, or a
+    /// baseline) generates only these, as a consumer of only some topics.
+    pub const fn event_kinds(self) -> EventKinds {
+        match self {
+            Query::Q3 | Query::Q8 => EventKinds::PERSONS_AND_AUCTIONS,
+            _ => EventKinds::BIDS,
+        }
+    }
+
+    /// The fields of each bid the query reads besides the auction and the
+    /// time: a program computes only these (projection push-down).
+    pub const fn bid_fields(self) -> BidFields {
+        match self {
+            Query::Q0 | Query::Q3 | Query::Q8 => BidFields::ALL,
+            Query::Q1 | Query::Q7 => BidFields {
+                bidder: true,
+                price: true,
+                channel: false,
+                url: false,
+            },
+            Query::Q2 => BidFields {
+                price: true,
+                ..BidFields::NONE
+            },
+            Query::Q5 => BidFields::NONE,
+        }
+    }
 
     /// The name used on command lines and in answer lines: `q0`, `q1`, ...
     pub const fn name(self) -> &'static str {

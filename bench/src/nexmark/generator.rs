@@ -87,6 +87,33 @@ impl EventKinds {
     }
 }
 
+/// Which fields of a bid a reader needs besides the auction and the time
+/// (Flink SQL's projection push-down): the generator never computes the
+/// others, and leaves them zero.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BidFields {
+    pub bidder: bool,
+    pub price: bool,
+    pub channel: bool,
+    pub url: bool,
+}
+
+impl BidFields {
+    pub const ALL: BidFields = BidFields {
+        bidder: true,
+        price: true,
+        channel: true,
+        url: true,
+    };
+    /// The auction and the time only.
+    pub const NONE: BidFields = BidFields {
+        bidder: false,
+        price: false,
+        channel: false,
+        url: false,
+    };
+}
+
 /// How many events a run makes, and from which seed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GeneratorConfig {
@@ -195,23 +222,57 @@ impl Generator {
     /// Event `index`, which must be a bid (`index % 50 >= 4`).
     #[inline]
     pub fn bid(&self, index: u64) -> Bid {
+        self.bid_with(index, BidFields::ALL)
+    }
+
+    /// Event `index` with only the bid fields `fields` computed.
+    #[inline]
+    pub fn event_with(&self, index: u64, fields: BidFields) -> Event {
+        match index % BLOCK_SIZE {
+            0 => Event::Person(self.person(index)),
+            1..=3 => Event::Auction(self.auction(index)),
+            _ => Event::Bid(self.bid_with(index, fields)),
+        }
+    }
+
+    /// Bid `index` with only the fields `fields` computed (the auction and
+    /// the time always are); the others are zero.
+    #[inline]
+    pub fn bid_with(&self, index: u64, fields: BidFields) -> Bid {
         debug_assert!(index % BLOCK_SIZE >= 4, "event {index} is not a bid");
         let block = index / BLOCK_SIZE;
         let r0 = self.random(index, 0);
-        let r1 = self.random(index, 1);
-        let r2 = self.random(index, 2);
         // Auctions made so far, this block's included.
         let auctions = AUCTIONS_PER_BLOCK * block + AUCTIONS_PER_BLOCK;
         // 60% of bids go to the 10 newest auctions, the rest to the 1000 newest.
         let recent = if r0 % 100 < 60 { 10 } else { 1000 };
-        Bid {
+        let mut bid = Bid {
             auction: FIRST_ID + auctions - 1 - (r0 >> 8) % auctions.min(recent),
-            bidder: FIRST_ID + r1 % (block + 1),
-            price: 100 + (r1 >> 32) % 100_000,
-            channel: (r2 % 4) as u8,
-            url_id: ((r2 >> 8) % 1000) as u16,
+            bidder: 0,
+            price: 0,
+            channel: 0,
+            url_id: 0,
             date_time: timestamp(index),
+        };
+        if fields.bidder || fields.price {
+            let r1 = self.random(index, 1);
+            if fields.bidder {
+                bid.bidder = FIRST_ID + r1 % (block + 1);
+            }
+            if fields.price {
+                bid.price = 100 + (r1 >> 32) % 100_000;
+            }
         }
+        if fields.channel || fields.url {
+            let r2 = self.random(index, 2);
+            if fields.channel {
+                bid.channel = (r2 % 4) as u8;
+            }
+            if fields.url {
+                bid.url_id = ((r2 >> 8) % 1000) as u16;
+            }
+        }
+        bid
     }
 
     /// Events `range`, in index order.
@@ -223,6 +284,50 @@ impl Generator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_projected_bid_has_the_full_bids_fields_it_asks_for_and_zero_elsewhere() {
+        let generator = Generator::new(42);
+        for index in (0..100_000u64).filter(|index| index % BLOCK_SIZE >= 4) {
+            let full = generator.bid(index);
+            let only_price = generator.bid_with(
+                index,
+                BidFields {
+                    price: true,
+                    ..BidFields::NONE
+                },
+            );
+            assert_eq!(
+                only_price,
+                Bid {
+                    auction: full.auction,
+                    price: full.price,
+                    date_time: full.date_time,
+                    bidder: 0,
+                    channel: 0,
+                    url_id: 0,
+                }
+            );
+            let no_url = generator.bid_with(
+                index,
+                BidFields {
+                    url: false,
+                    ..BidFields::ALL
+                },
+            );
+            assert_eq!(
+                no_url,
+                Bid {
+                    url_id: 0,
+                    ..full.clone()
+                }
+            );
+            assert_eq!(
+                generator.event_with(index, BidFields::ALL),
+                Event::Bid(full)
+            );
+        }
+    }
 
     #[test]
     fn splitmix64_matches_the_reference_sequence() {

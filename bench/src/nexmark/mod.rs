@@ -22,7 +22,7 @@ pub use answers_file::{
 };
 pub use baseline::run_baseline;
 pub use generator::{
-    splitmix64, subtask_indices, EventKinds, Generator, GeneratorConfig, BASE_TIME_MS,
+    splitmix64, subtask_indices, BidFields, EventKinds, Generator, GeneratorConfig, BASE_TIME_MS,
     EVENTS_PER_MILLISECOND,
 };
 pub use model::{Auction, Bid, Event, Person, Q1Row, Q2Row, Q3Row, Q5Row, Q7Row, Q8Row};
