@@ -1160,10 +1160,10 @@ where
 /// `join(...).where(...).equalTo(...).window(...).apply(...)`).
 ///
 /// State is held per window and key group (as Flink SQL's window join
-/// keeps it per window): a record is added to its key's entry in each of
-/// its windows, and when the watermark passes a window's end, one pass
-/// over that window's keys emits the pairs and drops the window whole. No
-/// per-key timers. Snapshots are keyed state like any other operator's:
+/// keeps it per window), as a hash join builds it: left records by key,
+/// right records in a list. When the watermark passes a window's end, each
+/// right record probes the left records of its key, the pairs are emitted
+/// and the window is dropped whole. No per-key timers. Snapshots are keyed state like any other operator's:
 /// per key, its windows with their records ([`JoinContents`], the table
 /// `join-contents`), so a job restores at another parallelism.
 pub(crate) struct WindowJoinHead<K, L, R, O, J> {
@@ -1197,9 +1197,38 @@ type JoinSide<T> = smallvec::SmallVec<[T; 1]>;
 /// form of join state in snapshots.
 type JoinContents<L, R> = Vec<(TimeWindow, JoinSide<L>, JoinSide<R>)>;
 
-/// One window of the join: per key group of the subtask, its keys' left
-/// and right records, each map shared copy-on-write with snapshots.
-type JoinGroups<K, L, R> = Vec<std::rc::Rc<rustc_hash::FxHashMap<K, (JoinSide<L>, JoinSide<R>)>>>;
+/// One key group's share of a window of the join: the left records by key
+/// (the build side) and the right records as they came (the probe side).
+#[derive(Clone)]
+pub(crate) struct JoinGroup<K, L, R> {
+    lefts: rustc_hash::FxHashMap<K, JoinSide<L>>,
+    rights: Vec<(K, R)>,
+}
+
+impl<K, L, R> Default for JoinGroup<K, L, R> {
+    fn default() -> Self {
+        JoinGroup {
+            lefts: Default::default(),
+            rights: Vec::new(),
+        }
+    }
+}
+
+impl<K, L, R> JoinGroup<K, L, R> {
+    fn clear(&mut self) {
+        self.lefts.clear();
+        self.rights.clear();
+    }
+}
+
+/// One window of the join: per key group of the subtask, its records,
+/// each group shared copy-on-write with snapshots.
+type JoinGroups<K, L, R> = Vec<std::rc::Rc<JoinGroup<K, L, R>>>;
+
+/// A window's empty groups, one per key group.
+fn new_join_groups<K, L, R>(group_count: usize) -> JoinGroups<K, L, R> {
+    (0..group_count).map(|_| std::rc::Rc::default()).collect()
+}
 
 /// The name of the window join's state in snapshots.
 const JOIN_STATE: &str = "join-contents";
@@ -1284,23 +1313,28 @@ where
                     let groups = head
                         .windows
                         .entry((window.end, window.start))
-                        .or_insert_with(|| new_pane_groups(group_count));
-                    std::rc::Rc::make_mut(&mut groups[group])
-                        .insert(key.clone(), (lefts.clone(), rights.clone()));
+                        .or_insert_with(|| new_join_groups(group_count));
+                    let group = std::rc::Rc::make_mut(&mut groups[group]);
+                    if !lefts.is_empty() {
+                        group.lefts.insert(key.clone(), lefts.clone());
+                    }
+                    group
+                        .rights
+                        .extend(rights.iter().map(|right| (key.clone(), right.clone())));
                 }
             }
         }
         head
     }
 
-    /// Adds `record` to its key's entry in each of its windows that the
-    /// watermark has not passed.
+    /// Adds `record` to its key's group in each of its windows that the
+    /// watermark has not passed, with `side`.
     fn add<T: Clone>(
         &mut self,
         key: K,
         timestamp: Timestamp,
         record: T,
-        side: impl Fn(&mut (JoinSide<L>, JoinSide<R>), T),
+        side: impl Fn(&mut JoinGroup<K, L, R>, &K, T),
     ) {
         assert!(
             timestamp != NO_TIMESTAMP,
@@ -1319,16 +1353,8 @@ where
             let mut add = |window: &TimeWindow, record: T| {
                 let groups = open
                     .entry((window.end, window.start))
-                    .or_insert_with(|| spare.pop().unwrap_or_else(|| new_pane_groups(group_count)));
-                let map = std::rc::Rc::make_mut(&mut groups[group]);
-                match map.get_mut(&key) {
-                    Some(entry) => side(entry, record),
-                    None => {
-                        let mut entry = (JoinSide::new(), JoinSide::new());
-                        side(&mut entry, record);
-                        map.insert(key.clone(), entry);
-                    }
-                }
+                    .or_insert_with(|| spare.pop().unwrap_or_else(|| new_join_groups(group_count)));
+                side(std::rc::Rc::make_mut(&mut groups[group]), &key, record);
             };
             for window in rest {
                 add(window, record.clone());
@@ -1355,10 +1381,17 @@ impl<K: Key, L: Record, R: Record> crate::snapshot::KeyedCapture for JoinCapture
     fn serialize_group(&self, group_index: usize) -> Result<Option<(u32, Vec<u8>)>, String> {
         let mut keys: rustc_hash::FxHashMap<&K, JoinContents<L, R>> = Default::default();
         for (window, groups) in &self.windows {
-            for (key, (lefts, rights)) in groups[group_index].iter() {
-                keys.entry(key)
-                    .or_default()
-                    .push((*window, lefts.clone(), rights.clone()));
+            let group = &groups[group_index];
+            let mut per_key: rustc_hash::FxHashMap<&K, (JoinSide<L>, JoinSide<R>)> =
+                Default::default();
+            for (key, lefts) in &group.lefts {
+                per_key.entry(key).or_default().0 = lefts.clone();
+            }
+            for (key, right) in &group.rights {
+                per_key.entry(key).or_default().1.push(right.clone());
+            }
+            for (key, (lefts, rights)) in per_key {
+                keys.entry(key).or_default().push((*window, lefts, rights));
             }
         }
         write_keyed_group(self.key_groups, group_index, JOIN_STATE, &keys, &self.codec)
@@ -1403,13 +1436,22 @@ where
             let key_of = self.left_key.clone();
             L::decode(bytes, &mut |record, timestamp| {
                 let key = key_of(&record);
-                self.add(key, timestamp, record, |entry, record| entry.0.push(record));
+                self.add(key, timestamp, record, |group, key, record| {
+                    match group.lefts.get_mut(key) {
+                        Some(lefts) => lefts.push(record),
+                        None => {
+                            group.lefts.insert(key.clone(), smallvec::smallvec![record]);
+                        }
+                    }
+                });
             })
         } else {
             let key_of = self.right_key.clone();
             R::decode(bytes, &mut |record, timestamp| {
                 let key = key_of(&record);
-                self.add(key, timestamp, record, |entry, record| entry.1.push(record));
+                self.add(key, timestamp, record, |group, key, record| {
+                    group.rights.push((key.clone(), record));
+                });
             })
         }
     }
@@ -1424,27 +1466,33 @@ where
             }
             let mut groups = entry.remove();
             let (join, next) = (&self.join, &mut self.next);
-            let mut emit = |lefts: &JoinSide<L>, rights: &JoinSide<R>| {
-                for left in lefts {
-                    for right in rights {
+            let mut probe = |group: &JoinGroup<K, L, R>, key: &K, right: R| {
+                if let Some((last, rest)) =
+                    group.lefts.get(key).and_then(|lefts| lefts.split_last())
+                {
+                    for left in rest {
                         next.push(join(left.clone(), right.clone()), timestamp);
                     }
+                    next.push(join(last.clone(), right), timestamp);
                 }
             };
-            for map in groups.iter_mut() {
-                match std::rc::Rc::get_mut(map) {
+            for group in groups.iter_mut() {
+                match std::rc::Rc::get_mut(group) {
                     Some(owned) => {
-                        for (_, (lefts, rights)) in owned.drain() {
-                            emit(&lefts, &rights);
+                        let mut rights = std::mem::take(&mut owned.rights);
+                        for (key, right) in rights.drain(..) {
+                            probe(owned, &key, right);
                         }
+                        owned.rights = rights;
+                        owned.clear();
                     }
                     None => {
                         // A snapshot still holds it: read it, and start
                         // this group afresh.
-                        for (lefts, rights) in map.values() {
-                            emit(lefts, rights);
+                        for (key, right) in &group.rights {
+                            probe(group, key, right.clone());
                         }
-                        *map = std::rc::Rc::default();
+                        *group = std::rc::Rc::default();
                     }
                 }
             }
