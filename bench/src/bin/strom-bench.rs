@@ -356,28 +356,38 @@ struct Measurement {
     duration: Duration,
 }
 
+/// A local cluster of `parallelism` slots for the runs of a benchmark: it
+/// is started once and runs job after job, as a standing cluster does, so
+/// that no run pays for the start of the cluster (its executors' first
+/// milliseconds on cores that were idle).
+fn bench_cluster(parallelism: u32) -> anyhow::Result<LocalCluster> {
+    LocalCluster::start(
+        vec![NEXMARK_PROGRAM],
+        LocalClusterConfig::slots(parallelism),
+    )
+    .map_err(anyhow::Error::msg)
+}
+
 fn run_engine(
+    cluster: &LocalCluster,
     query: Query,
     config: GeneratorConfig,
     parallelism: u32,
 ) -> anyhow::Result<(Answer, Duration)> {
-    let (answer, duration, _) = run_engine_with(query, config, parallelism, &[])?;
+    let (answer, duration, _) = run_engine_with(cluster, query, config, parallelism, &[])?;
     Ok((answer, duration))
 }
 
-/// Runs a query with extra job options; returns its answer, its duration
-/// and the checkpoints it completed.
+/// Runs a query on `cluster` with extra job options; returns its answer,
+/// its duration (from the job's deployment to its last result) and the
+/// checkpoints it completed.
 fn run_engine_with(
+    cluster: &LocalCluster,
     query: Query,
     config: GeneratorConfig,
     parallelism: u32,
     options: &[String],
 ) -> anyhow::Result<(Answer, Duration, Vec<JobEvent>)> {
-    let cluster = LocalCluster::start(
-        vec![NEXMARK_PROGRAM],
-        LocalClusterConfig::slots(parallelism),
-    )
-    .map_err(anyhow::Error::msg)?;
     let arguments: Vec<String> = [
         "--query",
         query.name(),
@@ -403,7 +413,6 @@ fn run_engine_with(
         .try_iter()
         .filter(|event| matches!(event, JobEvent::CheckpointCompleted { .. }))
         .collect();
-    cluster.shutdown();
     let outcome = JobOutcome {
         accumulators: result.accumulators,
         duration: result.duration,
@@ -435,6 +444,10 @@ fn throughput(
     json: bool,
 ) -> anyhow::Result<()> {
     let config = GeneratorConfig { events, seed };
+    let clusters = parallelisms
+        .iter()
+        .map(|parallelism| bench_cluster(*parallelism))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let mut measurements = Vec::new();
     for query in queries {
         let (baseline_answer, baseline_duration) = fastest(repetitions, || {
@@ -448,10 +461,11 @@ fn throughput(
             answer: baseline_answer,
             duration: baseline_duration,
         });
-        for parallelism in parallelisms {
-            let (answer, duration) =
-                fastest(repetitions, || run_engine(*query, config, *parallelism))
-                    .with_context(|| format!("{} at parallelism {parallelism}", query.name()))?;
+        for (parallelism, cluster) in parallelisms.iter().zip(&clusters) {
+            let (answer, duration) = fastest(repetitions, || {
+                run_engine(cluster, *query, config, *parallelism)
+            })
+            .with_context(|| format!("{} at parallelism {parallelism}", query.name()))?;
             if answer != baseline_answer {
                 bail!(
                     "{} at parallelism {parallelism}: the engine printed {} but the baseline {}",
@@ -467,6 +481,9 @@ fn throughput(
                 duration,
             });
         }
+    }
+    for cluster in clusters {
+        cluster.shutdown();
     }
     let rate = |measurement: &Measurement| events as f64 / measurement.duration.as_secs_f64();
     if json {
@@ -589,15 +606,16 @@ fn checkpoints(
         "| query | none events/s | checkpointed events/s | ratio | checkpoints | duration median / max ms | size median / max MB | longest pause us | longest alignment ms |"
     );
     println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    let cluster = bench_cluster(parallelism)?;
     for query in queries {
         // Runs alternate, so that both see the same noise of a shared
         // machine; the fastest of each counts.
         let mut plain_duration = Duration::MAX;
         let mut checkpointed: Option<(Answer, Duration, Vec<JobEvent>)> = None;
         for _ in 0..repetitions {
-            let (plain_answer, duration) = run_engine(*query, config, parallelism)?;
+            let (plain_answer, duration) = run_engine(&cluster, *query, config, parallelism)?;
             plain_duration = plain_duration.min(duration);
-            let run = run_engine_with(*query, config, parallelism, &options)?;
+            let run = run_engine_with(&cluster, *query, config, parallelism, &options)?;
             if run.0 != plain_answer {
                 bail!(
                     "{}: the checkpointed run printed another answer",
@@ -649,6 +667,7 @@ fn checkpoints(
             alignment_max.as_secs_f64() * 1e3,
         );
     }
+    cluster.shutdown();
     Ok(())
 }
 
