@@ -301,6 +301,12 @@ impl<I, O, F: Fn(I, &mut dyn crate::function::Collector<O>)> Output<I>
                 timestamp: record.timestamp,
             };
             function(record.value, &mut collector);
+            // A function may emit many records per record: pass them on in
+            // batches of the usual size, not the whole batch's at once.
+            if self.collected.len() >= CHAIN_BATCH_RECORDS {
+                self.next.push_batch(&mut self.collected);
+                self.collected.clear();
+            }
         }
         if !self.collected.is_empty() {
             self.next.push_batch(&mut self.collected);
@@ -1078,5 +1084,78 @@ where
     }
     fn checkpoint_complete(&mut self, checkpoint_id: u64) {
         self.next.checkpoint_complete(checkpoint_id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records the size of every batch it is handed, and the records.
+    #[derive(Default)]
+    struct Batches {
+        sizes: Rc<RefCell<Vec<usize>>>,
+        records: Rc<RefCell<Vec<(u64, Timestamp)>>>,
+    }
+
+    impl Output<u64> for Batches {
+        fn push(&mut self, record: u64, timestamp: Timestamp) {
+            self.sizes.borrow_mut().push(1);
+            self.records.borrow_mut().push((record, timestamp));
+        }
+        fn push_batch(&mut self, batch: &mut Vec<StreamRecord<u64>>) {
+            self.sizes.borrow_mut().push(batch.len());
+            self.records.borrow_mut().extend(
+                batch
+                    .drain(..)
+                    .map(|record| (record.value, record.timestamp)),
+            );
+        }
+        fn watermark(&mut self, _watermark: Timestamp) {}
+        fn idle(&mut self, _idle: bool) {}
+        fn flush(&mut self) {}
+        fn end_of_input(&mut self) {}
+        fn snapshot(&mut self, _barrier: &CheckpointBarrier, _snapshot: &mut TaskSnapshot) {}
+        fn checkpoint_complete(&mut self, _checkpoint_id: u64) {}
+    }
+
+    #[test]
+    fn a_batch_goes_through_map_filter_and_flat_map_in_order_in_batches_of_the_usual_size() {
+        let sink = Batches::default();
+        let (sizes, records) = (sink.sizes.clone(), sink.records.clone());
+        // Each record becomes ten, so one batch in is ten batches' worth out.
+        let flat_map = FlatMapOperator::new(
+            Arc::new(|value: u64, out: &mut dyn Collector<u64>| {
+                for copy in 0..10 {
+                    out.collect(value * 10 + copy);
+                }
+            }),
+            Box::new(sink),
+        );
+        let filter = FilterOperator {
+            function: Arc::new(|value: &u64| value % 3 != 0),
+            next: Box::new(flat_map),
+        };
+        let mut map = MapOperator::new(Arc::new(|value: u64| value + 1), Box::new(filter));
+        let mut batch: Vec<StreamRecord<u64>> = (0..CHAIN_BATCH_RECORDS as u64)
+            .map(|value| StreamRecord {
+                timestamp: value as Timestamp * 2,
+                value,
+            })
+            .collect();
+        map.push_batch(&mut batch);
+        assert!(batch.is_empty(), "the caller's batch is left empty");
+
+        let expected: Vec<(u64, Timestamp)> = (0..CHAIN_BATCH_RECORDS as u64)
+            .filter(|value| (value + 1) % 3 != 0)
+            .flat_map(|value| (0..10).map(move |copy| ((value + 1) * 10 + copy, value as i64 * 2)))
+            .collect();
+        assert_eq!(*records.borrow(), expected);
+        let sizes = sizes.borrow();
+        assert!(
+            sizes.iter().all(|size| *size <= CHAIN_BATCH_RECORDS + 9),
+            "batches of at most about {CHAIN_BATCH_RECORDS} records: {sizes:?}"
+        );
+        assert!(sizes.len() > 1, "{sizes:?}");
     }
 }

@@ -356,16 +356,13 @@ struct Measurement {
     duration: Duration,
 }
 
-/// A local cluster of `parallelism` slots for the runs of a benchmark: it
-/// is started once and runs job after job, as a standing cluster does, so
-/// that no run pays for the start of the cluster (its executors' first
-/// milliseconds on cores that were idle).
-fn bench_cluster(parallelism: u32) -> anyhow::Result<LocalCluster> {
-    LocalCluster::start(
-        vec![NEXMARK_PROGRAM],
-        LocalClusterConfig::slots(parallelism),
-    )
-    .map_err(anyhow::Error::msg)
+/// A local cluster of `slots` slots for the runs of a benchmark: it is
+/// started once and runs job after job (of any parallelism up to `slots`),
+/// as a standing cluster does, so that no run pays for the start of the
+/// cluster (its executors' first milliseconds on cores that were idle).
+fn bench_cluster(slots: u32) -> anyhow::Result<LocalCluster> {
+    LocalCluster::start(vec![NEXMARK_PROGRAM], LocalClusterConfig::slots(slots))
+        .map_err(anyhow::Error::msg)
 }
 
 fn run_engine(
@@ -430,10 +427,8 @@ fn throughput(
     json: bool,
 ) -> anyhow::Result<()> {
     let config = GeneratorConfig { events, seed };
-    let clusters = parallelisms
-        .iter()
-        .map(|parallelism| bench_cluster(*parallelism))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    // One cluster, with slots for the largest parallelism, runs every job.
+    let cluster = bench_cluster(parallelisms.iter().copied().max().unwrap_or(1))?;
     let mut measurements = Vec::new();
     for query in queries {
         // Runs alternate (the baseline, then the engine at each
@@ -449,10 +444,8 @@ fn throughput(
                 baseline = Some((answer, duration));
             }
             let baseline_answer = baseline.as_ref().expect("a baseline run").0;
-            for ((parallelism, cluster), best) in
-                parallelisms.iter().zip(&clusters).zip(&mut engine)
-            {
-                let (answer, duration) = run_engine(cluster, *query, config, *parallelism)
+            for (parallelism, best) in parallelisms.iter().zip(&mut engine) {
+                let (answer, duration) = run_engine(&cluster, *query, config, *parallelism)
                     .with_context(|| format!("{} at parallelism {parallelism}", query.name()))?;
                 if answer != baseline_answer {
                     bail!(
@@ -481,9 +474,7 @@ fn throughput(
             });
         }
     }
-    for cluster in clusters {
-        cluster.shutdown();
-    }
+    cluster.shutdown();
     let rate = |measurement: &Measurement| events as f64 / measurement.duration.as_secs_f64();
     if json {
         let rows: Vec<String> = measurements
