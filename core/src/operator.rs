@@ -1120,6 +1120,8 @@ mod tests {
     }
 
     #[test]
+    // `u64::is_multiple_of` needs Rust 1.87; the workspace supports 1.85.
+    #[allow(clippy::manual_is_multiple_of)]
     fn a_batch_goes_through_map_filter_and_flat_map_in_order_in_batches_of_the_usual_size() {
         let sink = Batches::default();
         let (sizes, records) = (sink.sizes.clone(), sink.records.clone());
