@@ -23,7 +23,7 @@ use strom_core::{
 };
 use strom_scheduler::file_sink::FileSink;
 
-use crate::nexmark::generator::timestamp;
+use crate::nexmark::generator::{timestamp, BLOCK_SIZE};
 use crate::nexmark::model::{
     tumbling_window_start, Q5_WINDOW_SIZE_MS, Q5_WINDOW_SLIDE_MS, Q7_WINDOW_SIZE_MS,
     Q8_WINDOW_SIZE_MS,
@@ -160,15 +160,37 @@ impl SourceReader<Event> for NexmarkReader {
         }
         let (generator, fail_at, batch) = (&self.generator, &self.fail_at, &mut self.batch);
         let (kinds, bid_fields) = (self.kinds, self.bid_fields);
+        // A paced reader counts every index against its rate, so it visits
+        // them one by one.
+        let skip_runs = !kinds.bids && self.pace.is_none();
+        let splits = &mut self.splits;
         let mut skipped = None;
-        let status = self.splits.read(budget, |index| {
+        let mut status = SourceStatus::MoreAvailable;
+        for _ in 0..budget {
+            let Some(index) = splits.next_index() else {
+                status = SourceStatus::Finished;
+                break;
+            };
             if !fail_at.is_empty() && fail_at.contains(&index) {
                 output.collect_batch(batch);
                 inject_failure(index);
             }
             if !kinds.includes(index) {
                 skipped = Some(index);
-                return;
+                // The rest of a block after its first bid is bids: when
+                // those are left out, pass over them all at once (unless a
+                // failure is to be injected among them).
+                let block_end = index - index % BLOCK_SIZE + BLOCK_SIZE;
+                if skip_runs
+                    && index % BLOCK_SIZE >= 4
+                    && !fail_at.iter().any(|at| (index..block_end).contains(at))
+                {
+                    splits.skip_below(block_end);
+                    // Passed over up to the block's end: no later record
+                    // of this reader is older.
+                    skipped = Some(block_end - 1);
+                }
+                continue;
             }
             let event = generator.event_with(index, bid_fields);
             batch.push(StreamRecord {
@@ -178,7 +200,10 @@ impl SourceReader<Event> for NexmarkReader {
             if batch.len() >= CHAIN_BATCH_RECORDS {
                 output.collect_batch(batch);
             }
-        });
+        }
+        if splits.is_finished() {
+            status = SourceStatus::Finished;
+        }
         output.collect_batch(batch);
         if let Some(index) = skipped {
             output.skip_to(timestamp(index) as Timestamp);

@@ -350,6 +350,18 @@ impl IndexSplits {
         self.splits.iter().all(IndexSplit::is_finished)
     }
 
+    /// Passes over every index below `index` not read yet (the reader has
+    /// no use for them): each split moves to its first index at or above
+    /// `index`.
+    pub fn skip_below(&mut self, index: u64) {
+        for split in &mut self.splits {
+            if split.next < index {
+                let steps = (index - split.next).div_ceil(split.step);
+                split.next = split.next.saturating_add(steps.saturating_mul(split.step));
+            }
+        }
+    }
+
     /// Hands up to `budget` next indices to `each`, and says what a
     /// reader over these splits reports after it.
     #[inline]
@@ -371,6 +383,34 @@ impl IndexSplits {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn skipping_below_an_index_moves_every_split_to_its_first_index_at_or_above_it() {
+        let mut splits = IndexSplits {
+            splits: vec![
+                IndexSplit {
+                    next: 3,
+                    step: 4,
+                    end: 100,
+                },
+                IndexSplit {
+                    next: 5,
+                    step: 4,
+                    end: 12,
+                },
+                IndexSplit {
+                    next: 30,
+                    step: 4,
+                    end: 100,
+                },
+            ],
+        };
+        splits.skip_below(20);
+        let next: Vec<u64> = splits.splits.iter().map(|split| split.next).collect();
+        assert_eq!(next, vec![23, 21, 30]);
+        assert!(splits.splits[1].is_finished());
+        assert_eq!(splits.next_index(), Some(23));
+    }
 
     #[test]
     fn splits_taken_over_by_one_subtask_are_read_in_index_order() {
