@@ -163,14 +163,8 @@ impl SourceReader<Event> for NexmarkReader {
         // A paced reader counts every index against its rate, so it visits
         // them one by one.
         let skip_runs = !kinds.bids && self.pace.is_none();
-        let splits = &mut self.splits;
         let mut skipped = None;
-        let mut status = SourceStatus::MoreAvailable;
-        for _ in 0..budget {
-            let Some(index) = splits.next_index() else {
-                status = SourceStatus::Finished;
-                break;
-            };
+        let status = self.splits.read_skipping(budget, |index| {
             if !fail_at.is_empty() && fail_at.contains(&index) {
                 output.collect_batch(batch);
                 inject_failure(index);
@@ -185,12 +179,12 @@ impl SourceReader<Event> for NexmarkReader {
                     && index % BLOCK_SIZE >= 4
                     && !fail_at.iter().any(|at| (index..block_end).contains(at))
                 {
-                    splits.skip_below(block_end);
                     // Passed over up to the block's end: no later record
                     // of this reader is older.
                     skipped = Some(block_end - 1);
+                    return Some(block_end);
                 }
-                continue;
+                return None;
             }
             let event = generator.event_with(index, bid_fields);
             batch.push(StreamRecord {
@@ -200,10 +194,8 @@ impl SourceReader<Event> for NexmarkReader {
             if batch.len() >= CHAIN_BATCH_RECORDS {
                 output.collect_batch(batch);
             }
-        }
-        if splits.is_finished() {
-            status = SourceStatus::Finished;
-        }
+            None
+        });
         output.collect_batch(batch);
         if let Some(index) = skipped {
             output.skip_to(timestamp(index) as Timestamp);

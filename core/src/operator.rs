@@ -735,21 +735,10 @@ impl<T> SourceOutput<T> for SourceCollector<T> {
     }
 
     fn collect_batch(&mut self, records: &mut Vec<StreamRecord<T>>) {
-        SourceCollector::collect_batch(self, records);
-    }
-
-    fn skip_to(&mut self, timestamp: Timestamp) {
-        self.max_timestamp = self.max_timestamp.max(timestamp);
-    }
-}
-
-impl<T> SourceCollector<T> {
-    fn collect_batch(&mut self, records: &mut Vec<StreamRecord<T>>) {
-        if records.is_empty() {
+        let Some(latest) = records.iter().map(|record| record.timestamp).max() else {
             return;
-        }
-        let latest = records.iter().map(|record| record.timestamp).max();
-        self.max_timestamp = self.max_timestamp.max(latest.unwrap_or(MIN_WATERMARK));
+        };
+        self.max_timestamp = self.max_timestamp.max(latest);
         self.emitted += records.len() as u64;
         if self.batch.is_empty() {
             // Straight down the chain: no copy.
@@ -761,6 +750,12 @@ impl<T> SourceCollector<T> {
         }
     }
 
+    fn skip_to(&mut self, timestamp: Timestamp) {
+        self.max_timestamp = self.max_timestamp.max(timestamp);
+    }
+}
+
+impl<T> SourceCollector<T> {
     /// Hands the records collected so far down the chain.
     fn ship(&mut self) {
         if !self.batch.is_empty() {

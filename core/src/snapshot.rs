@@ -366,11 +366,28 @@ impl IndexSplits {
     /// reader over these splits reports after it.
     #[inline]
     pub fn read(&mut self, budget: usize, mut each: impl FnMut(u64)) -> SourceStatus {
+        self.read_skipping(budget, |index| {
+            each(index);
+            None
+        })
+    }
+
+    /// As [`IndexSplits::read`], but `each` may answer `Some(below)`: the
+    /// reader has no use for the indices below `below`, which are passed
+    /// over ([`IndexSplits::skip_below`]) and count as one of the budget.
+    #[inline]
+    pub fn read_skipping(
+        &mut self,
+        budget: usize,
+        mut each: impl FnMut(u64) -> Option<u64>,
+    ) -> SourceStatus {
         for _ in 0..budget {
             let Some(index) = self.next_index() else {
                 return SourceStatus::Finished;
             };
-            each(index);
+            if let Some(below) = each(index) {
+                self.skip_below(below);
+            }
         }
         if self.is_finished() {
             SourceStatus::Finished

@@ -508,7 +508,7 @@ where
                     let groups = operator
                         .panes
                         .entry(*start)
-                        .or_insert_with(|| new_pane_groups(group_count));
+                        .or_insert_with(|| new_groups(group_count));
                     std::rc::Rc::make_mut(&mut groups[group])
                         .insert(key.clone(), accumulator.clone());
                 }
@@ -608,8 +608,9 @@ where
     }
 }
 
-/// A pane's empty maps, one per key group.
-fn new_pane_groups<K, A>(group_count: usize) -> PaneGroups<K, A> {
+/// Empty state for each of `group_count` key groups: a pane's maps, or a
+/// window's join groups.
+fn new_groups<T: Default>(group_count: usize) -> Vec<std::rc::Rc<T>> {
     (0..group_count).map(|_| std::rc::Rc::default()).collect()
 }
 
@@ -675,7 +676,7 @@ where
         let groups = self
             .panes
             .entry(pane_start)
-            .or_insert_with(|| spare.pop().unwrap_or_else(|| new_pane_groups(group_count)));
+            .or_insert_with(|| spare.pop().unwrap_or_else(|| new_groups(group_count)));
         let map = std::rc::Rc::make_mut(&mut groups[group]);
         let aggregate = &self.aggregation.aggregate;
         match map.get_mut(&partial.key) {
@@ -1225,11 +1226,6 @@ impl<K, L, R> JoinGroup<K, L, R> {
 /// each group shared copy-on-write with snapshots.
 type JoinGroups<K, L, R> = Vec<std::rc::Rc<JoinGroup<K, L, R>>>;
 
-/// A window's empty groups, one per key group.
-fn new_join_groups<K, L, R>(group_count: usize) -> JoinGroups<K, L, R> {
-    (0..group_count).map(|_| std::rc::Rc::default()).collect()
-}
-
 /// The name of the window join's state in snapshots.
 const JOIN_STATE: &str = "join-contents";
 
@@ -1313,7 +1309,7 @@ where
                     let groups = head
                         .windows
                         .entry((window.end, window.start))
-                        .or_insert_with(|| new_join_groups(group_count));
+                        .or_insert_with(|| new_groups(group_count));
                     let group = std::rc::Rc::make_mut(&mut groups[group]);
                     if !lefts.is_empty() {
                         group.lefts.insert(key.clone(), lefts.clone());
@@ -1353,7 +1349,7 @@ where
             let mut add = |window: &TimeWindow, record: T| {
                 let groups = open
                     .entry((window.end, window.start))
-                    .or_insert_with(|| spare.pop().unwrap_or_else(|| new_join_groups(group_count)));
+                    .or_insert_with(|| spare.pop().unwrap_or_else(|| new_groups(group_count)));
                 side(std::rc::Rc::make_mut(&mut groups[group]), &key, record);
             };
             for window in rest {
@@ -1637,15 +1633,10 @@ mod tests {
         )
     }
 
-    /// The same, keyed by `key`, starting from `restore`.
-    fn summing_operator_from(
-        assigner: WindowAssigner,
-        allowed_lateness: i64,
-        emitted: &Emissions,
-        restore: crate::snapshot::TaskRestore,
-        key: fn(&u64) -> u64,
-    ) -> impl Output<u64> {
-        let context = OperatorContext {
+    /// The context of the one subtask of operator "window", starting from
+    /// `restore`.
+    fn test_context(restore: crate::snapshot::TaskRestore) -> OperatorContext {
+        OperatorContext {
             operator_name: "window".to_string(),
             subtask_index: 0,
             parallelism: 1,
@@ -1657,7 +1648,18 @@ mod tests {
             operator_id: "1:window".to_string(),
             restore: std::rc::Rc::new(std::cell::RefCell::new(restore)),
             committables: Default::default(),
-        };
+        }
+    }
+
+    /// The same, keyed by `key`, starting from `restore`.
+    fn summing_operator_from(
+        assigner: WindowAssigner,
+        allowed_lateness: i64,
+        emitted: &Emissions,
+        restore: crate::snapshot::TaskRestore,
+        key: fn(&u64) -> u64,
+    ) -> impl Output<u64> {
+        let context = test_context(restore);
         WindowOperator::new(
             Arc::new(key),
             assigner,
@@ -1686,19 +1688,7 @@ mod tests {
         key: fn(&u64) -> u64,
         restore: crate::snapshot::TaskRestore,
     ) -> LocalWindowAggregate<u64, u64, u64, u64, Sum> {
-        let context = OperatorContext {
-            operator_name: "window".to_string(),
-            subtask_index: 0,
-            parallelism: 1,
-            max_parallelism: 128,
-            key_groups: crate::key::KeyGroupRange::for_subtask(128, 1, 0),
-            accumulators: Default::default(),
-            chain_position: 0,
-            tracker: Default::default(),
-            operator_id: "1:window".to_string(),
-            restore: std::rc::Rc::new(std::cell::RefCell::new(restore)),
-            committables: Default::default(),
-        };
+        let context = test_context(restore);
         let panes = assigner.panes().expect("the assigner has panes");
         let global = SlicingWindowOperator::new(
             assigner.window_size(),

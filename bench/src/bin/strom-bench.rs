@@ -434,43 +434,41 @@ fn throughput(
         // Runs alternate (the baseline, then the engine at each
         // parallelism, round after round), so that all see the same noise
         // of a shared machine; the fastest of each counts.
-        let mut baseline: Option<(Answer, Duration)> = None;
-        let mut engine: Vec<Option<Duration>> = vec![None; parallelisms.len()];
+        let mut baseline_answer = None;
+        let mut baseline_best = Duration::MAX;
+        let mut engine_best = vec![Duration::MAX; parallelisms.len()];
         for _ in 0..repetitions.max(1) {
             let started = Instant::now();
             let answer = run_baseline(*query, config);
-            let duration = started.elapsed();
-            if baseline.as_ref().is_none_or(|(_, best)| duration < *best) {
-                baseline = Some((answer, duration));
-            }
-            let baseline_answer = baseline.as_ref().expect("a baseline run").0;
-            for (parallelism, best) in parallelisms.iter().zip(&mut engine) {
-                let (answer, duration) = run_engine(&cluster, *query, config, *parallelism)
+            baseline_best = baseline_best.min(started.elapsed());
+            baseline_answer = Some(answer);
+            for (parallelism, best) in parallelisms.iter().zip(&mut engine_best) {
+                let (engine_answer, duration) = run_engine(&cluster, *query, config, *parallelism)
                     .with_context(|| format!("{} at parallelism {parallelism}", query.name()))?;
-                if answer != baseline_answer {
+                if engine_answer != answer {
                     bail!(
                         "{} at parallelism {parallelism}: the engine printed {} but the baseline {}",
                         query.name(),
-                        answer.line(*query),
-                        baseline_answer.line(*query)
+                        engine_answer.line(*query),
+                        answer.line(*query)
                     );
                 }
-                *best = Some(best.map_or(duration, |best| best.min(duration)));
+                *best = (*best).min(duration);
             }
         }
-        let (answer, duration) = baseline.expect("a baseline run");
+        let answer = baseline_answer.expect("a baseline run");
         measurements.push(Measurement {
             query: *query,
             parallelism: None,
             answer,
-            duration,
+            duration: baseline_best,
         });
-        for (parallelism, duration) in parallelisms.iter().zip(engine) {
+        for (parallelism, duration) in parallelisms.iter().zip(engine_best) {
             measurements.push(Measurement {
                 query: *query,
                 parallelism: Some(*parallelism),
                 answer,
-                duration: duration.expect("an engine run"),
+                duration,
             });
         }
     }

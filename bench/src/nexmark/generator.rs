@@ -173,11 +173,7 @@ impl Generator {
     /// Event `index`. Each kind computes only the random words it uses.
     #[inline]
     pub fn event(&self, index: u64) -> Event {
-        match index % BLOCK_SIZE {
-            0 => Event::Person(self.person(index)),
-            1..=3 => Event::Auction(self.auction(index)),
-            _ => Event::Bid(self.bid(index)),
-        }
+        self.event_with(index, BidFields::ALL)
     }
 
     /// Event `index`, which must be a person (`index % 50 == 0`).
