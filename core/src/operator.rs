@@ -158,6 +158,22 @@ pub trait SourceHead {
     fn checkpoint_complete(&mut self, checkpoint_id: u64);
 }
 
+/// The control methods of an [`Output`] that ends a chain and has nothing
+/// to do with event time, checkpoints or the end (a sink of records alone).
+macro_rules! ignore_control {
+    () => {
+        fn watermark(&mut self, _watermark: Timestamp) {}
+        fn idle(&mut self, _idle: bool) {}
+        fn flush(&mut self) {}
+        fn end_of_input(&mut self) {}
+        fn snapshot(&mut self, _barrier: &CheckpointBarrier, _snapshot: &mut TaskSnapshot) {}
+        fn checkpoint_complete(&mut self, _checkpoint_id: u64) {}
+    };
+}
+// For the window tests.
+#[cfg(test)]
+pub(crate) use ignore_control;
+
 macro_rules! forward_control {
     () => {
         fn watermark(&mut self, watermark: Timestamp) {
@@ -635,12 +651,7 @@ pub(crate) struct Discard;
 
 impl<T> Output<T> for Discard {
     fn push(&mut self, _record: T, _timestamp: Timestamp) {}
-    fn watermark(&mut self, _watermark: Timestamp) {}
-    fn idle(&mut self, _idle: bool) {}
-    fn flush(&mut self) {}
-    fn end_of_input(&mut self) {}
-    fn snapshot(&mut self, _barrier: &CheckpointBarrier, _snapshot: &mut TaskSnapshot) {}
-    fn checkpoint_complete(&mut self, _checkpoint_id: u64) {}
+    ignore_control!();
 }
 
 /// The head of a one-input task (or a union): decodes buffers into records
@@ -1106,12 +1117,7 @@ mod tests {
                     .map(|record| (record.value, record.timestamp)),
             );
         }
-        fn watermark(&mut self, _watermark: Timestamp) {}
-        fn idle(&mut self, _idle: bool) {}
-        fn flush(&mut self) {}
-        fn end_of_input(&mut self) {}
-        fn snapshot(&mut self, _barrier: &CheckpointBarrier, _snapshot: &mut TaskSnapshot) {}
-        fn checkpoint_complete(&mut self, _checkpoint_id: u64) {}
+        ignore_control!();
     }
 
     #[test]

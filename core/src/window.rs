@@ -1590,12 +1590,7 @@ mod tests {
         fn push(&mut self, record: u64, timestamp: Timestamp) {
             self.0.borrow_mut().push((record, timestamp));
         }
-        fn watermark(&mut self, _watermark: Timestamp) {}
-        fn idle(&mut self, _idle: bool) {}
-        fn flush(&mut self) {}
-        fn end_of_input(&mut self) {}
-        fn snapshot(&mut self, _barrier: &CheckpointBarrier, _snapshot: &mut TaskSnapshot) {}
-        fn checkpoint_complete(&mut self, _checkpoint_id: u64) {}
+        crate::operator::ignore_control!();
     }
 
     #[derive(Clone)]
@@ -1651,6 +1646,11 @@ mod tests {
         }
     }
 
+    /// The window function of the summing operators: each window's sum.
+    fn emit_sum() -> Arc<impl Fn(&u64, &TimeWindow, u64, &mut dyn Collector<u64>)> {
+        Arc::new(|_: &u64, _: &TimeWindow, sum: u64, out: &mut dyn Collector<u64>| out.collect(sum))
+    }
+
     /// The same, keyed by `key`, starting from `restore`.
     fn summing_operator_from(
         assigner: WindowAssigner,
@@ -1666,11 +1666,7 @@ mod tests {
             allowed_lateness,
             WindowAggregation {
                 aggregate: Sum,
-                window_function: Arc::new(
-                    |_: &u64, _: &TimeWindow, sum: u64, out: &mut dyn Collector<u64>| {
-                        out.collect(sum)
-                    },
-                ),
+                window_function: emit_sum(),
                 _types: PhantomData,
             },
             ValueCodec::record(),
@@ -1698,11 +1694,7 @@ mod tests {
                     aggregate: Sum,
                     _input: PhantomData::<fn(u64)>,
                 },
-                window_function: Arc::new(
-                    |_: &u64, _: &TimeWindow, sum: u64, out: &mut dyn Collector<u64>| {
-                        out.collect(sum)
-                    },
-                ),
+                window_function: emit_sum(),
                 _types: PhantomData,
             },
             ValueCodec::record(),
