@@ -23,7 +23,7 @@ use strom_core::{
 };
 use strom_scheduler::file_sink::FileSink;
 
-use crate::nexmark::generator::{timestamp, BLOCK_SIZE};
+use crate::nexmark::generator::timestamp;
 use crate::nexmark::model::{
     tumbling_window_start, Q5_WINDOW_SIZE_MS, Q5_WINDOW_SLIDE_MS, Q7_WINDOW_SIZE_MS,
     Q8_WINDOW_SIZE_MS,
@@ -86,7 +86,11 @@ impl NexmarkSource {
         }
     }
 
-    fn reader(&self, splits: IndexSplits, parallelism: u32) -> Box<dyn SourceReader<Event>> {
+    fn reader<T: NexmarkRecord>(
+        &self,
+        splits: IndexSplits,
+        parallelism: u32,
+    ) -> Box<dyn SourceReader<T>> {
         let pace = (self.events_per_second > 0)
             .then(|| Pace::new(self.events_per_second as f64 / f64::from(parallelism)));
         Box::new(NexmarkReader {
@@ -94,19 +98,93 @@ impl NexmarkSource {
             splits,
             fail_at: self.fail_at.clone(),
             pace,
-            kinds: self.kinds,
+            kinds: T::kinds(self.kinds),
             bid_fields: self.bid_fields,
             batch: Vec::with_capacity(CHAIN_BATCH_RECORDS),
         })
     }
 }
 
-impl Source<Event> for NexmarkSource {
+/// What the Nexmark source can emit: every event, or the events of one
+/// kind alone as their own records. A source of bids is the `bid` view of
+/// the Nexmark tables (`SELECT bid.* ... WHERE event_type = 2`) with the
+/// filter and the projection pushed into the source, so that no operator
+/// downstream has to take the bid out of the event.
+pub trait NexmarkRecord: strom_core::Record + Clone {
+    /// The kinds of event a source of these records emits, when it was
+    /// told to emit `requested`.
+    fn kinds(requested: EventKinds) -> EventKinds;
+    /// Event `index`, which is of one of those kinds, with the bid fields
+    /// `fields`.
+    fn generate(generator: &Generator, index: u64, fields: BidFields) -> Self;
+    /// Its event time.
+    fn date_time(&self) -> u64;
+}
+
+impl NexmarkRecord for Event {
+    fn kinds(requested: EventKinds) -> EventKinds {
+        requested
+    }
+    #[inline(always)]
+    fn generate(generator: &Generator, index: u64, fields: BidFields) -> Self {
+        generator.event_with(index, fields)
+    }
+    #[inline(always)]
+    fn date_time(&self) -> u64 {
+        Event::date_time(self)
+    }
+}
+
+impl NexmarkRecord for Bid {
+    fn kinds(_requested: EventKinds) -> EventKinds {
+        EventKinds::BIDS
+    }
+    #[inline(always)]
+    fn generate(generator: &Generator, index: u64, fields: BidFields) -> Self {
+        generator.bid_with(index, fields)
+    }
+    #[inline(always)]
+    fn date_time(&self) -> u64 {
+        self.date_time
+    }
+}
+
+impl NexmarkRecord for Person {
+    fn kinds(_requested: EventKinds) -> EventKinds {
+        EventKinds::PERSONS
+    }
+    #[inline(always)]
+    fn generate(generator: &Generator, index: u64, _fields: BidFields) -> Self {
+        generator.person(index)
+    }
+    #[inline(always)]
+    fn date_time(&self) -> u64 {
+        self.date_time
+    }
+}
+
+impl NexmarkRecord for Auction {
+    fn kinds(_requested: EventKinds) -> EventKinds {
+        EventKinds::AUCTIONS
+    }
+    #[inline(always)]
+    fn generate(generator: &Generator, index: u64, _fields: BidFields) -> Self {
+        generator.auction(index)
+    }
+    #[inline(always)]
+    fn date_time(&self) -> u64 {
+        self.date_time
+    }
+}
+
+/// A source of events (of the kinds it was told, [`NexmarkSource::only`]),
+/// or of bids, persons or auctions alone.
+impl<T: NexmarkRecord> Source<T> for NexmarkSource {
     fn boundedness(&self) -> Boundedness {
         Boundedness::Bounded
     }
 
-    fn create_reader(&self, subtask_index: u32, parallelism: u32) -> Box<dyn SourceReader<Event>> {
+    fn create_reader(&self, subtask_index: u32, parallelism: u32) -> Box<dyn SourceReader<T>> {
         self.reader(
             IndexSplits::fresh(subtask_index, parallelism, self.config.events),
             parallelism,
@@ -118,12 +196,12 @@ impl Source<Event> for NexmarkSource {
         _subtask_index: u32,
         parallelism: u32,
         state: Vec<Vec<u8>>,
-    ) -> Result<Box<dyn SourceReader<Event>>, String> {
+    ) -> Result<Box<dyn SourceReader<T>>, String> {
         Ok(self.reader(IndexSplits::restore(&state)?, parallelism))
     }
 }
 
-struct NexmarkReader {
+struct NexmarkReader<T> {
     generator: Generator,
     splits: IndexSplits,
     fail_at: Arc<Vec<u64>>,
@@ -131,9 +209,9 @@ struct NexmarkReader {
     pace: Option<Pace>,
     kinds: EventKinds,
     bid_fields: BidFields,
-    /// Events generated and not yet emitted (empty between polls): built
+    /// Records generated and not yet emitted (empty between polls): built
     /// in place here and handed over a batch at a time.
-    batch: Vec<StreamRecord<Event>>,
+    batch: Vec<StreamRecord<T>>,
 }
 
 /// Fails the first time this process reaches a `--fail-at` index.
@@ -149,8 +227,8 @@ fn inject_failure(index: u64) {
     }
 }
 
-impl SourceReader<Event> for NexmarkReader {
-    fn poll_next(&mut self, output: &mut dyn SourceOutput<Event>, budget: usize) -> SourceStatus {
+impl<T: NexmarkRecord> SourceReader<T> for NexmarkReader<T> {
+    fn poll_next(&mut self, output: &mut dyn SourceOutput<T>, budget: usize) -> SourceStatus {
         let budget = match &mut self.pace {
             Some(pace) => pace.allow(budget),
             None => budget,
@@ -162,7 +240,7 @@ impl SourceReader<Event> for NexmarkReader {
         let (kinds, bid_fields) = (self.kinds, self.bid_fields);
         // A paced reader counts every index against its rate, so it visits
         // them one by one.
-        let skip_runs = !kinds.bids && self.pace.is_none();
+        let skip_runs = self.pace.is_none();
         let mut skipped = None;
         let status = self.splits.read_skipping(budget, |index| {
             if !fail_at.is_empty() && fail_at.contains(&index) {
@@ -171,25 +249,23 @@ impl SourceReader<Event> for NexmarkReader {
             }
             if !kinds.includes(index) {
                 skipped = Some(index);
-                // The rest of a block after its first bid is bids: when
-                // those are left out, pass over them all at once (unless a
-                // failure is to be injected among them).
-                let block_end = index - index % BLOCK_SIZE + BLOCK_SIZE;
-                if skip_runs
-                    && index % BLOCK_SIZE >= 4
-                    && !fail_at.iter().any(|at| (index..block_end).contains(at))
-                {
-                    // Passed over up to the block's end: no later record
-                    // of this reader is older.
-                    skipped = Some(block_end - 1);
-                    return Some(block_end);
+                // Pass over the indices up to the next one of a kind taken
+                // at once (unless a failure is to be injected among them).
+                let Some(next) = kinds.next_included(index) else {
+                    return Some(u64::MAX);
+                };
+                if skip_runs && !fail_at.iter().any(|at| (index..next).contains(at)) {
+                    // Passed over up to there: no later record of this
+                    // reader is older.
+                    skipped = Some(next - 1);
+                    return Some(next);
                 }
                 return None;
             }
-            let event = generator.event_with(index, bid_fields);
+            let record = T::generate(generator, index, bid_fields);
             batch.push(StreamRecord {
-                timestamp: event.date_time() as Timestamp,
-                value: event,
+                timestamp: record.date_time() as Timestamp,
+                value: record,
             });
             if batch.len() >= CHAIN_BATCH_RECORDS {
                 output.collect_batch(batch);
@@ -251,41 +327,30 @@ impl<R: AnswerRow> SinkFunction<R> for AnswerSink {
     }
 }
 
-fn events(env: &StreamExecutionEnvironment, source: NexmarkSource) -> DataStream<Event> {
+/// The records of `source` of type `T`: every event, or one kind alone
+/// (see [`NexmarkRecord`]), named after what they are.
+fn read<T: NexmarkRecord>(
+    env: &StreamExecutionEnvironment,
+    source: &NexmarkSource,
+    what: &str,
+) -> DataStream<T> {
     env.from_source(
-        source,
+        source.clone(),
         WatermarkStrategy::for_monotonous_timestamps(),
-        "Source: nexmark",
+        &format!("Source: nexmark {what}"),
     )
 }
 
-fn bids(events: DataStream<Event>) -> DataStream<Bid> {
-    events
-        .flat_map(|event, out: &mut dyn Collector<Bid>| {
-            if let Event::Bid(bid) = event {
-                out.collect(bid);
-            }
-        })
-        .name("bids")
-}
-fn persons(events: DataStream<Event>) -> DataStream<Person> {
-    events
-        .flat_map(|event, out: &mut dyn Collector<Person>| {
-            if let Event::Person(person) = event {
-                out.collect(person);
-            }
-        })
-        .name("persons")
+fn bids(env: &StreamExecutionEnvironment, source: &NexmarkSource) -> DataStream<Bid> {
+    read(env, source, "bids")
 }
 
-fn auctions(events: DataStream<Event>) -> DataStream<Auction> {
-    events
-        .flat_map(|event, out: &mut dyn Collector<Auction>| {
-            if let Event::Auction(auction) = event {
-                out.collect(auction);
-            }
-        })
-        .name("auctions")
+fn persons(env: &StreamExecutionEnvironment, source: &NexmarkSource) -> DataStream<Person> {
+    read(env, source, "persons")
+}
+
+fn auctions(env: &StreamExecutionEnvironment, source: &NexmarkSource) -> DataStream<Auction> {
+    read(env, source, "auctions")
 }
 
 /// Where a query's rows go: the answer sink and, with `--output`, a file
@@ -332,22 +397,22 @@ pub fn build_query(
 ) {
     let sinks = RowSinks { query, output };
     // Only the events and bid fields the query reads are generated (the
-    // source's filter and projection push-down).
-    let source = source
-        .only(query.event_kinds())
-        .projected(query.bid_fields());
+    // source's filter and projection push-down): each kind is read from a
+    // source of its own (bids, persons, auctions), computing only the bid
+    // fields the query reads.
+    let source = source.projected(query.bid_fields());
     match query {
         Query::Q0 => {
-            sinks.add(bids(events(env, source)));
+            sinks.add(bids(env, &source));
         }
         Query::Q1 => {
-            bids(events(env, source))
+            bids(env, &source)
                 .map(|bid| Q1Row::from_bid(&bid))
                 .name("q1 euro")
                 .add_sink_with(&sinks);
         }
         Query::Q2 => {
-            bids(events(env, source))
+            bids(env, &source)
                 .filter(Bid::is_q2_selected)
                 .name("q2 filter")
                 .map(|bid| Q2Row::from_bid(&bid))
@@ -355,11 +420,10 @@ pub fn build_query(
                 .add_sink_with(&sinks);
         }
         Query::Q3 => {
-            let events = events(env, source);
-            let persons = persons(events.clone())
+            let persons = persons(env, &source)
                 .filter(Person::is_q3_selected)
                 .name("q3 persons");
-            let auctions = auctions(events)
+            let auctions = auctions(env, &source)
                 .filter(Auction::is_q3_selected)
                 .name("q3 auctions");
             persons
@@ -376,7 +440,7 @@ pub fn build_query(
             // aggregate per slide before the shuffle, merged after it).
             let size = Duration::from_millis(Q5_WINDOW_SIZE_MS);
             let slide = Duration::from_millis(Q5_WINDOW_SLIDE_MS);
-            bids(events(env, source))
+            bids(env, &source)
                 .key_by(|bid| bid.auction)
                 .window(WindowAssigner::sliding(size, slide))
                 .aggregate_with(
@@ -406,7 +470,7 @@ pub fn build_query(
             // As Flink SQL's q7, grouped by the window alone: the highest
             // bids of each subtask's share of a window (the local phase),
             // then of the whole window.
-            bids(events(env, source))
+            bids(env, &source)
                 // The constant size lets the compiler turn the division
                 // into a multiplication.
                 .key_by(|bid| tumbling_window_start(bid.date_time, Q7_WINDOW_SIZE_MS))
@@ -433,10 +497,35 @@ pub fn build_query(
                 .add_sink_with(&sinks);
         }
         Query::Q8 => {
-            let events = events(env, source);
+            // One source of persons and auctions, split in two. Two
+            // sources would drift apart in event time (the one of persons
+            // reads a third as much), and without watermark alignment
+            // between sources the join would hold the faster one's windows
+            // open until the other caught up: at 10,000,000 events that
+            // halved q8's throughput.
+            let events = read::<Event>(
+                env,
+                &source.only(EventKinds::PERSONS_AND_AUCTIONS),
+                "persons and auctions",
+            );
+            let persons = events
+                .clone()
+                .flat_map(|event, out: &mut dyn Collector<Person>| {
+                    if let Event::Person(person) = event {
+                        out.collect(person);
+                    }
+                })
+                .name("persons");
+            let auctions = events
+                .flat_map(|event, out: &mut dyn Collector<Auction>| {
+                    if let Event::Auction(auction) = event {
+                        out.collect(auction);
+                    }
+                })
+                .name("auctions");
             let size = Q8_WINDOW_SIZE_MS;
-            persons(events.clone())
-                .join(auctions(events))
+            persons
+                .join(auctions)
                 .where_key(|person| person.id)
                 .equal_to(|auction| auction.seller)
                 .window(WindowAssigner::tumbling(Duration::from_millis(size)))
@@ -736,42 +825,54 @@ mod tests {
     use super::*;
 
     /// What a reader emitted, and how far it said event time went.
-    #[derive(Default)]
-    struct Recorded {
-        events: Vec<(Event, Timestamp)>,
+    struct Recorded<T> {
+        records: Vec<(T, Timestamp)>,
         skipped_to: Option<Timestamp>,
     }
 
-    impl SourceOutput<Event> for Recorded {
-        fn collect(&mut self, event: Event) {
-            let timestamp = event.date_time() as Timestamp;
-            self.events.push((event, timestamp));
+    impl<T: NexmarkRecord> SourceOutput<T> for Recorded<T> {
+        fn collect(&mut self, record: T) {
+            let timestamp = record.date_time() as Timestamp;
+            self.records.push((record, timestamp));
         }
-        fn collect_with_timestamp(&mut self, event: Event, timestamp: Timestamp) {
-            self.events.push((event, timestamp));
+        fn collect_with_timestamp(&mut self, record: T, timestamp: Timestamp) {
+            self.records.push((record, timestamp));
         }
         fn skip_to(&mut self, timestamp: Timestamp) {
             self.skipped_to = self.skipped_to.max(Some(timestamp));
         }
     }
 
-    fn read_all(reader: &mut dyn SourceReader<Event>, budget: usize) -> Recorded {
-        let mut recorded = Recorded::default();
+    fn read_all<T: NexmarkRecord>(reader: &mut dyn SourceReader<T>, budget: usize) -> Recorded<T> {
+        let mut recorded = Recorded {
+            records: Vec::new(),
+            skipped_to: None,
+        };
         while reader.poll_next(&mut recorded, budget) != SourceStatus::Finished {}
         recorded
     }
 
+    /// Subtask `subtask` of `parallelism` of a source of `T`s.
+    fn reader<T: NexmarkRecord>(
+        source: &NexmarkSource,
+        subtask: u32,
+        parallelism: u32,
+    ) -> Box<dyn SourceReader<T>> {
+        Source::<T>::create_reader(source, subtask, parallelism)
+    }
+
+    const CONFIG: GeneratorConfig = GeneratorConfig {
+        events: 1_000,
+        seed: 42,
+    };
+
     #[test]
     fn a_source_of_some_kinds_emits_exactly_those_and_moves_event_time_past_the_rest() {
-        let config = GeneratorConfig {
-            events: 1_000,
-            seed: 42,
-        };
-        let generator = config.generator();
-        let source = NexmarkSource::new(config).only(EventKinds::PERSONS_AND_AUCTIONS);
+        let generator = CONFIG.generator();
+        let source = NexmarkSource::new(CONFIG).only(EventKinds::PERSONS_AND_AUCTIONS);
 
-        let recorded = read_all(&mut *source.create_reader(0, 1), 7);
-        let expected: Vec<(Event, Timestamp)> = (0..config.events)
+        let recorded = read_all(&mut *reader::<Event>(&source, 0, 1), 7);
+        let expected: Vec<(Event, Timestamp)> = (0..CONFIG.events)
             .filter(|index| index % 50 < 4)
             .map(|index| {
                 let event = generator.event(index);
@@ -779,26 +880,86 @@ mod tests {
                 (event, timestamp)
             })
             .collect();
-        assert_eq!(recorded.events, expected);
+        assert_eq!(recorded.records, expected);
         // The last event (index 999) is a bid, passed over.
         assert_eq!(recorded.skipped_to, Some(timestamp(999) as Timestamp));
 
         // Subtask 4 of 5 reads indices 4, 9, ..., 999: bids only. It emits
         // nothing, and its event time still reaches the last of them.
-        let recorded = read_all(&mut *source.create_reader(4, 5), 1_000);
-        assert!(recorded.events.is_empty());
+        let recorded = read_all(&mut *reader::<Event>(&source, 4, 5), 1_000);
+        assert!(recorded.records.is_empty());
         assert_eq!(recorded.skipped_to, Some(timestamp(999) as Timestamp));
 
         let bids = read_all(
-            &mut *NexmarkSource::new(config)
-                .only(EventKinds::BIDS)
-                .create_reader(0, 1),
+            &mut *reader::<Event>(&NexmarkSource::new(CONFIG).only(EventKinds::BIDS), 0, 1),
             64,
         );
-        assert_eq!(bids.events.len(), 920);
+        assert_eq!(bids.records.len(), 920);
         assert!(bids
-            .events
+            .records
             .iter()
             .all(|(event, _)| matches!(event, Event::Bid(_))));
+    }
+
+    /// The records a source of `T`s emits over all subtasks of
+    /// `parallelism`, in index order, are `expected` of every index of
+    /// `kinds`, and every subtask's event time reaches its last index.
+    fn assert_reads_exactly<T: NexmarkRecord + PartialEq + std::fmt::Debug>(
+        source: &NexmarkSource,
+        kinds: EventKinds,
+        expected: impl Fn(u64) -> T,
+    ) {
+        for parallelism in [1, 3] {
+            let mut records = Vec::new();
+            for subtask in 0..parallelism {
+                let recorded = read_all(&mut *reader::<T>(source, subtask, parallelism), 5);
+                let (subtask_u64, parallelism_u64) = (u64::from(subtask), u64::from(parallelism));
+                let last = (CONFIG.events - 1 - subtask_u64) / parallelism_u64 * parallelism_u64
+                    + subtask_u64;
+                let reached = (recorded.skipped_to.into_iter())
+                    .chain(recorded.records.last().map(|(_, timestamp)| *timestamp))
+                    .max()
+                    .expect("event time moved");
+                // Passing over the rest of a block may claim up to the
+                // block's end, past its own last index: no later record
+                // of it is older.
+                assert!(
+                    (timestamp(last)..=timestamp(CONFIG.events)).contains(&(reached as u64)),
+                    "subtask {subtask} of {parallelism} reached {reached}, its last index {last}"
+                );
+                records.extend(recorded.records);
+            }
+            records.sort_by_key(|(record, _)| record.date_time());
+            let wanted: Vec<(T, Timestamp)> = (0..CONFIG.events)
+                .filter(|&index| kinds.includes(index))
+                .map(|index| (expected(index), timestamp(index) as Timestamp))
+                .collect();
+            // Order within a millisecond differs between subtasks: compare
+            // as sorted lists.
+            let sort = |mut list: Vec<(T, Timestamp)>| {
+                list.sort_by(|a, b| (a.1, format!("{:?}", a.0)).cmp(&(b.1, format!("{:?}", b.0))));
+                list
+            };
+            assert_eq!(sort(records), sort(wanted), "parallelism {parallelism}");
+        }
+    }
+
+    #[test]
+    fn sources_of_bids_persons_and_auctions_emit_that_kind_alone_with_the_fields_asked_for() {
+        let generator = CONFIG.generator();
+        let price_only = BidFields {
+            price: true,
+            ..BidFields::NONE
+        };
+        let source = NexmarkSource::new(CONFIG).projected(price_only);
+        assert_reads_exactly::<Bid>(&source, EventKinds::BIDS, |index| {
+            generator.bid_with(index, price_only)
+        });
+        assert_reads_exactly::<Person>(&source, EventKinds::PERSONS, |index| {
+            generator.person(index)
+        });
+        assert_reads_exactly::<Auction>(&source, EventKinds::AUCTIONS, |index| {
+            generator.auction(index)
+        });
     }
 }

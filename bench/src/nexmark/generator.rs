@@ -75,6 +75,16 @@ impl EventKinds {
         auctions: true,
         bids: false,
     };
+    pub const PERSONS: EventKinds = EventKinds {
+        persons: true,
+        auctions: false,
+        bids: false,
+    };
+    pub const AUCTIONS: EventKinds = EventKinds {
+        persons: false,
+        auctions: true,
+        bids: false,
+    };
 
     /// Whether event `index` is of a kind taken.
     #[inline]
@@ -84,6 +94,31 @@ impl EventKinds {
             1..=3 => self.auctions,
             _ => self.bids,
         }
+    }
+
+    /// The first index after `index` of a kind taken (`None` when no kind
+    /// is): what a reader that leaves the others out reads next.
+    #[inline]
+    pub fn next_included(&self, index: u64) -> Option<u64> {
+        let (block, slot) = (index - index % BLOCK_SIZE, index % BLOCK_SIZE);
+        // Slots of the block after `index`: auctions at 1 to 3, bids after.
+        if self.auctions && slot < 3 {
+            return Some(block + (slot + 1).max(1));
+        }
+        if self.bids && slot + 1 < BLOCK_SIZE {
+            return Some(block + (slot + 1).max(4));
+        }
+        // The next block's first slot of a kind taken.
+        let first = if self.persons {
+            0
+        } else if self.auctions {
+            1
+        } else if self.bids {
+            4
+        } else {
+            return None;
+        };
+        Some(block + BLOCK_SIZE + first)
     }
 }
 
@@ -323,6 +358,38 @@ mod tests {
                 Event::Bid(full)
             );
         }
+    }
+
+    #[test]
+    fn the_next_included_index_is_the_first_later_one_of_a_kind_taken() {
+        let every_kind = [
+            EventKinds::ALL,
+            EventKinds::BIDS,
+            EventKinds::PERSONS_AND_AUCTIONS,
+            EventKinds::PERSONS,
+            EventKinds::AUCTIONS,
+            EventKinds {
+                persons: true,
+                auctions: false,
+                bids: true,
+            },
+        ];
+        for kinds in every_kind {
+            for index in 0..3 * BLOCK_SIZE {
+                let expected = (index + 1..).find(|&later| kinds.includes(later));
+                assert_eq!(
+                    kinds.next_included(index),
+                    expected,
+                    "{kinds:?} after {index}"
+                );
+            }
+        }
+        let none = EventKinds {
+            persons: false,
+            auctions: false,
+            bids: false,
+        };
+        assert_eq!(none.next_included(7), None);
     }
 
     #[test]
