@@ -86,20 +86,43 @@ impl NexmarkSource {
         }
     }
 
+    /// A reader of `splits`, compiled for its bid fields: the generator's
+    /// code is specialized to each set of fields, as Flink SQL generates
+    /// the code of a projection, so that the fields left out cost nothing
+    /// at all, not even a test.
     fn reader<T: NexmarkRecord>(
+        &self,
+        splits: IndexSplits,
+        parallelism: u32,
+    ) -> Box<dyn SourceReader<T>> {
+        macro_rules! specialized {
+            ($($bits:literal)*) => {
+                match self.bid_fields.bits() {
+                    $($bits => self.reader_of::<T, $bits>(splits, parallelism),)*
+                    other => unreachable!("bid fields of 4 bits, not {other}"),
+                }
+            };
+        }
+        if T::HAS_BIDS {
+            specialized!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15)
+        } else {
+            self.reader_of::<T, 0>(splits, parallelism)
+        }
+    }
+
+    fn reader_of<T: NexmarkRecord, const BID_FIELDS: u8>(
         &self,
         splits: IndexSplits,
         parallelism: u32,
     ) -> Box<dyn SourceReader<T>> {
         let pace = (self.events_per_second > 0)
             .then(|| Pace::new(self.events_per_second as f64 / f64::from(parallelism)));
-        Box::new(NexmarkReader {
+        Box::new(NexmarkReader::<T, BID_FIELDS> {
             generator: self.config.generator(),
             splits,
             fail_at: self.fail_at.clone(),
             pace,
             kinds: T::kinds(self.kinds),
-            bid_fields: self.bid_fields,
             batch: Vec::with_capacity(CHAIN_BATCH_RECORDS),
         })
     }
@@ -111,6 +134,8 @@ impl NexmarkSource {
 /// filter and the projection pushed into the source, so that no operator
 /// downstream has to take the bid out of the event.
 pub trait NexmarkRecord: strom_core::Record + Clone {
+    /// Whether these records can be bids (and so have bid fields).
+    const HAS_BIDS: bool;
     /// The kinds of event a source of these records emits, when it was
     /// told to emit `requested`.
     fn kinds(requested: EventKinds) -> EventKinds;
@@ -122,6 +147,7 @@ pub trait NexmarkRecord: strom_core::Record + Clone {
 }
 
 impl NexmarkRecord for Event {
+    const HAS_BIDS: bool = true;
     fn kinds(requested: EventKinds) -> EventKinds {
         requested
     }
@@ -136,6 +162,7 @@ impl NexmarkRecord for Event {
 }
 
 impl NexmarkRecord for Bid {
+    const HAS_BIDS: bool = true;
     fn kinds(_requested: EventKinds) -> EventKinds {
         EventKinds::BIDS
     }
@@ -150,6 +177,7 @@ impl NexmarkRecord for Bid {
 }
 
 impl NexmarkRecord for Person {
+    const HAS_BIDS: bool = false;
     fn kinds(_requested: EventKinds) -> EventKinds {
         EventKinds::PERSONS
     }
@@ -164,6 +192,7 @@ impl NexmarkRecord for Person {
 }
 
 impl NexmarkRecord for Auction {
+    const HAS_BIDS: bool = false;
     fn kinds(_requested: EventKinds) -> EventKinds {
         EventKinds::AUCTIONS
     }
@@ -201,14 +230,15 @@ impl<T: NexmarkRecord> Source<T> for NexmarkSource {
     }
 }
 
-struct NexmarkReader<T> {
+/// Reads the events of `kinds` from `splits`, with the bid fields whose
+/// bits are `BID_FIELDS` ([`BidFields::bits`]).
+struct NexmarkReader<T, const BID_FIELDS: u8> {
     generator: Generator,
     splits: IndexSplits,
     fail_at: Arc<Vec<u64>>,
     /// Its share of `--events-per-second`.
     pace: Option<Pace>,
     kinds: EventKinds,
-    bid_fields: BidFields,
     /// Records generated and not yet emitted (empty between polls): built
     /// in place here and handed over a batch at a time.
     batch: Vec<StreamRecord<T>>,
@@ -227,7 +257,7 @@ fn inject_failure(index: u64) {
     }
 }
 
-impl<T: NexmarkRecord> SourceReader<T> for NexmarkReader<T> {
+impl<T: NexmarkRecord, const BID_FIELDS: u8> SourceReader<T> for NexmarkReader<T, BID_FIELDS> {
     fn poll_next(&mut self, output: &mut dyn SourceOutput<T>, budget: usize) -> SourceStatus {
         let budget = match &mut self.pace {
             Some(pace) => pace.allow(budget),
@@ -237,7 +267,7 @@ impl<T: NexmarkRecord> SourceReader<T> for NexmarkReader<T> {
             return SourceStatus::NothingAvailable;
         }
         let (generator, fail_at, batch) = (&self.generator, &self.fail_at, &mut self.batch);
-        let (kinds, bid_fields) = (self.kinds, self.bid_fields);
+        let (kinds, bid_fields) = (self.kinds, BidFields::from_bits(BID_FIELDS));
         // A paced reader counts every index against its rate, so it visits
         // them one by one.
         let skip_runs = self.pace.is_none();
