@@ -29,6 +29,7 @@ use crate::function::{Collector, TimestampedCollector};
 use crate::key::Key;
 use crate::operator::{OperatorContext, Output, TaskHead};
 use crate::record::Record;
+use crate::record::StreamRecord;
 use crate::snapshot::{CheckpointBarrier, StateReader, StateWriter, TaskSnapshot};
 use crate::state::{KeyedStateStore, TimerService, ValueCodec};
 use crate::time::{Timestamp, MIN_WATERMARK, NO_TIMESTAMP};
@@ -286,58 +287,127 @@ impl<K, I, A, R, F> LocalWindowAggregate<K, I, A, R, F> {
     }
 }
 
-impl<K, I, A, R, F> Output<I> for LocalWindowAggregate<K, I, A, R, F>
+impl<K, I, A, R, F> LocalWindowAggregate<K, I, A, R, F>
 where
     K: Key,
+    I: Clone,
     F: AggregateFunction<I, A, R>,
 {
+    /// The index in `panes` of the pane of `timestamp`, opened if need be;
+    /// `None` when the watermark has passed that pane.
     #[inline]
-    fn push(&mut self, record: I, timestamp: Timestamp) {
-        assert!(
-            timestamp != NO_TIMESTAMP,
-            "window operator '{}' received a record without a timestamp: give the source a WatermarkStrategy with a timestamp assigner",
-            self.operator_name
-        );
-        let key = (self.key_selector)(&record);
-        let (start, end, mut index) = self.current;
-        if timestamp < start || timestamp >= end {
-            let start = timestamp - (timestamp - self.pane_offset).rem_euclid(self.pane_size);
-            let end = start + self.pane_size;
-            if end - 1 <= self.watermark {
-                // Late here: ship it alone, for the global phase to judge.
-                let mut accumulator = self.aggregate.create_accumulator();
-                self.aggregate.add(record, &mut accumulator);
-                self.next.push(WindowPartial { key, accumulator }, end - 1);
-                return;
-            }
-            index = match self
-                .panes
-                .iter()
-                .rposition(|(existing, _)| *existing <= start)
-            {
-                Some(found) if self.panes[found].0 == start => found,
-                found => {
-                    let at = found.map_or(0, |found| found + 1);
-                    let spare = self.spare.pop().unwrap_or_default();
-                    self.panes.insert(at, (start, spare));
-                    at
-                }
-            };
-            self.current = (start, end, index);
+    fn pane_of(&mut self, timestamp: Timestamp) -> Option<usize> {
+        let (start, end, index) = self.current;
+        if timestamp >= start && timestamp < end {
+            return Some(index);
         }
-        let pane = &mut self.panes[index].1;
-        match pane.get_mut(&key) {
-            Some(accumulator) => self.aggregate.add(record, accumulator),
-            None => {
+        let start = timestamp - (timestamp - self.pane_offset).rem_euclid(self.pane_size);
+        let end = start + self.pane_size;
+        if end - 1 <= self.watermark {
+            return None;
+        }
+        let index = match self
+            .panes
+            .iter()
+            .rposition(|(existing, _)| *existing <= start)
+        {
+            Some(found) if self.panes[found].0 == start => found,
+            found => {
+                let at = found.map_or(0, |found| found + 1);
+                let spare = self.spare.pop().unwrap_or_default();
+                self.panes.insert(at, (start, spare));
+                at
+            }
+        };
+        self.current = (start, end, index);
+        Some(index)
+    }
+
+    /// Adds `records` a run at a time: records one after another with the
+    /// same key in the same pane (all of a pane's records when the key is
+    /// the window, as q7's) go to one accumulator found once. The records
+    /// are read in place and cloned into the aggregate (a copy, for plain
+    /// records): moving each out of the batch first costs a copy through
+    /// the stack that the next load stalls on.
+    #[inline]
+    fn add_records(&mut self, records: &[StreamRecord<I>]) {
+        let Some(first) = records.first() else {
+            return;
+        };
+        let mut key = (self.key_selector)(&first.value);
+        let mut position = 0;
+        loop {
+            let StreamRecord { value, timestamp } = &records[position];
+            assert!(
+                *timestamp != NO_TIMESTAMP,
+                "window operator '{}' received a record without a timestamp: give the source a WatermarkStrategy with a timestamp assigner",
+                self.operator_name
+            );
+            position += 1;
+            let Some(index) = self.pane_of(*timestamp) else {
+                // Late here: ship it alone, for the global phase to judge.
+                let last = timestamp - (timestamp - self.pane_offset).rem_euclid(self.pane_size)
+                    + self.pane_size
+                    - 1;
                 let mut accumulator = self.aggregate.create_accumulator();
-                self.aggregate.add(record, &mut accumulator);
-                pane.insert(key, accumulator);
+                self.aggregate.add(value.clone(), &mut accumulator);
+                self.next.push(WindowPartial { key, accumulator }, last);
+                match records.get(position) {
+                    Some(next) => key = (self.key_selector)(&next.value),
+                    None => return,
+                }
+                continue;
+            };
+            let (start, end, _) = self.current;
+            let (aggregate, key_selector) = (&self.aggregate, &self.key_selector);
+            let pane = &mut self.panes[index].1;
+            let mut added = false;
+            let accumulator = pane.entry(key.clone()).or_insert_with(|| {
+                added = true;
+                aggregate.create_accumulator()
+            });
+            aggregate.add(value.clone(), accumulator);
+            let mut next_key = None;
+            while let Some(next) = records.get(position) {
+                let key_of_next = key_selector(&next.value);
+                if key_of_next != key || !(start..end).contains(&next.timestamp) {
+                    next_key = Some(key_of_next);
+                    break;
+                }
+                aggregate.add(next.value.clone(), accumulator);
+                position += 1;
+            }
+            if added {
                 self.entries += 1;
                 if self.entries >= LOCAL_AGGREGATION_MAX_ENTRIES {
                     self.ship_through(Timestamp::MAX);
                 }
             }
+            match next_key {
+                Some(next_key) => key = next_key,
+                None => return,
+            }
         }
+    }
+}
+
+impl<K, I, A, R, F> Output<I> for LocalWindowAggregate<K, I, A, R, F>
+where
+    K: Key,
+    I: Clone,
+    F: AggregateFunction<I, A, R>,
+{
+    #[inline]
+    fn push(&mut self, record: I, timestamp: Timestamp) {
+        self.add_records(std::slice::from_ref(&StreamRecord {
+            value: record,
+            timestamp,
+        }));
+    }
+
+    fn push_batch(&mut self, records: &mut Vec<StreamRecord<I>>) {
+        self.add_records(records);
+        records.clear();
     }
 
     fn watermark(&mut self, watermark: Timestamp) {
@@ -1714,8 +1784,16 @@ mod tests {
     fn two_phase_aggregation_emits_what_one_phase_does() {
         // Records in rough time order with some late ones, watermarks
         // every few records, and the input turning idle and active (which
-        // ships the local phase early, as a checkpoint barrier does).
-        let key = |value: &u64| value % 7;
+        // ships the local phase early, as a checkpoint barrier does). The
+        // local phase takes them one at a time and in batches (with runs
+        // of one key: all of them for the constant key).
+        let keys: [fn(&u64) -> u64; 2] = [|value| value % 7, |_| 3];
+        for key in keys {
+            two_phase_aggregation_emits_what_one_phase_does_with(key);
+        }
+    }
+
+    fn two_phase_aggregation_emits_what_one_phase_does_with(key: fn(&u64) -> u64) {
         let assigners = [
             WindowAssigner::tumbling(Duration::from_millis(100)),
             WindowAssigner::sliding(Duration::from_millis(100), Duration::from_millis(20)),
@@ -1727,32 +1805,49 @@ mod tests {
             },
         ];
         for assigner in assigners {
-            let (one, two) = (Emissions::default(), Emissions::default());
+            let (one, two, batched) = (
+                Emissions::default(),
+                Emissions::default(),
+                Emissions::default(),
+            );
             let mut one_phase = summing_operator_from(assigner, 0, &one, Default::default(), key);
             let mut two_phase = two_phase_summing_operator(assigner, &two, key, Default::default());
+            let mut two_phase_batched =
+                two_phase_summing_operator(assigner, &batched, key, Default::default());
+            let mut batch = Vec::new();
             let mut state = 42u64;
             for index in 0..3000u64 {
                 state = state
                     .wrapping_mul(6364136223846793005)
                     .wrapping_add(1442695040888963407);
                 let jitter = ((state >> 33) % 120) as i64;
-                let timestamp = (index as i64) * 2 - jitter;
+                // Runs of records in one millisecond, then a jump.
+                let timestamp = (index as i64 / 5) * 10 - jitter * i64::from(index % 9 == 0);
                 let value = state >> 40;
                 one_phase.push(value, timestamp);
                 two_phase.push(value, timestamp);
+                batch.push(StreamRecord { value, timestamp });
                 if index % 17 == 0 {
-                    let watermark = (index as i64) * 2 - 60;
+                    let watermark = (index as i64 / 5) * 10 - 60;
                     one_phase.watermark(watermark);
                     two_phase.watermark(watermark);
+                    two_phase_batched.push_batch(&mut batch);
+                    two_phase_batched.watermark(watermark);
                 }
                 if index % 500 == 0 {
                     two_phase.idle(true);
                     two_phase.idle(false);
+                    two_phase_batched.push_batch(&mut batch);
+                    two_phase_batched.idle(true);
+                    two_phase_batched.idle(false);
                 }
             }
+            two_phase_batched.push_batch(&mut batch);
             one_phase.watermark(crate::time::MAX_WATERMARK);
-            two_phase.end_of_input();
-            two_phase.watermark(crate::time::MAX_WATERMARK);
+            for two_phase in [&mut two_phase, &mut two_phase_batched] {
+                two_phase.end_of_input();
+                two_phase.watermark(crate::time::MAX_WATERMARK);
+            }
             let sorted = |emissions: &Emissions| {
                 let mut rows = emissions.borrow().clone();
                 rows.sort();
@@ -1760,6 +1855,7 @@ mod tests {
             };
             assert!(!one.borrow().is_empty());
             assert_eq!(sorted(&one), sorted(&two), "{assigner:?}");
+            assert_eq!(sorted(&one), sorted(&batched), "{assigner:?}, in batches");
         }
     }
 
