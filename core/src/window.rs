@@ -1247,13 +1247,10 @@ pub(crate) struct WindowJoinHead<K, L, R, O, J> {
     pub(crate) codec: ValueCodec<JoinContents<L, R>>,
     /// Open windows, in firing order (by end, then start), each with its
     /// keys' records per key group.
-    pub(crate) windows: std::collections::BTreeMap<(Timestamp, Timestamp), JoinGroups<K, L, R>>,
+    pub(crate) windows: OpenJoinWindows<K, L, R>,
     pub(crate) watermark: Timestamp,
     /// Scratch: the windows of the record being added.
     pub(crate) scratch: Vec<TimeWindow>,
-    /// The emptied maps of fired windows, for new windows to reuse: a
-    /// window's maps then start with the room the last one grew to.
-    pub(crate) spare: Vec<JoinGroups<K, L, R>>,
     pub(crate) next: Box<dyn Output<O>>,
     pub(crate) operator_name: String,
     pub(crate) context: OperatorContext,
@@ -1295,6 +1292,76 @@ impl<K, L, R> JoinGroup<K, L, R> {
 /// One window of the join: per key group of the subtask, its records,
 /// each group shared copy-on-write with snapshots.
 type JoinGroups<K, L, R> = Vec<std::rc::Rc<JoinGroup<K, L, R>>>;
+
+/// The open windows of the join, in firing order (by end, then start):
+/// a handful, as the watermark fires them, so a sorted vector, with the
+/// window used last looked at first (records come in time order, so most
+/// fall in the window of the one before).
+pub(crate) struct OpenJoinWindows<K, L, R> {
+    windows: Vec<((Timestamp, Timestamp), JoinGroups<K, L, R>)>,
+    /// The index of the window used last (checked before use: firing
+    /// shifts the indices).
+    last: usize,
+    /// The emptied maps of fired windows, for new windows to reuse: a
+    /// window's maps then start with the room the last one grew to.
+    spare: Vec<JoinGroups<K, L, R>>,
+    group_count: usize,
+}
+
+impl<K, L, R> OpenJoinWindows<K, L, R> {
+    fn new(group_count: usize) -> Self {
+        OpenJoinWindows {
+            windows: Vec::new(),
+            last: 0,
+            spare: Vec::new(),
+            group_count,
+        }
+    }
+
+    /// The groups of `window`, opened if need be.
+    #[inline]
+    fn groups(&mut self, window: &TimeWindow) -> &mut JoinGroups<K, L, R> {
+        let id = (window.end, window.start);
+        let at = match self.windows.get(self.last) {
+            Some((existing, _)) if *existing == id => self.last,
+            _ => match self
+                .windows
+                .binary_search_by(|(existing, _)| existing.cmp(&id))
+            {
+                Ok(found) => found,
+                Err(at) => {
+                    let groups = self
+                        .spare
+                        .pop()
+                        .unwrap_or_else(|| new_groups(self.group_count));
+                    self.windows.insert(at, (id, groups));
+                    at
+                }
+            },
+        };
+        self.last = at;
+        &mut self.windows[at].1
+    }
+
+    /// Removes the windows whose last millisecond is at or before
+    /// `watermark`, oldest first, for `fire` to read; their maps, once
+    /// fired, are emptied and kept for reuse.
+    fn fire_through(
+        &mut self,
+        watermark: Timestamp,
+        mut fire: impl FnMut(TimeWindow, &mut JoinGroups<K, L, R>),
+    ) {
+        let due = self
+            .windows
+            .iter()
+            .take_while(|((end, _), _)| end - 1 <= watermark)
+            .count();
+        for ((end, start), mut groups) in self.windows.drain(..due) {
+            fire(TimeWindow { start, end }, &mut groups);
+            self.spare.push(groups);
+        }
+    }
+}
 
 /// The name of the window join's state in snapshots.
 const JOIN_STATE: &str = "join-contents";
@@ -1356,10 +1423,9 @@ where
             join,
             store: KeyedStateStore::new(context.key_groups, context.max_parallelism),
             codec: join_contents_codec(),
-            windows: std::collections::BTreeMap::new(),
+            windows: OpenJoinWindows::new(context.key_groups.count()),
             watermark: MIN_WATERMARK,
             scratch: Vec::new(),
-            spare: Vec::new(),
             next,
             operator_name: context.operator_name.clone(),
             context: context.clone(),
@@ -1372,14 +1438,10 @@ where
             store
                 .restore_without_timers(&restored.key_groups)
                 .unwrap_or_else(|error| context.restore_failed(&error));
-            let group_count = context.key_groups.count();
             for (key, contents) in store.table::<JoinContents<L, R>>(table).iter() {
                 let group = head.store.group_index(key);
                 for (window, lefts, rights) in contents {
-                    let groups = head
-                        .windows
-                        .entry((window.end, window.start))
-                        .or_insert_with(|| new_groups(group_count));
+                    let groups = head.windows.groups(window);
                     let group = std::rc::Rc::make_mut(&mut groups[group]);
                     if !lefts.is_empty() {
                         group.lefts.insert(key.clone(), lefts.clone());
@@ -1414,12 +1476,9 @@ where
         windows.retain(|window| window.max_timestamp() > watermark);
         if let Some((last, rest)) = windows.split_last() {
             let group = self.store.group_index(&key);
-            let group_count = self.context.key_groups.count();
-            let (open, spare) = (&mut self.windows, &mut self.spare);
+            let open = &mut self.windows;
             let mut add = |window: &TimeWindow, record: T| {
-                let groups = open
-                    .entry((window.end, window.start))
-                    .or_insert_with(|| spare.pop().unwrap_or_else(|| new_groups(group_count)));
+                let groups = open.groups(window);
                 side(std::rc::Rc::make_mut(&mut groups[group]), &key, record);
             };
             for window in rest {
@@ -1524,14 +1583,9 @@ where
 
     fn on_watermark(&mut self, watermark: Timestamp) {
         self.watermark = watermark;
-        while let Some(entry) = self.windows.first_entry() {
-            let (end, _) = *entry.key();
-            let timestamp = end - 1;
-            if timestamp > watermark {
-                break;
-            }
-            let mut groups = entry.remove();
-            let (join, next) = (&self.join, &mut self.next);
+        let (join, next) = (&self.join, &mut self.next);
+        self.windows.fire_through(watermark, |window, groups| {
+            let timestamp = window.max_timestamp();
             let mut probe = |group: &JoinGroup<K, L, R>, key: &K, right: R| {
                 if let Some((last, rest)) =
                     group.lefts.get(key).and_then(|lefts| lefts.split_last())
@@ -1562,8 +1616,7 @@ where
                     }
                 }
             }
-            self.spare.push(groups);
-        }
+        });
         self.next.watermark(watermark);
     }
 
@@ -1580,6 +1633,7 @@ where
         let capture = JoinCapture {
             key_groups: self.store.key_groups(),
             windows: self
+                .windows
                 .windows
                 .iter()
                 .map(|((end, start), groups)| {
