@@ -453,9 +453,17 @@ pub fn build_query(
             let persons = persons(env, &source)
                 .filter(Person::is_q3_selected)
                 .name("q3 persons");
+            // Of an auction the join reads only its id and seller: the
+            // rest is left out before the shuffle, as Flink SQL projects a
+            // join's inputs to the columns it uses.
             let auctions = auctions(env, &source)
                 .filter(Auction::is_q3_selected)
-                .name("q3 auctions");
+                .name("q3 auctions")
+                .map(|auction| SoldAuction {
+                    id: auction.id,
+                    seller: auction.seller,
+                })
+                .name("q3 auction id and seller");
             persons
                 .key_by(|person| person.id)
                 .connect(auctions.key_by(|auction| auction.seller))
@@ -682,10 +690,29 @@ pub fn each_row<R>(_: &u64, _: &TimeWindow, rows: Vec<R>, out: &mut dyn Collecto
 #[derive(Clone, Default)]
 pub struct LocalItemSuggestion {
     person: ValueState<Person>,
-    waiting_auctions: ListState<Auction>,
+    /// The ids of the auctions waiting for their seller.
+    waiting_auctions: ListState<u64>,
 }
 
-impl KeyedCoProcessFunction<u64, Person, Auction, Q3Row> for LocalItemSuggestion {
+/// An auction as q3's join reads it.
+#[derive(Clone, Copy, Debug, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct SoldAuction {
+    pub id: u64,
+    pub seller: u64,
+}
+
+/// q3's row of a person and an auction they sell.
+fn q3_row(person: &Person, auction: u64) -> Q3Row {
+    Q3Row {
+        first_name: person.first_name,
+        last_name: person.last_name,
+        city: person.city,
+        state: person.state,
+        auction,
+    }
+}
+
+impl KeyedCoProcessFunction<u64, Person, SoldAuction, Q3Row> for LocalItemSuggestion {
     fn open(&mut self, state: &mut KeyedStateStore<u64>) {
         self.person = state.value_state("person");
         self.waiting_auctions = state.list_state("waiting-auctions");
@@ -698,20 +725,20 @@ impl KeyedCoProcessFunction<u64, Person, Auction, Q3Row> for LocalItemSuggestion
         out: &mut dyn Collector<Q3Row>,
     ) {
         for auction in self.waiting_auctions.take(context) {
-            out.collect(Q3Row::new(&person, &auction));
+            out.collect(q3_row(&person, auction));
         }
         self.person.update(context, person);
     }
 
     fn process_element2(
         &mut self,
-        auction: Auction,
+        auction: SoldAuction,
         context: &mut KeyedContext<'_, u64>,
         out: &mut dyn Collector<Q3Row>,
     ) {
         match self.person.value(context) {
-            Some(person) => out.collect(Q3Row::new(person, &auction)),
-            None => self.waiting_auctions.add(context, auction),
+            Some(person) => out.collect(q3_row(person, auction.id)),
+            None => self.waiting_auctions.add(context, auction.id),
         }
     }
 }
