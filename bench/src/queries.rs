@@ -554,10 +554,14 @@ pub fn build_query(
                     }
                 })
                 .name("persons");
+            // Of an auction the join reads only its id and seller (see q3).
             let auctions = events
-                .flat_map(|event, out: &mut dyn Collector<Auction>| {
+                .flat_map(|event, out: &mut dyn Collector<SoldAuction>| {
                     if let Event::Auction(auction) = event {
-                        out.collect(auction);
+                        out.collect(SoldAuction {
+                            id: auction.id,
+                            seller: auction.seller,
+                        });
                     }
                 })
                 .name("auctions");
