@@ -277,6 +277,42 @@ impl<I, O, F> FlatMapOperator<I, O, F> {
     }
 }
 
+/// Gathers what a function emits into batches for `output`: each batch
+/// goes on when it is full, the rest when the collector is dropped.
+pub(crate) struct ShippingCollector<'a, T> {
+    pub(crate) output: &'a mut dyn Output<T>,
+    /// Empty when the collector is made and when it is dropped.
+    pub(crate) batch: &'a mut Vec<StreamRecord<T>>,
+    pub(crate) timestamp: Timestamp,
+}
+
+impl<T> Collector<T> for ShippingCollector<'_, T> {
+    fn collect(&mut self, record: T) {
+        let timestamp = self.timestamp;
+        self.collect_with_timestamp(record, timestamp);
+    }
+
+    fn collect_with_timestamp(&mut self, record: T, timestamp: Timestamp) {
+        self.batch.push(StreamRecord {
+            timestamp,
+            value: record,
+        });
+        if self.batch.len() >= CHAIN_BATCH_RECORDS {
+            self.output.push_batch(self.batch);
+        }
+    }
+}
+
+impl<T> Drop for ShippingCollector<'_, T> {
+    fn drop(&mut self) {
+        // Not while a panic unwinds: the task fails anyway, and a second
+        // panic from downstream would abort the process.
+        if !self.batch.is_empty() && !std::thread::panicking() {
+            self.output.push_batch(self.batch);
+        }
+    }
+}
+
 /// Gathers what a function emits for one record of a batch.
 struct BatchCollector<'a, T> {
     batch: &'a mut Vec<StreamRecord<T>>,

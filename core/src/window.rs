@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use crate::function::{Collector, TimestampedCollector};
 use crate::key::Key;
-use crate::operator::{OperatorContext, Output, TaskHead};
+use crate::operator::{OperatorContext, Output, ShippingCollector, TaskHead};
 use crate::record::Record;
 use crate::record::StreamRecord;
 use crate::snapshot::{CheckpointBarrier, StateReader, StateWriter, TaskSnapshot};
@@ -521,6 +521,8 @@ pub(crate) struct SlicingWindowOperator<K, A, R, O, F, W> {
     pub(crate) watermark: Timestamp,
     /// Scratch: one window's results per key, merged from its panes.
     pub(crate) merged: rustc_hash::FxHashMap<K, A>,
+    /// Scratch: results emitted by a firing, handed on a batch at a time.
+    pub(crate) emitted: Vec<StreamRecord<O>>,
     /// Emptied pane maps of dropped panes, kept for their capacity.
     pub(crate) spare: Vec<PaneGroups<K, A>>,
     pub(crate) next: Box<dyn Output<O>>,
@@ -558,6 +560,7 @@ where
             fired_end: MIN_WATERMARK,
             watermark: MIN_WATERMARK,
             merged: Default::default(),
+            emitted: Vec::new(),
             spare: Vec::new(),
             next,
             operator_name: context.operator_name.clone(),
@@ -603,8 +606,12 @@ where
         let start = end - self.size;
         let next_start = start + self.pane_size;
         let window = TimeWindow { start, end };
-        let mut out = TimestampedCollector {
+        // A window's results go on in batches, as a source's records do:
+        // the operator after this one (q5's top rows) takes a batch a run
+        // at a time.
+        let mut out = ShippingCollector {
             output: &mut *self.next,
+            batch: &mut self.emitted,
             timestamp: window.max_timestamp(),
         };
         let aggregate = &self.aggregation.aggregate;
