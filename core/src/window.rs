@@ -1272,46 +1272,65 @@ type JoinSide<T> = smallvec::SmallVec<[T; 1]>;
 /// form of join state in snapshots.
 type JoinContents<L, R> = Vec<(TimeWindow, JoinSide<L>, JoinSide<R>)>;
 
-/// One key group's share of a window of the join: the left records by key
-/// (the build side) and the right records as they came (the probe side).
-#[derive(Clone)]
-pub(crate) struct JoinGroup<K, L, R> {
-    lefts: rustc_hash::FxHashMap<K, JoinSide<L>>,
-    rights: Vec<(K, R)>,
+/// One key group's share of a window's left records, by key (the build
+/// side of the hash join).
+type JoinLefts<K, L> = rustc_hash::FxHashMap<K, JoinSide<L>>;
+
+/// One window of the join: the left records per key group of the subtask
+/// (each group shared copy-on-write with snapshots), and the right records
+/// as they came (the probe side), each with its key's group index, in one
+/// list for the window (shared copy-on-write as a whole). A right record
+/// is appended where the one before it went, rather than to one of many
+/// lists: the rights are most of q8's records.
+pub(crate) struct JoinWindow<K, L, R> {
+    lefts: Vec<std::rc::Rc<JoinLefts<K, L>>>,
+    rights: std::rc::Rc<Vec<(u32, K, R)>>,
 }
 
-impl<K, L, R> Default for JoinGroup<K, L, R> {
-    fn default() -> Self {
-        JoinGroup {
-            lefts: Default::default(),
-            rights: Vec::new(),
+impl<K, L, R> Clone for JoinWindow<K, L, R> {
+    fn clone(&self) -> Self {
+        JoinWindow {
+            lefts: self.lefts.clone(),
+            rights: self.rights.clone(),
         }
     }
 }
 
-impl<K, L, R> JoinGroup<K, L, R> {
+impl<K, L, R> JoinWindow<K, L, R> {
+    fn new(group_count: usize) -> Self {
+        JoinWindow {
+            lefts: new_groups(group_count),
+            rights: std::rc::Rc::default(),
+        }
+    }
+
+    /// Empties it for reuse, keeping what no snapshot still reads.
     fn clear(&mut self) {
-        self.lefts.clear();
-        self.rights.clear();
+        for lefts in &mut self.lefts {
+            match std::rc::Rc::get_mut(lefts) {
+                Some(lefts) => lefts.clear(),
+                None => *lefts = std::rc::Rc::default(),
+            }
+        }
+        match std::rc::Rc::get_mut(&mut self.rights) {
+            Some(rights) => rights.clear(),
+            None => self.rights = std::rc::Rc::default(),
+        }
     }
 }
-
-/// One window of the join: per key group of the subtask, its records,
-/// each group shared copy-on-write with snapshots.
-type JoinGroups<K, L, R> = Vec<std::rc::Rc<JoinGroup<K, L, R>>>;
 
 /// The open windows of the join, in firing order (by end, then start):
 /// a handful, as the watermark fires them, so a sorted vector, with the
 /// window used last looked at first (records come in time order, so most
 /// fall in the window of the one before).
 pub(crate) struct OpenJoinWindows<K, L, R> {
-    windows: Vec<((Timestamp, Timestamp), JoinGroups<K, L, R>)>,
+    windows: Vec<((Timestamp, Timestamp), JoinWindow<K, L, R>)>,
     /// The index of the window used last (checked before use: firing
     /// shifts the indices).
     last: usize,
     /// The emptied maps of fired windows, for new windows to reuse: a
     /// window's maps then start with the room the last one grew to.
-    spare: Vec<JoinGroups<K, L, R>>,
+    spare: Vec<JoinWindow<K, L, R>>,
     group_count: usize,
 }
 
@@ -1325,9 +1344,9 @@ impl<K, L, R> OpenJoinWindows<K, L, R> {
         }
     }
 
-    /// The groups of `window`, opened if need be.
+    /// The state of `window`, opened if need be.
     #[inline]
-    fn groups(&mut self, window: &TimeWindow) -> &mut JoinGroups<K, L, R> {
+    fn window(&mut self, window: &TimeWindow) -> &mut JoinWindow<K, L, R> {
         let id = (window.end, window.start);
         let at = match self.windows.get(self.last) {
             Some((existing, _)) if *existing == id => self.last,
@@ -1337,11 +1356,11 @@ impl<K, L, R> OpenJoinWindows<K, L, R> {
             {
                 Ok(found) => found,
                 Err(at) => {
-                    let groups = self
+                    let state = self
                         .spare
                         .pop()
-                        .unwrap_or_else(|| new_groups(self.group_count));
-                    self.windows.insert(at, (id, groups));
+                        .unwrap_or_else(|| JoinWindow::new(self.group_count));
+                    self.windows.insert(at, (id, state));
                     at
                 }
             },
@@ -1356,16 +1375,17 @@ impl<K, L, R> OpenJoinWindows<K, L, R> {
     fn fire_through(
         &mut self,
         watermark: Timestamp,
-        mut fire: impl FnMut(TimeWindow, &mut JoinGroups<K, L, R>),
+        mut fire: impl FnMut(TimeWindow, &mut JoinWindow<K, L, R>),
     ) {
         let due = self
             .windows
             .iter()
             .take_while(|((end, _), _)| end - 1 <= watermark)
             .count();
-        for ((end, start), mut groups) in self.windows.drain(..due) {
-            fire(TimeWindow { start, end }, &mut groups);
-            self.spare.push(groups);
+        for ((end, start), mut state) in self.windows.drain(..due) {
+            fire(TimeWindow { start, end }, &mut state);
+            state.clear();
+            self.spare.push(state);
         }
     }
 }
@@ -1448,14 +1468,16 @@ where
             for (key, contents) in store.table::<JoinContents<L, R>>(table).iter() {
                 let group = head.store.group_index(key);
                 for (window, lefts, rights) in contents {
-                    let groups = head.windows.groups(window);
-                    let group = std::rc::Rc::make_mut(&mut groups[group]);
+                    let state = head.windows.window(window);
                     if !lefts.is_empty() {
-                        group.lefts.insert(key.clone(), lefts.clone());
+                        std::rc::Rc::make_mut(&mut state.lefts[group])
+                            .insert(key.clone(), lefts.clone());
                     }
-                    group
-                        .rights
-                        .extend(rights.iter().map(|right| (key.clone(), right.clone())));
+                    std::rc::Rc::make_mut(&mut state.rights).extend(
+                        rights
+                            .iter()
+                            .map(|right| (group as u32, key.clone(), right.clone())),
+                    );
                 }
             }
         }
@@ -1469,7 +1491,7 @@ where
         key: K,
         timestamp: Timestamp,
         record: T,
-        side: impl Fn(&mut JoinGroup<K, L, R>, &K, T),
+        side: impl Fn(&mut JoinWindow<K, L, R>, usize, &K, T),
     ) {
         assert!(
             timestamp != NO_TIMESTAMP,
@@ -1485,8 +1507,7 @@ where
             let group = self.store.group_index(&key);
             let open = &mut self.windows;
             let mut add = |window: &TimeWindow, record: T| {
-                let groups = open.groups(window);
-                side(std::rc::Rc::make_mut(&mut groups[group]), &key, record);
+                side(open.window(window), group, &key, record);
             };
             for window in rest {
                 add(window, record.clone());
@@ -1501,8 +1522,12 @@ where
 /// with one table ([`JOIN_STATE`]) and no timers.
 struct JoinCapture<K, L, R> {
     key_groups: crate::key::KeyGroupRange,
-    windows: Vec<(TimeWindow, JoinGroups<K, L, R>)>,
+    windows: Vec<(TimeWindow, JoinWindow<K, L, R>)>,
     codec: ValueCodec<JoinContents<L, R>>,
+    /// Per key group, where its right records are: `(window, position)`,
+    /// in order. Made at the first group's serialization, in one pass over
+    /// every window's rights, so that each group then reads only its own.
+    rights_by_group: std::cell::RefCell<Option<Vec<Vec<(u32, u32)>>>>,
 }
 
 impl<K: Key, L: Record, R: Record> crate::snapshot::KeyedCapture for JoinCapture<K, L, R> {
@@ -1511,15 +1536,28 @@ impl<K: Key, L: Record, R: Record> crate::snapshot::KeyedCapture for JoinCapture
     }
 
     fn serialize_group(&self, group_index: usize) -> Result<Option<(u32, Vec<u8>)>, String> {
+        let mut rights_by_group = self.rights_by_group.borrow_mut();
+        let rights_by_group = rights_by_group.get_or_insert_with(|| {
+            let mut by_group = vec![Vec::new(); self.key_groups.count()];
+            for (window_index, (_, state)) in self.windows.iter().enumerate() {
+                for (position, (group, _, _)) in state.rights.iter().enumerate() {
+                    by_group[*group as usize].push((window_index as u32, position as u32));
+                }
+            }
+            by_group
+        });
+        let mut rights = rights_by_group[group_index].iter().peekable();
         let mut keys: rustc_hash::FxHashMap<&K, JoinContents<L, R>> = Default::default();
-        for (window, groups) in &self.windows {
-            let group = &groups[group_index];
+        for (window_index, (window, state)) in self.windows.iter().enumerate() {
             let mut per_key: rustc_hash::FxHashMap<&K, (JoinSide<L>, JoinSide<R>)> =
                 Default::default();
-            for (key, lefts) in &group.lefts {
+            for (key, lefts) in state.lefts[group_index].iter() {
                 per_key.entry(key).or_default().0 = lefts.clone();
             }
-            for (key, right) in &group.rights {
+            while let Some(&(_, position)) =
+                rights.next_if(|(window, _)| *window as usize == window_index)
+            {
+                let (_, key, right) = &state.rights[position as usize];
                 per_key.entry(key).or_default().1.push(right.clone());
             }
             for (key, (lefts, rights)) in per_key {
@@ -1568,11 +1606,12 @@ where
             let key_of = self.left_key.clone();
             L::decode(bytes, &mut |record, timestamp| {
                 let key = key_of(&record);
-                self.add(key, timestamp, record, |group, key, record| {
-                    match group.lefts.get_mut(key) {
+                self.add(key, timestamp, record, |window, group, key, record| {
+                    let lefts = std::rc::Rc::make_mut(&mut window.lefts[group]);
+                    match lefts.get_mut(key) {
                         Some(lefts) => lefts.push(record),
                         None => {
-                            group.lefts.insert(key.clone(), smallvec::smallvec![record]);
+                            lefts.insert(key.clone(), smallvec::smallvec![record]);
                         }
                     }
                 });
@@ -1581,8 +1620,12 @@ where
             let key_of = self.right_key.clone();
             R::decode(bytes, &mut |record, timestamp| {
                 let key = key_of(&record);
-                self.add(key, timestamp, record, |group, key, record| {
-                    group.rights.push((key.clone(), record));
+                self.add(key, timestamp, record, |window, group, key, record| {
+                    std::rc::Rc::make_mut(&mut window.rights).push((
+                        group as u32,
+                        key.clone(),
+                        record,
+                    ));
                 });
             })
         }
@@ -1591,11 +1634,13 @@ where
     fn on_watermark(&mut self, watermark: Timestamp) {
         self.watermark = watermark;
         let (join, next) = (&self.join, &mut self.next);
-        self.windows.fire_through(watermark, |window, groups| {
+        self.windows.fire_through(watermark, |window, state| {
             let timestamp = window.max_timestamp();
-            let mut probe = |group: &JoinGroup<K, L, R>, key: &K, right: R| {
-                if let Some((last, rest)) =
-                    group.lefts.get(key).and_then(|lefts| lefts.split_last())
+            let lefts = &state.lefts;
+            let mut probe = |group: u32, key: &K, right: R| {
+                if let Some((last, rest)) = lefts[group as usize]
+                    .get(key)
+                    .and_then(|lefts| lefts.split_last())
                 {
                     for left in rest {
                         next.push(join(left.clone(), right.clone()), timestamp);
@@ -1603,23 +1648,17 @@ where
                     next.push(join(last.clone(), right), timestamp);
                 }
             };
-            for group in groups.iter_mut() {
-                match std::rc::Rc::get_mut(group) {
-                    Some(owned) => {
-                        let mut rights = std::mem::take(&mut owned.rights);
-                        for (key, right) in rights.drain(..) {
-                            probe(owned, &key, right);
-                        }
-                        owned.rights = rights;
-                        owned.clear();
+            match std::rc::Rc::get_mut(&mut state.rights) {
+                Some(rights) => {
+                    for (group, key, right) in rights.drain(..) {
+                        probe(group, &key, right);
                     }
-                    None => {
-                        // A snapshot still holds it: read it, and start
-                        // this group afresh.
-                        for (key, right) in &group.rights {
-                            probe(group, key, right.clone());
-                        }
-                        *group = std::rc::Rc::default();
+                }
+                // A snapshot still holds them: read them (the window is
+                // emptied afresh after).
+                None => {
+                    for (group, key, right) in state.rights.iter() {
+                        probe(*group, key, right.clone());
                     }
                 }
             }
@@ -1643,17 +1682,18 @@ where
                 .windows
                 .windows
                 .iter()
-                .map(|((end, start), groups)| {
+                .map(|((end, start), state)| {
                     (
                         TimeWindow {
                             start: *start,
                             end: *end,
                         },
-                        groups.clone(),
+                        state.clone(),
                     )
                 })
                 .collect(),
             codec: self.codec.clone(),
+            rights_by_group: Default::default(),
         };
         snapshot.add(self.context.capture(Some(Box::new(capture)), Vec::new()));
         self.next.snapshot(barrier, snapshot);

@@ -35,14 +35,19 @@ fn strom(arguments: &[&str]) -> Finished {
 
 /// The `answers.txt` line for q5 over 1,000,000 events with seed 42.
 fn q5_reference_answer() -> String {
+    reference_answer(Query::Q5)
+}
+
+/// `query`'s reference answer line for the shared input.
+fn reference_answer(query: Query) -> String {
     let case = reference_answers()
         .expect("the reference answers")
         .into_iter()
         .find(|case| case.events == 1_000_000 && case.seed == 42)
         .expect("answers.txt has events=1000000 seed=42");
-    case.answer(Query::Q5)
-        .expect("a q5 answer for events=1000000 seed=42")
-        .line(Query::Q5)
+    case.answer(query)
+        .expect("an answer for events=1000000 seed=42")
+        .line(query)
 }
 
 /// The lines of `stdout` that are a Nexmark answer (`<query> rows=...`).
@@ -65,13 +70,23 @@ struct RunningJob {
 /// arguments), rate limited and checkpointing into `checkpoint_dir`, and
 /// returns once it has completed its first checkpoint: it is under way.
 fn start_rate_limited_q5(parallelism: &str, extra: &[&str], checkpoint_dir: &str) -> RunningJob {
+    start_rate_limited("q5", parallelism, extra, checkpoint_dir)
+}
+
+/// As [`start_rate_limited_q5`], for `query`.
+fn start_rate_limited(
+    query: &str,
+    parallelism: &str,
+    extra: &[&str],
+    checkpoint_dir: &str,
+) -> RunningJob {
     let mut arguments = vec![
         "local",
         "--rest-port",
         "0",
         "nexmark",
         "--query",
-        "q5",
+        query,
         "--events",
         EVENTS,
         "--seed",
@@ -306,6 +321,28 @@ fn q5_stopped_with_a_savepoint_resumes_at_another_parallelism_with_the_uninterru
             &format!("q5 stopped at parallelism {from} and resumed at {to}"),
         );
     }
+}
+
+#[test]
+fn q8_stopped_with_a_savepoint_resumes_at_another_parallelism_with_the_uninterrupted_answer() {
+    // The window join's state: each key's records per window, spread over
+    // the windows of the subtasks that own its key group after the change.
+    let scratch = TempDir::new("savepoint-rescale-q8");
+    let job = start_rate_limited("q8", "2", &[], &scratch.join("checkpoints"));
+    let savepoint = stop_with_savepoint(job, &scratch.join("savepoints"));
+    let resumed = restore("q8", "3", &savepoint, &["--allow-oversubscribe"]);
+    assert!(
+        resumed
+            .stderr
+            .contains(&format!("restoring from {savepoint}")),
+        "q8 does not say it restores from {savepoint}: {resumed:?}"
+    );
+    assert_eq!(resumed.code, Some(0), "{resumed:?}");
+    assert_eq!(
+        resumed.stdout.lines().next().unwrap_or_default(),
+        reference_answer(Query::Q8),
+        "q8 stopped at parallelism 2 and resumed at 3 does not print the uninterrupted answer: {resumed:?}"
+    );
 }
 
 #[test]
