@@ -484,10 +484,13 @@ fn key_panes_codec<A: 'static>(accumulator: ValueCodec<A>) -> ValueCodec<KeyPane
 /// The name of the slicing window operator's state in snapshots.
 const WINDOW_PANES_STATE: &str = "window-panes";
 
-/// One pane of the slicing window operator: per key group of the
-/// subtask, its keys' accumulators, each map shared copy-on-write with
-/// the snapshots taken of it.
-type PaneGroups<K, A> = Vec<std::rc::Rc<rustc_hash::FxHashMap<K, A>>>;
+/// One pane of the slicing window operator: its keys' accumulators, each
+/// with its key's group index, in one map shared copy-on-write with the
+/// snapshots taken of it. One map rather than one per key group: a partial
+/// then finds its key in one table instead of first finding its group's
+/// (a cache miss each, when a pane's keys spread over 64–128 groups); the
+/// first write after a snapshot copies the pane, which is one slide's keys.
+type Pane<K, A> = std::rc::Rc<rustc_hash::FxHashMap<K, (u32, A)>>;
 
 /// The global phase of a two-phase window aggregation without allowed
 /// lateness (Flink SQL's slicing window aggregate). State is held per pane
@@ -512,7 +515,7 @@ pub(crate) struct SlicingWindowOperator<K, A, R, O, F, W> {
     pub(crate) store: KeyedStateStore<K>,
     pub(crate) codec: ValueCodec<KeyPanes<A>>,
     /// Open panes by start.
-    pub(crate) panes: std::collections::BTreeMap<Timestamp, PaneGroups<K, A>>,
+    pub(crate) panes: std::collections::BTreeMap<Timestamp, Pane<K, A>>,
     /// Per key group: every window ending at or before this has fired for
     /// its keys (restored; the minimum otherwise).
     pub(crate) group_fired_end: Vec<Timestamp>,
@@ -524,7 +527,7 @@ pub(crate) struct SlicingWindowOperator<K, A, R, O, F, W> {
     /// Scratch: results emitted by a firing, handed on a batch at a time.
     pub(crate) emitted: Vec<StreamRecord<O>>,
     /// Emptied pane maps of dropped panes, kept for their capacity.
-    pub(crate) spare: Vec<PaneGroups<K, A>>,
+    pub(crate) spare: Vec<Pane<K, A>>,
     pub(crate) next: Box<dyn Output<O>>,
     pub(crate) operator_name: String,
     pub(crate) context: OperatorContext,
@@ -578,12 +581,9 @@ where
                 let fired = &mut operator.group_fired_end[group];
                 *fired = (*fired).max(key_panes.fired_through);
                 for (start, accumulator) in &key_panes.panes {
-                    let groups = operator
-                        .panes
-                        .entry(*start)
-                        .or_insert_with(|| new_groups(group_count));
-                    std::rc::Rc::make_mut(&mut groups[group])
-                        .insert(key.clone(), accumulator.clone());
+                    let pane = operator.panes.entry(*start).or_default();
+                    std::rc::Rc::make_mut(pane)
+                        .insert(key.clone(), (group as u32, accumulator.clone()));
                 }
             }
         }
@@ -617,7 +617,7 @@ where
         let aggregate = &self.aggregation.aggregate;
         let window_function = &self.aggregation.window_function;
         let group_fired_end = &self.group_fired_end;
-        let skip = |group: usize| group_fired_end[group] >= end;
+        let skip = |group: u32| group_fired_end[group as usize] >= end;
         let held: Vec<Timestamp> = self
             .panes
             .range(start..end)
@@ -627,19 +627,18 @@ where
             // One pane: emit it as it is (moved out when no later window
             // holds it).
             let last_use = only < next_start;
-            let groups = self.panes.get_mut(&only).expect("a held pane");
-            for (group, map) in groups.iter_mut().enumerate() {
-                if map.is_empty() || skip(group) {
-                    continue;
-                }
-                if let (true, Some(map)) = (last_use, std::rc::Rc::get_mut(map)) {
-                    // Moved out, unless a snapshot still reads the map
-                    // (then copied, below, rather than the map copied whole).
-                    for (key, accumulator) in map.drain() {
+            let pane = self.panes.get_mut(&only).expect("a held pane");
+            if let (true, Some(map)) = (last_use, std::rc::Rc::get_mut(pane)) {
+                // Moved out, unless a snapshot still reads the map (then
+                // copied, below, rather than the map copied whole).
+                for (key, (group, accumulator)) in map.drain() {
+                    if !skip(group) {
                         window_function(&key, &window, aggregate.get_result(accumulator), &mut out);
                     }
-                } else {
-                    for (key, accumulator) in map.iter() {
+                }
+            } else {
+                for (key, (group, accumulator)) in pane.iter() {
+                    if !skip(*group) {
                         let result = aggregate.get_result(accumulator.clone());
                         window_function(key, &window, result, &mut out);
                     }
@@ -648,21 +647,17 @@ where
         } else {
             let merged = &mut self.merged;
             for pane_start in &held {
-                let groups = &self.panes[pane_start];
-                for (group, map) in groups.iter().enumerate() {
-                    if skip(group) {
+                for (key, (group, accumulator)) in self.panes[pane_start].iter() {
+                    if skip(*group) {
                         continue;
                     }
-                    for (key, accumulator) in map.iter() {
-                        match merged.get_mut(key) {
-                            Some(sum) => {
-                                let current =
-                                    std::mem::replace(sum, aggregate.create_accumulator());
-                                *sum = aggregate.merge(current, accumulator.clone());
-                            }
-                            None => {
-                                merged.insert(key.clone(), accumulator.clone());
-                            }
+                    match merged.get_mut(key) {
+                        Some(sum) => {
+                            let current = std::mem::replace(sum, aggregate.create_accumulator());
+                            *sum = aggregate.merge(current, accumulator.clone());
+                        }
+                        None => {
+                            merged.insert(key.clone(), accumulator.clone());
                         }
                     }
                 }
@@ -672,15 +667,13 @@ where
             }
         }
         let kept = self.panes.split_off(&next_start);
-        for (_, mut groups) in std::mem::replace(&mut self.panes, kept) {
-            for map in &mut groups {
-                match std::rc::Rc::get_mut(map) {
-                    Some(map) => map.clear(),
-                    // A snapshot still reads it.
-                    None => *map = std::rc::Rc::default(),
-                }
+        for (_, mut pane) in std::mem::replace(&mut self.panes, kept) {
+            match std::rc::Rc::get_mut(&mut pane) {
+                Some(map) => map.clear(),
+                // A snapshot still reads it.
+                None => pane = std::rc::Rc::default(),
             }
-            self.spare.push(groups);
+            self.spare.push(pane);
         }
     }
 }
@@ -695,9 +688,13 @@ fn new_groups<T: Default>(group_count: usize) -> Vec<std::rc::Rc<T>> {
 /// state store with one table ([`WINDOW_PANES_STATE`]) and no timers.
 struct PanesCapture<K, A> {
     key_groups: crate::key::KeyGroupRange,
-    panes: Vec<(Timestamp, PaneGroups<K, A>)>,
+    panes: Vec<(Timestamp, Pane<K, A>)>,
     fired_end: Vec<Timestamp>,
     codec: ValueCodec<KeyPanes<A>>,
+    /// Per key group, its keys in each pane: `(pane, key)`, in pane order.
+    /// Made at the first group's serialization, in one pass over every
+    /// pane, so that each group then reads only its own.
+    keys_by_group: std::cell::RefCell<Option<Vec<Vec<(u32, K)>>>>,
 }
 
 impl<K: Key, A: Clone + 'static> crate::snapshot::KeyedCapture for PanesCapture<K, A> {
@@ -706,17 +703,27 @@ impl<K: Key, A: Clone + 'static> crate::snapshot::KeyedCapture for PanesCapture<
     }
 
     fn serialize_group(&self, group_index: usize) -> Result<Option<(u32, Vec<u8>)>, String> {
-        let mut keys: rustc_hash::FxHashMap<&K, KeyPanes<A>> = Default::default();
-        for (start, groups) in &self.panes {
-            for (key, accumulator) in groups[group_index].iter() {
-                keys.entry(key)
-                    .or_insert_with(|| KeyPanes {
-                        fired_through: self.fired_end[group_index],
-                        panes: smallvec::SmallVec::new(),
-                    })
-                    .panes
-                    .push((*start, accumulator.clone()));
+        let mut keys_by_group = self.keys_by_group.borrow_mut();
+        let keys_by_group = keys_by_group.get_or_insert_with(|| {
+            let mut by_group = vec![Vec::new(); self.key_groups.count()];
+            for (pane_index, (_, pane)) in self.panes.iter().enumerate() {
+                for (key, (group, _)) in pane.iter() {
+                    by_group[*group as usize].push((pane_index as u32, key.clone()));
+                }
             }
+            by_group
+        });
+        let mut keys: rustc_hash::FxHashMap<&K, KeyPanes<A>> = Default::default();
+        for (pane_index, key) in &keys_by_group[group_index] {
+            let (start, pane) = &self.panes[*pane_index as usize];
+            let (_, accumulator) = &pane[key];
+            keys.entry(key)
+                .or_insert_with(|| KeyPanes {
+                    fired_through: self.fired_end[group_index],
+                    panes: smallvec::SmallVec::new(),
+                })
+                .panes
+                .push((*start, accumulator.clone()));
         }
         write_keyed_group(
             self.key_groups,
@@ -747,22 +754,21 @@ where
             // records themselves would be.
             return;
         }
-        let group = self.store.group_index(&partial.key);
-        let group_count = self.group_fired_end.len();
         let spare = &mut self.spare;
-        let groups = self
+        let pane = self
             .panes
             .entry(pane_start)
-            .or_insert_with(|| spare.pop().unwrap_or_else(|| new_groups(group_count)));
-        let map = std::rc::Rc::make_mut(&mut groups[group]);
+            .or_insert_with(|| spare.pop().unwrap_or_default());
+        let map = std::rc::Rc::make_mut(pane);
         let aggregate = &self.aggregation.aggregate;
         match map.get_mut(&partial.key) {
-            Some(accumulator) => aggregate.add(partial, accumulator),
+            Some((_, accumulator)) => aggregate.add(partial, accumulator),
             None => {
                 let key = partial.key.clone();
+                let group = self.store.group_index(&key) as u32;
                 let mut accumulator = aggregate.create_accumulator();
                 aggregate.add(partial, &mut accumulator);
-                map.insert(key, accumulator);
+                map.insert(key, (group, accumulator));
             }
         }
     }
@@ -803,7 +809,7 @@ where
             panes: self
                 .panes
                 .iter()
-                .map(|(start, groups)| (*start, groups.clone()))
+                .map(|(start, pane)| (*start, pane.clone()))
                 .collect(),
             fired_end: self
                 .group_fired_end
@@ -811,6 +817,7 @@ where
                 .map(|group| (*group).max(self.fired_end))
                 .collect(),
             codec: self.codec.clone(),
+            keys_by_group: Default::default(),
         };
         snapshot.add(self.context.capture(Some(Box::new(capture)), Vec::new()));
         self.next.snapshot(barrier, snapshot);
