@@ -459,10 +459,7 @@ pub fn build_query(
             let auctions = auctions(env, &source)
                 .filter(Auction::is_q3_selected)
                 .name("q3 auctions")
-                .map(|auction| SoldAuction {
-                    id: auction.id,
-                    seller: auction.seller,
-                })
+                .map(|auction| SoldAuction::of(&auction))
                 .name("q3 auction id and seller");
             persons
                 .key_by(|person| person.id)
@@ -558,10 +555,7 @@ pub fn build_query(
             let auctions = events
                 .flat_map(|event, out: &mut dyn Collector<SoldAuction>| {
                     if let Event::Auction(auction) = event {
-                        out.collect(SoldAuction {
-                            id: auction.id,
-                            seller: auction.seller,
-                        });
+                        out.collect(SoldAuction::of(&auction));
                     }
                 })
                 .name("auctions");
@@ -698,21 +692,19 @@ pub struct LocalItemSuggestion {
     waiting_auctions: ListState<u64>,
 }
 
-/// An auction as q3's join reads it.
+/// An auction as the joins of q3 and q8 read it: its id and seller.
 #[derive(Clone, Copy, Debug, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct SoldAuction {
     pub id: u64,
     pub seller: u64,
 }
 
-/// q3's row of a person and an auction they sell.
-fn q3_row(person: &Person, auction: u64) -> Q3Row {
-    Q3Row {
-        first_name: person.first_name,
-        last_name: person.last_name,
-        city: person.city,
-        state: person.state,
-        auction,
+impl SoldAuction {
+    pub fn of(auction: &Auction) -> SoldAuction {
+        SoldAuction {
+            id: auction.id,
+            seller: auction.seller,
+        }
     }
 }
 
@@ -729,7 +721,7 @@ impl KeyedCoProcessFunction<u64, Person, SoldAuction, Q3Row> for LocalItemSugges
         out: &mut dyn Collector<Q3Row>,
     ) {
         for auction in self.waiting_auctions.take(context) {
-            out.collect(q3_row(&person, auction));
+            out.collect(Q3Row::new(&person, auction));
         }
         self.person.update(context, person);
     }
@@ -741,7 +733,7 @@ impl KeyedCoProcessFunction<u64, Person, SoldAuction, Q3Row> for LocalItemSugges
         out: &mut dyn Collector<Q3Row>,
     ) {
         match self.person.value(context) {
-            Some(person) => out.collect(q3_row(person, auction.id)),
+            Some(person) => out.collect(Q3Row::new(person, auction.id)),
             None => self.waiting_auctions.add(context, auction.id),
         }
     }

@@ -313,28 +313,6 @@ impl<T> Drop for ShippingCollector<'_, T> {
     }
 }
 
-/// Gathers what a function emits for one record of a batch.
-struct BatchCollector<'a, T> {
-    batch: &'a mut Vec<StreamRecord<T>>,
-    timestamp: Timestamp,
-}
-
-impl<T> Collector<T> for BatchCollector<'_, T> {
-    fn collect(&mut self, record: T) {
-        self.batch.push(StreamRecord {
-            timestamp: self.timestamp,
-            value: record,
-        });
-    }
-
-    fn collect_with_timestamp(&mut self, record: T, timestamp: Timestamp) {
-        self.batch.push(StreamRecord {
-            timestamp,
-            value: record,
-        });
-    }
-}
-
 impl<I, O, F: Fn(I, &mut dyn crate::function::Collector<O>)> Output<I>
     for FlatMapOperator<I, O, F>
 {
@@ -347,23 +325,17 @@ impl<I, O, F: Fn(I, &mut dyn crate::function::Collector<O>)> Output<I>
     }
     fn push_batch(&mut self, batch: &mut Vec<StreamRecord<I>>) {
         let function = &*self.function;
+        // A function may emit many records per record: they go on in
+        // batches of the usual size, not the whole batch's at once.
+        let mut collector = ShippingCollector {
+            output: &mut *self.next,
+            batch: &mut self.collected,
+            timestamp: NO_TIMESTAMP,
+        };
         for record in batch.drain(..) {
-            let mut collector = BatchCollector {
-                batch: &mut self.collected,
-                timestamp: record.timestamp,
-            };
+            collector.timestamp = record.timestamp;
             function(record.value, &mut collector);
-            // A function may emit many records per record: pass them on in
-            // batches of the usual size, not the whole batch's at once.
-            if self.collected.len() >= CHAIN_BATCH_RECORDS {
-                self.next.push_batch(&mut self.collected);
-                self.collected.clear();
-            }
         }
-        if !self.collected.is_empty() {
-            self.next.push_batch(&mut self.collected);
-        }
-        self.collected.clear();
     }
     forward_control!();
 }

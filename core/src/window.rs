@@ -294,17 +294,17 @@ where
     F: AggregateFunction<I, A, R>,
 {
     /// The index in `panes` of the pane of `timestamp`, opened if need be;
-    /// `None` when the watermark has passed that pane.
+    /// when the watermark has passed that pane, its last millisecond.
     #[inline]
-    fn pane_of(&mut self, timestamp: Timestamp) -> Option<usize> {
+    fn pane_of(&mut self, timestamp: Timestamp) -> Result<usize, Timestamp> {
         let (start, end, index) = self.current;
         if timestamp >= start && timestamp < end {
-            return Some(index);
+            return Ok(index);
         }
         let start = timestamp - (timestamp - self.pane_offset).rem_euclid(self.pane_size);
         let end = start + self.pane_size;
         if end - 1 <= self.watermark {
-            return None;
+            return Err(end - 1);
         }
         let index = match self
             .panes
@@ -320,7 +320,7 @@ where
             }
         };
         self.current = (start, end, index);
-        Some(index)
+        Ok(index)
     }
 
     /// Adds `records` a run at a time: records one after another with the
@@ -344,19 +344,19 @@ where
                 self.operator_name
             );
             position += 1;
-            let Some(index) = self.pane_of(*timestamp) else {
-                // Late here: ship it alone, for the global phase to judge.
-                let last = timestamp - (timestamp - self.pane_offset).rem_euclid(self.pane_size)
-                    + self.pane_size
-                    - 1;
-                let mut accumulator = self.aggregate.create_accumulator();
-                self.aggregate.add(value.clone(), &mut accumulator);
-                self.next.push(WindowPartial { key, accumulator }, last);
-                match records.get(position) {
-                    Some(next) => key = (self.key_selector)(&next.value),
-                    None => return,
+            let index = match self.pane_of(*timestamp) {
+                Ok(index) => index,
+                Err(last) => {
+                    // Late here: ship it alone, for the global phase to judge.
+                    let mut accumulator = self.aggregate.create_accumulator();
+                    self.aggregate.add(value.clone(), &mut accumulator);
+                    self.next.push(WindowPartial { key, accumulator }, last);
+                    match records.get(position) {
+                        Some(next) => key = (self.key_selector)(&next.value),
+                        None => return,
+                    }
+                    continue;
                 }
-                continue;
             };
             let (start, end, _) = self.current;
             let (aggregate, key_selector) = (&self.aggregate, &self.key_selector);
@@ -668,20 +668,37 @@ where
         }
         let kept = self.panes.split_off(&next_start);
         for (_, mut pane) in std::mem::replace(&mut self.panes, kept) {
-            match std::rc::Rc::get_mut(&mut pane) {
-                Some(map) => map.clear(),
-                // A snapshot still reads it.
-                None => pane = std::rc::Rc::default(),
-            }
+            empty_for_reuse(&mut pane, |map| map.clear());
             self.spare.push(pane);
         }
     }
 }
 
-/// Empty state for each of `group_count` key groups: a pane's maps, or a
-/// window's join groups.
+/// Empty state for each of `group_count` key groups (a join window's left
+/// records).
 fn new_groups<T: Default>(group_count: usize) -> Vec<std::rc::Rc<T>> {
     (0..group_count).map(|_| std::rc::Rc::default()).collect()
+}
+
+/// Empties state shared copy-on-write with snapshots, for reuse: in place,
+/// keeping its room, when no snapshot reads it any more; otherwise the
+/// snapshot keeps it and new empty state takes its place.
+fn empty_for_reuse<T: Default>(shared: &mut std::rc::Rc<T>, clear: impl FnOnce(&mut T)) {
+    match std::rc::Rc::get_mut(shared) {
+        Some(state) => clear(state),
+        None => *shared = std::rc::Rc::default(),
+    }
+}
+
+/// Entries spread by their key group index over `group_count` lists, each
+/// in the order given: how a snapshot of state held for many key groups in
+/// one table reads each group's share once it has made this.
+fn by_key_group<T>(group_count: usize, entries: impl Iterator<Item = (u32, T)>) -> Vec<Vec<T>> {
+    let mut by_group: Vec<Vec<T>> = (0..group_count).map(|_| Vec::new()).collect();
+    for (group, entry) in entries {
+        by_group[group as usize].push(entry);
+    }
+    by_group
 }
 
 /// A snapshot of the slicing window operator, in the layout of a keyed
@@ -705,13 +722,15 @@ impl<K: Key, A: Clone + 'static> crate::snapshot::KeyedCapture for PanesCapture<
     fn serialize_group(&self, group_index: usize) -> Result<Option<(u32, Vec<u8>)>, String> {
         let mut keys_by_group = self.keys_by_group.borrow_mut();
         let keys_by_group = keys_by_group.get_or_insert_with(|| {
-            let mut by_group = vec![Vec::new(); self.key_groups.count()];
-            for (pane_index, (_, pane)) in self.panes.iter().enumerate() {
-                for (key, (group, _)) in pane.iter() {
-                    by_group[*group as usize].push((pane_index as u32, key.clone()));
-                }
-            }
-            by_group
+            let keys = self
+                .panes
+                .iter()
+                .enumerate()
+                .flat_map(|(index, (_, pane))| {
+                    pane.iter()
+                        .map(move |(key, (group, _))| (*group, (index as u32, key.clone())))
+                });
+            by_key_group(self.key_groups.count(), keys)
         });
         let mut keys: rustc_hash::FxHashMap<&K, KeyPanes<A>> = Default::default();
         for (pane_index, key) in &keys_by_group[group_index] {
@@ -1314,15 +1333,9 @@ impl<K, L, R> JoinWindow<K, L, R> {
     /// Empties it for reuse, keeping what no snapshot still reads.
     fn clear(&mut self) {
         for lefts in &mut self.lefts {
-            match std::rc::Rc::get_mut(lefts) {
-                Some(lefts) => lefts.clear(),
-                None => *lefts = std::rc::Rc::default(),
-            }
+            empty_for_reuse(lefts, |lefts| lefts.clear());
         }
-        match std::rc::Rc::get_mut(&mut self.rights) {
-            Some(rights) => rights.clear(),
-            None => self.rights = std::rc::Rc::default(),
-        }
+        empty_for_reuse(&mut self.rights, |rights| rights.clear());
     }
 }
 
@@ -1545,13 +1558,20 @@ impl<K: Key, L: Record, R: Record> crate::snapshot::KeyedCapture for JoinCapture
     fn serialize_group(&self, group_index: usize) -> Result<Option<(u32, Vec<u8>)>, String> {
         let mut rights_by_group = self.rights_by_group.borrow_mut();
         let rights_by_group = rights_by_group.get_or_insert_with(|| {
-            let mut by_group = vec![Vec::new(); self.key_groups.count()];
-            for (window_index, (_, state)) in self.windows.iter().enumerate() {
-                for (position, (group, _, _)) in state.rights.iter().enumerate() {
-                    by_group[*group as usize].push((window_index as u32, position as u32));
-                }
-            }
-            by_group
+            let rights = self
+                .windows
+                .iter()
+                .enumerate()
+                .flat_map(|(index, (_, state))| {
+                    state
+                        .rights
+                        .iter()
+                        .enumerate()
+                        .map(move |(position, (group, _, _))| {
+                            (*group, (index as u32, position as u32))
+                        })
+                });
+            by_key_group(self.key_groups.count(), rights)
         });
         let mut rights = rights_by_group[group_index].iter().peekable();
         let mut keys: rustc_hash::FxHashMap<&K, JoinContents<L, R>> = Default::default();

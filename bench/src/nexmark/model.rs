@@ -306,14 +306,15 @@ pub struct Q3Row {
 }
 
 impl Q3Row {
+    /// The row of `person` and the auction with id `auction` they sell.
     #[inline]
-    pub fn new(person: &Person, auction: &Auction) -> Q3Row {
+    pub fn new(person: &Person, auction: u64) -> Q3Row {
         Q3Row {
             first_name: person.first_name,
             last_name: person.last_name,
             city: person.city,
             state: person.state,
-            auction: auction.id,
+            auction,
         }
     }
 
