@@ -450,9 +450,13 @@ pub fn build_query(
                 .add_sink_with(&sinks);
         }
         Query::Q3 => {
+            // Of a person the join reads only their id and what the row
+            // shows of them (see the auctions below).
             let persons = persons(env, &source)
                 .filter(Person::is_q3_selected)
-                .name("q3 persons");
+                .name("q3 persons")
+                .map(|person| Seller::of(&person))
+                .name("q3 person id and details");
             // Of an auction the join reads only its id and seller: the
             // rest is left out before the shuffle, as Flink SQL projects a
             // join's inputs to the columns it uses.
@@ -462,7 +466,7 @@ pub fn build_query(
                 .map(|auction| SoldAuction::of(&auction))
                 .name("q3 auction id and seller");
             persons
-                .key_by(|person| person.id)
+                .key_by(|seller| seller.id)
                 .connect(auctions.key_by(|auction| auction.seller))
                 .process(LocalItemSuggestion::default())
                 .name("q3 join")
@@ -687,7 +691,7 @@ pub fn each_row<R>(_: &u64, _: &TimeWindow, rows: Vec<R>, out: &mut dyn Collecto
 /// person is kept and auctions that came before their seller wait for it.
 #[derive(Clone, Default)]
 pub struct LocalItemSuggestion {
-    person: ValueState<Person>,
+    person: ValueState<SellerDetails>,
     /// The ids of the auctions waiting for their seller.
     waiting_auctions: ListState<u64>,
 }
@@ -708,7 +712,52 @@ impl SoldAuction {
     }
 }
 
-impl KeyedCoProcessFunction<u64, Person, SoldAuction, Q3Row> for LocalItemSuggestion {
+/// A person as q3's join reads them: their id and what q3's row shows of
+/// them (16 bytes instead of a whole person's 24).
+#[derive(Clone, Copy, Debug, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct Seller {
+    pub id: u64,
+    pub details: SellerDetails,
+}
+
+/// What q3's row shows of a seller; the join keeps this per person.
+#[derive(Clone, Copy, Debug, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct SellerDetails {
+    pub first_name: u8,
+    pub last_name: u8,
+    pub city: u8,
+    pub state: u8,
+}
+
+impl Seller {
+    pub fn of(person: &Person) -> Seller {
+        Seller {
+            id: person.id,
+            details: SellerDetails {
+                first_name: person.first_name,
+                last_name: person.last_name,
+                city: person.city,
+                state: person.state,
+            },
+        }
+    }
+}
+
+impl SellerDetails {
+    /// q3's row of this seller and the auction with id `auction`.
+    #[inline]
+    pub fn row(&self, auction: u64) -> Q3Row {
+        Q3Row {
+            first_name: self.first_name,
+            last_name: self.last_name,
+            city: self.city,
+            state: self.state,
+            auction,
+        }
+    }
+}
+
+impl KeyedCoProcessFunction<u64, Seller, SoldAuction, Q3Row> for LocalItemSuggestion {
     fn open(&mut self, state: &mut KeyedStateStore<u64>) {
         self.person = state.value_state("person");
         self.waiting_auctions = state.list_state("waiting-auctions");
@@ -716,14 +765,14 @@ impl KeyedCoProcessFunction<u64, Person, SoldAuction, Q3Row> for LocalItemSugges
 
     fn process_element1(
         &mut self,
-        person: Person,
+        seller: Seller,
         context: &mut KeyedContext<'_, u64>,
         out: &mut dyn Collector<Q3Row>,
     ) {
         for auction in self.waiting_auctions.take(context) {
-            out.collect(Q3Row::new(&person, auction));
+            out.collect(seller.details.row(auction));
         }
-        self.person.update(context, person);
+        self.person.update(context, seller.details);
     }
 
     fn process_element2(
@@ -733,7 +782,7 @@ impl KeyedCoProcessFunction<u64, Person, SoldAuction, Q3Row> for LocalItemSugges
         out: &mut dyn Collector<Q3Row>,
     ) {
         match self.person.value(context) {
-            Some(person) => out.collect(Q3Row::new(person, auction.id)),
+            Some(seller) => out.collect(seller.row(auction.id)),
             None => self.waiting_auctions.add(context, auction.id),
         }
     }

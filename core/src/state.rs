@@ -16,6 +16,7 @@ use std::marker::PhantomData;
 use std::rc::Rc;
 use std::sync::Arc;
 
+use hashbrown::hash_map::RawEntryMut;
 use rustc_hash::{FxBuildHasher, FxHashSet};
 
 use crate::function::KeyedContext;
@@ -153,21 +154,28 @@ impl<K: Key, V: Clone + 'static> StateTable<K, V> {
             .1
     }
 
+    /// Sets the value of `key`: one hash and one probe whether the key is
+    /// there or not; the key is cloned only when the entry is new.
     pub fn insert(&mut self, group_index: usize, key: &K, value: V) {
-        let group = self.group_mut(group_index);
-        match group.get_mut(key) {
-            Some(slot) => *slot = value,
-            None => {
-                group.insert(key.clone(), value);
+        match self.group_mut(group_index).raw_entry_mut().from_key(key) {
+            RawEntryMut::Occupied(mut entry) => *entry.get_mut() = value,
+            RawEntryMut::Vacant(entry) => {
+                entry.insert(key.clone(), value);
             }
         }
     }
 
     pub fn remove(&mut self, group_index: usize, key: &K) -> Option<V> {
-        if !self.groups[group_index].contains_key(key) {
+        let group = &mut self.groups[group_index];
+        if let Some(map) = Rc::get_mut(group) {
+            return map.remove(key);
+        }
+        // Shared with a snapshot: copied only if there is something to
+        // remove.
+        if !group.contains_key(key) {
             return None;
         }
-        self.group_mut(group_index).remove(key)
+        Rc::make_mut(group).remove(key)
     }
 
     /// How many keys hold an entry, over all key groups.

@@ -17,7 +17,7 @@ use strom_core::{JobGraph, Program};
 use strom_net::channel::{channel, ChannelReceiver, ChannelSender};
 
 use crate::messages::{JobId, SlotRef, SubtaskMetrics, ToJobManager, ToTaskManager};
-use crate::network::{channel_id, NetworkService};
+use crate::network::{channel_id, HostedService, NetworkService};
 use crate::task::{run_task, TaskCommand, TaskDeployment, TaskMailbox, TaskMetrics};
 use crate::wake::{CommandReceiver, CommandSender};
 
@@ -43,6 +43,8 @@ enum SlotCommand {
     Cancel {
         job: JobId,
     },
+    /// Run the TaskManager's network service here (a one-slot TaskManager).
+    HostNetwork(HostedService),
     Shutdown,
 }
 
@@ -146,9 +148,6 @@ impl TaskManager {
         } else {
             cpus
         };
-        let network = data_bind
-            .map(|bind| NetworkService::start(id as u64, bind, secret))
-            .transpose()?;
         let mut slots = Vec::new();
         for index in 0..slot_count as usize {
             let cpu = cpus[index % cpus.len()];
@@ -190,6 +189,25 @@ impl TaskManager {
             }
             slots.push(Slot { commands, thread });
         }
+        let network = match (data_bind, &slots[..]) {
+            (None, _) => None,
+            // The slot's tasks are the service's only users: on the slot's
+            // executor, their records reach the socket without a thread
+            // hop (see `NetworkService::start_hosted`).
+            (Some(bind), [slot]) => Some(NetworkService::start_hosted(
+                id as u64,
+                bind,
+                secret,
+                |service| {
+                    slot.commands
+                        .send(SlotCommand::HostNetwork(service))
+                        .map_err(|_| {
+                            "slot 0 stopped before the network service started".to_string()
+                        })
+                },
+            )?),
+            (Some(bind), _) => Some(NetworkService::start(id as u64, bind, secret)?),
+        };
         Ok(TaskManager {
             id,
             programs,
@@ -345,14 +363,15 @@ impl TaskManager {
                 ToTaskManager::Shutdown => break,
             }
         }
+        // The network first: it may run on a slot.
+        if let Some(network) = self.network {
+            network.stop();
+        }
         for slot in &self.slots {
             let _ = slot.commands.send(SlotCommand::Shutdown);
         }
         for slot in self.slots {
             let _ = slot.thread.join();
-        }
-        if let Some(network) = self.network {
-            network.stop();
         }
         let _ = self.id;
     }
@@ -602,6 +621,9 @@ async fn slot_main(commands: CommandReceiver<SlotCommand>, ready: Sender<()>) {
                         handle.cancel();
                     }
                 }
+            }
+            Some(SlotCommand::HostNetwork(service)) => {
+                glommio::spawn_local(service()).detach();
             }
             Some(SlotCommand::Shutdown) | None => {
                 for slot_job in running.into_values() {

@@ -306,18 +306,6 @@ pub struct Q3Row {
 }
 
 impl Q3Row {
-    /// The row of `person` and the auction with id `auction` they sell.
-    #[inline]
-    pub fn new(person: &Person, auction: u64) -> Q3Row {
-        Q3Row {
-            first_name: person.first_name,
-            last_name: person.last_name,
-            city: person.city,
-            state: person.state,
-            auction,
-        }
-    }
-
     #[inline]
     pub fn write_name<W: fmt::Write>(&self, out: &mut W) -> fmt::Result {
         write_name(out, self.first_name, self.last_name)
