@@ -65,11 +65,20 @@ impl<V: Record> ValueCodec<V> {
     }
 }
 
-impl<V: Record> ValueCodec<Vec<V>> {
-    /// A list of records.
+/// The values of one key's [`ListState`]. One value is held inline, in the
+/// room a `Vec` takes: most keys of a list state hold a value or two (q3's
+/// auctions waiting for their seller), and a heap allocation per key would
+/// cost more than the rest of an `add`.
+pub(crate) type ListValues<V> = smallvec::SmallVec<[V; 1]>;
+
+impl<V: Record, C> ValueCodec<C>
+where
+    C: std::ops::Deref<Target = [V]> + FromIterator<V> + 'static,
+{
+    /// A list of records (as a `Vec` or as [`ListValues`]: one layout).
     pub(crate) fn list() -> Self {
         ValueCodec::new(
-            |values: &Vec<V>, writer| {
+            |values: &C, writer| {
                 writer.put_u32(values.len() as u32);
                 values
                     .iter()
@@ -361,7 +370,7 @@ impl<K: Key> KeyedStateStore<K> {
 
     pub fn list_state<V: Record>(&mut self, name: &str) -> ListState<V> {
         ListState {
-            index: self.table_index::<Vec<V>>(name, ValueCodec::list()),
+            index: self.table_index::<ListValues<V>>(name, ValueCodec::list()),
             _value: PhantomData,
         }
     }
@@ -595,27 +604,32 @@ impl<V: Record> ListState<V> {
     pub fn get<'c, K: Key>(&self, context: &'c KeyedContext<'_, K>) -> &'c [V] {
         let (store, group, key) = context.state_scope();
         store
-            .table::<Vec<V>>(self.index)
+            .table::<ListValues<V>>(self.index)
             .get(group, key)
-            .map(Vec::as_slice)
+            .map(|values| values.as_slice())
             .unwrap_or(&[])
     }
 
     pub fn add<K: Key>(&self, context: &mut KeyedContext<'_, K>, value: V) {
         let (store, group, key) = context.state_scope_mut();
         store
-            .table_mut::<Vec<V>>(self.index)
-            .get_or_insert_with(group, key, Vec::new)
+            .table_mut::<ListValues<V>>(self.index)
+            .get_or_insert_with(group, key, ListValues::new)
             .push(value);
     }
 
-    /// Removes and returns the list of the current key.
-    pub fn take<K: Key>(&self, context: &mut KeyedContext<'_, K>) -> Vec<V> {
+    /// Removes the list of the current key and returns its values, in the
+    /// order they were added.
+    pub fn take<K: Key>(
+        &self,
+        context: &mut KeyedContext<'_, K>,
+    ) -> impl ExactSizeIterator<Item = V> {
         let (store, group, key) = context.state_scope_mut();
         store
-            .table_mut::<Vec<V>>(self.index)
+            .table_mut::<ListValues<V>>(self.index)
             .remove(group, key)
             .unwrap_or_default()
+            .into_iter()
     }
 }
 
@@ -874,6 +888,17 @@ mod tests {
         for key in 0..1000u64 {
             store.group_index(&key);
         }
+    }
+
+    #[test]
+    fn a_list_of_one_value_takes_the_room_of_a_vec_and_no_allocation() {
+        assert_eq!(
+            std::mem::size_of::<ListValues<u64>>(),
+            std::mem::size_of::<Vec<u64>>()
+        );
+        let mut values = ListValues::<u64>::new();
+        values.push(1);
+        assert!(!values.spilled());
     }
 
     #[test]
