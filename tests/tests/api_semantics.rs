@@ -488,7 +488,6 @@ impl KeyedProcessFunction<u64, Reading, String> for BucketReport {
         let (due, later): (Vec<_>, Vec<_>) = self
             .pending
             .take(context)
-            .into_iter()
             .partition(|(record_timestamp, _)| *record_timestamp <= timestamp);
         for entry in later {
             self.pending.add(context, entry);
