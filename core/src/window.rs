@@ -298,9 +298,16 @@ where
     #[inline]
     fn pane_of(&mut self, timestamp: Timestamp) -> Result<usize, Timestamp> {
         let (start, end, index) = self.current;
+        // The cached pane never starts at NO_TIMESTAMP (below), so a
+        // record without a timestamp always reaches the check below.
         if timestamp >= start && timestamp < end {
             return Ok(index);
         }
+        assert!(
+            timestamp != NO_TIMESTAMP,
+            "window operator '{}' received a record without a timestamp: give the source a WatermarkStrategy with a timestamp assigner",
+            self.operator_name
+        );
         let start = timestamp - (timestamp - self.pane_offset).rem_euclid(self.pane_size);
         let end = start + self.pane_size;
         if end - 1 <= self.watermark {
@@ -319,7 +326,9 @@ where
                 at
             }
         };
-        self.current = (start, end, index);
+        if start != NO_TIMESTAMP {
+            self.current = (start, end, index);
+        }
         Ok(index)
     }
 
@@ -331,62 +340,59 @@ where
     /// the stack that the next load stalls on.
     #[inline]
     fn add_records(&mut self, records: &[StreamRecord<I>]) {
-        let Some(first) = records.first() else {
+        // The selector out of `self`, once per batch: a plain call through
+        // a local reference, not reloaded behind `&mut self` per record.
+        let key_selector = self.key_selector.clone();
+        let key_selector = &*key_selector;
+        let mut records = records.iter();
+        let Some(mut record) = records.next() else {
             return;
         };
-        let mut key = (self.key_selector)(&first.value);
-        let mut position = 0;
+        let mut key = key_selector(&record.value);
         loop {
-            let StreamRecord { value, timestamp } = &records[position];
-            assert!(
-                *timestamp != NO_TIMESTAMP,
-                "window operator '{}' received a record without a timestamp: give the source a WatermarkStrategy with a timestamp assigner",
-                self.operator_name
-            );
-            position += 1;
-            let index = match self.pane_of(*timestamp) {
+            let index = match self.pane_of(record.timestamp) {
                 Ok(index) => index,
                 Err(last) => {
                     // Late here: ship it alone, for the global phase to judge.
                     let mut accumulator = self.aggregate.create_accumulator();
-                    self.aggregate.add(value.clone(), &mut accumulator);
+                    self.aggregate.add(record.value.clone(), &mut accumulator);
                     self.next.push(WindowPartial { key, accumulator }, last);
-                    match records.get(position) {
-                        Some(next) => key = (self.key_selector)(&next.value),
-                        None => return,
-                    }
+                    let Some(next) = records.next() else {
+                        return;
+                    };
+                    record = next;
+                    key = key_selector(&record.value);
                     continue;
                 }
             };
             let (start, end, _) = self.current;
-            let (aggregate, key_selector) = (&self.aggregate, &self.key_selector);
+            let aggregate = &self.aggregate;
             let pane = &mut self.panes[index].1;
-            let mut added = false;
-            let accumulator = pane.entry(key.clone()).or_insert_with(|| {
-                added = true;
-                aggregate.create_accumulator()
-            });
-            aggregate.add(value.clone(), accumulator);
-            let mut next_key = None;
-            while let Some(next) = records.get(position) {
+            let entries_before = pane.len();
+            let accumulator = pane
+                .entry(key.clone())
+                .or_insert_with(|| aggregate.create_accumulator());
+            aggregate.add(record.value.clone(), accumulator);
+            // The rest of the run: the records after it with its key, in
+            // its pane.
+            let next = loop {
+                let Some(next) = records.next() else {
+                    break None;
+                };
                 let key_of_next = key_selector(&next.value);
-                if key_of_next != key || !(start..end).contains(&next.timestamp) {
-                    next_key = Some(key_of_next);
-                    break;
+                if key_of_next != key || next.timestamp < start || next.timestamp >= end {
+                    break Some((next, key_of_next));
                 }
                 aggregate.add(next.value.clone(), accumulator);
-                position += 1;
+            };
+            self.entries += pane.len() - entries_before;
+            if self.entries >= LOCAL_AGGREGATION_MAX_ENTRIES {
+                self.ship_through(Timestamp::MAX);
             }
-            if added {
-                self.entries += 1;
-                if self.entries >= LOCAL_AGGREGATION_MAX_ENTRIES {
-                    self.ship_through(Timestamp::MAX);
-                }
-            }
-            match next_key {
-                Some(next_key) => key = next_key,
-                None => return,
-            }
+            let Some((next, key_of_next)) = next else {
+                return;
+            };
+            (record, key) = (next, key_of_next);
         }
     }
 }
