@@ -1993,6 +1993,37 @@ mod tests {
         }
     }
 
+    /// A record without a timestamp stops the local phase with a message
+    /// that says what to do, whether it starts a batch or comes in the
+    /// middle of a run of one key in one pane.
+    #[test]
+    fn the_local_phase_refuses_a_record_without_a_timestamp() {
+        for batch in [
+            vec![(1, crate::time::NO_TIMESTAMP)],
+            vec![(1, 10), (1, 11), (1, crate::time::NO_TIMESTAMP)],
+        ] {
+            let emitted = Emissions::default();
+            let tumbling = WindowAssigner::tumbling(Duration::from_millis(100));
+            let mut operator =
+                two_phase_summing_operator(tumbling, &emitted, |_| 0, Default::default());
+            let mut records: Vec<StreamRecord<u64>> = batch
+                .iter()
+                .map(|&(value, timestamp)| StreamRecord { value, timestamp })
+                .collect();
+            let panic = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                operator.push_batch(&mut records)
+            }))
+            .expect_err("a record without a timestamp was taken");
+            let message = panic
+                .downcast_ref::<String>()
+                .expect("a formatted panic message");
+            assert!(
+                message.contains("without a timestamp") && message.contains("WatermarkStrategy"),
+                "{message}"
+            );
+        }
+    }
+
     #[test]
     fn a_late_record_within_the_allowed_lateness_fires_its_window_once() {
         let emitted = Emissions::default();
