@@ -6,13 +6,17 @@
 //! making a local channel, and the service carries the elements over one
 //! [`Link`] per peer TaskManager.
 //!
-//! The service is one glommio executor thread per process, not pinned: the
-//! machine's cores each belong to a slot, and pinning the network thread to
-//! one of them would make it compete with that one slot alone, while an
-//! unbound thread runs wherever the kernel finds room. Everything network
-//! related (the listener, the links, the forwarding tasks) lives on it, so
-//! links are plain single-threaded state and only the channel rings cross
-//! threads.
+//! The service is one glommio executor per TaskManager. With several
+//! slots it is a thread of its own, not pinned: the machine's cores each
+//! belong to a slot, and pinning the network thread to one of them would
+//! make it compete with that one slot alone, while an unbound thread runs
+//! wherever the kernel finds room. A TaskManager of one slot runs it on
+//! that slot's executor instead ([`NetworkService::start_hosted`]): its
+//! tasks are the service's only users, and a record then reaches the
+//! socket without changing threads. Everything network related (the
+//! listener, the links, the forwarding tasks) lives on that one executor,
+//! so links are plain single-threaded state and only the channel rings
+//! cross threads.
 //!
 //! The protocol, per remote channel:
 //!

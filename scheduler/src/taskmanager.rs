@@ -120,7 +120,9 @@ pub struct SlotConfig {
     /// it (tens of microseconds on a VM), and a source whose next record is
     /// due within 200 µs polls again instead of setting a timer. Costs a
     /// core per slot while the slot is idle. The network service still
-    /// parks: it needs a core of its own to spin. `None`: park at once.
+    /// parks when it has its own thread (a TaskManager of several slots);
+    /// in a TaskManager of one slot it runs on the slot's executor, and
+    /// spins with it. `None`: park at once.
     pub busy_poll: Option<Duration>,
 }
 

@@ -32,9 +32,9 @@
 //!    slots and every record crosses cores. `strom-bench latency` places
 //!    them (`--placements`) in two slots of one TaskManager (`slots`: one
 //!    slot-to-slot ring), in two TaskManagers of one slot each in its own
-//!    process (`task-managers`: ring to the source's network service, TCP
-//!    over loopback, ring from the sink's network service, exactly as
-//!    between processes), or in two TaskManager processes that it starts
+//!    process (`task-managers`: TCP over loopback between the two
+//!    TaskManagers' network services, each running on its TaskManager's
+//!    only slot, exactly as between processes), or in two TaskManager processes that it starts
 //!    from its own binary (`processes`). With one slot per TaskManager the
 //!    two slots are on different TaskManagers; the harness checks that
 //!    from the JobManager's record of where each subtask ran, and fails if
