@@ -1288,6 +1288,8 @@ pub(crate) struct WindowJoinHead<K, L, R, O, J> {
     /// keys' records per key group.
     pub(crate) windows: OpenJoinWindows<K, L, R>,
     pub(crate) watermark: Timestamp,
+    /// Tumbling windows: the window of the record added last.
+    pub(crate) last_tumbling: Option<TimeWindow>,
     /// Scratch: the windows of the record being added.
     pub(crate) scratch: Vec<TimeWindow>,
     pub(crate) next: Box<dyn Output<O>>,
@@ -1478,6 +1480,7 @@ where
             codec: join_contents_codec(),
             windows: OpenJoinWindows::new(context.key_groups.count()),
             watermark: MIN_WATERMARK,
+            last_tumbling: None,
             scratch: Vec::new(),
             next,
             operator_name: context.operator_name.clone(),
@@ -1524,6 +1527,26 @@ where
             "window join '{}' received a record without a timestamp: give the source a WatermarkStrategy with a timestamp assigner",
             self.operator_name
         );
+        if let WindowAssigner::Tumbling { size, offset } = self.assigner {
+            // One window, most often the one the record before went to.
+            let window = match self.last_tumbling {
+                Some(window) if window.start <= timestamp && timestamp < window.end => window,
+                _ => {
+                    let start = timestamp - (timestamp - offset).rem_euclid(size);
+                    let window = TimeWindow {
+                        start,
+                        end: start + size,
+                    };
+                    self.last_tumbling = Some(window);
+                    window
+                }
+            };
+            if window.max_timestamp() > self.watermark {
+                let group = self.store.group_index(&key);
+                side(self.windows.window(&window), group, &key, record);
+            }
+            return;
+        }
         let mut windows = std::mem::take(&mut self.scratch);
         windows.clear();
         self.assigner.assign(timestamp, &mut windows);
