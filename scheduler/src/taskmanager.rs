@@ -70,13 +70,15 @@ struct Slot {
 pub struct TaskManager {
     id: usize,
     programs: Vec<Program>,
+    /// Carries the channels to and from subtasks on other TaskManagers.
+    /// Declared (so dropped) before the slots: it may run on one, and
+    /// stops only while that slot's executor still runs it.
+    network: Option<NetworkService>,
     slots: Vec<Slot>,
     job_manager: Sender<ToJobManager>,
     inbox_sender: Sender<ToTaskManager>,
     /// The tasks of each job's current attempt here.
     mailboxes: HashMap<JobId, (u32, Vec<DeployedTask>)>,
-    /// Carries the channels to and from subtasks on other TaskManagers.
-    network: Option<NetworkService>,
     /// The network channels of each job's current attempt.
     remote_channels: HashMap<JobId, (u32, Vec<u32>)>,
 }
@@ -636,5 +638,47 @@ async fn slot_main(commands: CommandReceiver<SlotCommand>, ready: Sender<()>) {
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one_slot_task_manager() -> TaskManager {
+        let (job_manager, _) = mpsc::channel();
+        let (inbox_sender, _) = mpsc::channel();
+        TaskManager::start(
+            0,
+            Vec::new(),
+            SlotConfig {
+                count: 1,
+                cpus: Vec::new(),
+                busy_poll: None,
+            },
+            Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            None,
+            job_manager,
+            inbox_sender,
+        )
+        .expect("a TaskManager of one slot starts")
+    }
+
+    /// A TaskManager of one slot runs its network service on the slot;
+    /// however it stops, the service stops with it and its data port is
+    /// free again (a service left on an ended executor would keep it).
+    #[test]
+    fn a_one_slot_task_manager_frees_its_data_port_however_it_stops() {
+        let dropped = one_slot_task_manager();
+        let address = dropped.data_address().expect("a data port");
+        drop(dropped);
+        std::net::TcpListener::bind(address).expect("the data port is free after a drop");
+
+        let stopped = one_slot_task_manager();
+        let address = stopped.data_address().expect("a data port");
+        let (inbox_sender, inbox) = mpsc::channel();
+        inbox_sender.send(ToTaskManager::Shutdown).unwrap();
+        stopped.run(inbox);
+        std::net::TcpListener::bind(address).expect("the data port is free after a shutdown");
     }
 }
