@@ -79,6 +79,14 @@ pub enum WindowAssigner {
     Session { gap: i64 },
 }
 
+/// The start of the window of `size` (on the grid shifted by `offset`)
+/// that holds `timestamp`: Flink's `TimeWindow.getWindowStartWithOffset`.
+/// Tumbling windows, slides and panes all start on such a grid.
+#[inline]
+fn window_start(timestamp: Timestamp, offset: i64, size: i64) -> Timestamp {
+    timestamp - (timestamp - offset).rem_euclid(size)
+}
+
 fn milliseconds(duration: Duration) -> i64 {
     let value = duration.as_millis() as i64;
     assert!(
@@ -121,7 +129,7 @@ impl WindowAssigner {
     pub fn assign(&self, timestamp: Timestamp, windows: &mut Vec<TimeWindow>) {
         match *self {
             WindowAssigner::Tumbling { size, offset } => {
-                let start = timestamp - (timestamp - offset).rem_euclid(size);
+                let start = window_start(timestamp, offset, size);
                 windows.push(TimeWindow {
                     start,
                     end: start + size,
@@ -132,7 +140,7 @@ impl WindowAssigner {
                 slide,
                 offset,
             } => {
-                let last_start = timestamp - (timestamp - offset).rem_euclid(slide);
+                let last_start = window_start(timestamp, offset, slide);
                 let mut start = last_start;
                 while start > timestamp - size {
                     windows.push(TimeWindow {
@@ -308,7 +316,7 @@ where
             "window operator '{}' received a record without a timestamp: give the source a WatermarkStrategy with a timestamp assigner",
             self.operator_name
         );
-        let start = timestamp - (timestamp - self.pane_offset).rem_euclid(self.pane_size);
+        let start = window_start(timestamp, self.pane_offset, self.pane_size);
         let end = start + self.pane_size;
         if end - 1 <= self.watermark {
             return Err(end - 1);
@@ -773,7 +781,7 @@ where
             "window operator '{}' received a record without a timestamp",
             self.operator_name
         );
-        let pane_start = timestamp - (timestamp - self.pane_offset).rem_euclid(self.pane_size);
+        let pane_start = window_start(timestamp, self.pane_offset, self.pane_size);
         if pane_start + self.size - 1 <= self.watermark {
             // Every window holding the pane is late: dropped, as the
             // records themselves would be.
@@ -1532,7 +1540,7 @@ where
             let window = match self.last_tumbling {
                 Some(window) if window.start <= timestamp && timestamp < window.end => window,
                 _ => {
-                    let start = timestamp - (timestamp - offset).rem_euclid(size);
+                    let start = window_start(timestamp, offset, size);
                     let window = TimeWindow {
                         start,
                         end: start + size,

@@ -104,6 +104,10 @@ pub const ERROR_LOG_CAPACITY: usize = 64;
 pub const REGISTERED_CHANNEL_COUNT_MAX: usize = 16 * 1024;
 /// How long stopping waits for the links to close.
 const STOP_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long stopping waits for a service hosted on a slot to end: it
+/// closes its links within [`STOP_TIMEOUT`]; a host that neither runs nor
+/// drops it is not waited for forever.
+const HOSTED_STOP_WAIT: Duration = Duration::from_secs(5);
 /// The pause after a failed accept (for example when out of descriptors).
 const ACCEPT_RETRY_DELAY: Duration = Duration::from_millis(100);
 
@@ -526,14 +530,11 @@ impl ServiceRunner {
         match self {
             ServiceRunner::Thread(thread) => thread.join().map_err(|error| error.to_string()),
             // Ended or dropped with its executor: either way the signal
-            // has been sent. The service closes its links within
-            // STOP_TIMEOUT; a host that neither runs nor drops it (stuck)
-            // is not waited for forever.
-            ServiceRunner::Hosted(ended) => match ended.recv_timeout(STOP_TIMEOUT * 5) {
+            // has been sent.
+            ServiceRunner::Hosted(ended) => match ended.recv_timeout(HOSTED_STOP_WAIT) {
                 Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => Ok(()),
                 Err(mpsc::RecvTimeoutError::Timeout) => Err(format!(
-                    "its host executor did not end it within {:?}",
-                    STOP_TIMEOUT * 5
+                    "its host executor did not end it within {HOSTED_STOP_WAIT:?}"
                 )),
             },
         }
