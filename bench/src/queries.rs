@@ -54,6 +54,9 @@ pub struct NexmarkSource {
     /// The fields of each bid it computes (the others are zero), as a
     /// source given Flink SQL's projection push-down.
     pub bid_fields: BidFields,
+    /// The watermark alignment of its readers (`--watermark-alignment`):
+    /// the largest drift in event time between them, or none.
+    pub watermark_alignment: Option<Duration>,
 }
 
 /// The `--fail-at` indices that have failed already in this process.
@@ -67,6 +70,7 @@ impl NexmarkSource {
             events_per_second: 0,
             kinds: EventKinds::ALL,
             bid_fields: BidFields::ALL,
+            watermark_alignment: None,
         }
     }
 
@@ -364,12 +368,16 @@ fn read<T: NexmarkRecord>(
     source: &NexmarkSource,
     what: &str,
 ) -> DataStream<T> {
-    env.from_source(
-        source.clone(),
-        WatermarkStrategy::for_monotonous_timestamps(),
-        &format!("Source: nexmark {what}"),
-    )
+    let strategy = WatermarkStrategy::for_monotonous_timestamps();
+    let strategy = match source.watermark_alignment {
+        Some(drift) => strategy.with_watermark_alignment(WATERMARK_ALIGNMENT_GROUP, drift),
+        None => strategy,
+    };
+    env.from_source(source.clone(), strategy, &format!("Source: nexmark {what}"))
 }
+
+/// The watermark alignment group of every nexmark source of a job.
+const WATERMARK_ALIGNMENT_GROUP: &str = "nexmark";
 
 fn bids(env: &StreamExecutionEnvironment, source: &NexmarkSource) -> DataStream<Bid> {
     read(env, source, "bids")
@@ -839,6 +847,27 @@ fn nexmark_command() -> clap::Command {
                 .value_parser(clap::value_parser!(u64))
                 .help("Generate at most this many events per second (0: as fast as possible)"),
         )
+        .arg(
+            clap::Arg::new("watermark-alignment")
+                .long("watermark-alignment")
+                .value_name("DRIFT")
+                .default_value("off")
+                .value_parser(clap::builder::ValueParser::new(|value: &str| {
+                    match value {
+                        "off" => Ok(None),
+                        _ => strom_core::config::parse_duration(value)
+                            .and_then(|drift| {
+                                if drift.as_millis() == 0 {
+                                    Err("the drift must be at least 1ms (or 'off')".to_string())
+                                } else {
+                                    Ok(drift)
+                                }
+                            })
+                            .map(Some),
+                    }
+                }))
+                .help("Keep the source subtasks within DRIFT of event time of each other where their streams meet (watermark alignment, e.g. 30s), or 'off'"),
+        )
 }
 
 fn query_and_config(matches: &clap::ArgMatches) -> (Query, GeneratorConfig) {
@@ -878,6 +907,9 @@ fn build_nexmark(
             .expect("--events-per-second has a default"),
         kinds: EventKinds::ALL,
         bid_fields: BidFields::ALL,
+        watermark_alignment: *matches
+            .get_one::<Option<Duration>>("watermark-alignment")
+            .expect("--watermark-alignment has a default"),
     };
     build_query(
         env,

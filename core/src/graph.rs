@@ -28,6 +28,7 @@ use crate::operator::{
 };
 use crate::record::Record;
 use crate::snapshot::{Committable, TaskRestore};
+use crate::time::WatermarkAlignment;
 
 pub type NodeId = usize;
 
@@ -231,6 +232,9 @@ pub struct StreamGraph {
     /// The local phase of each two-phase window aggregate, by its global
     /// phase: naming the aggregate names both ("NAME (local)").
     pub(crate) local_phases: Vec<(NodeId, NodeId)>,
+    /// The sources that declared watermark alignment, with its group and
+    /// drift.
+    pub(crate) source_alignment: Vec<(NodeId, WatermarkAlignment)>,
 }
 
 impl StreamGraph {
@@ -243,6 +247,7 @@ impl StreamGraph {
             edges: Vec::new(),
             errors: Vec::new(),
             local_phases: Vec::new(),
+            source_alignment: Vec::new(),
         }
     }
 
@@ -698,6 +703,43 @@ impl JobGraph {
 
     /// The channels of an edge from one producer subtask: forward edges
     /// have one, the others one per consumer subtask.
+    /// The largest watermark drift, in milliseconds, between the input
+    /// channels of `vertex`'s tasks: set when every source upstream of it
+    /// declared watermark alignment in one group (the smallest drift any
+    /// of them declared); `None` otherwise. See
+    /// [`WatermarkStrategy::with_watermark_alignment`](crate::time::WatermarkStrategy::with_watermark_alignment).
+    pub fn watermark_alignment(&self, vertex: usize) -> Option<i64> {
+        self.upstream_alignment(vertex).map(|(_, drift)| drift)
+    }
+
+    /// The alignment group and drift of every source upstream of `vertex`
+    /// (of `vertex` itself when it is a source), if they share one.
+    fn upstream_alignment(&self, vertex: usize) -> Option<(&str, i64)> {
+        let vertex = &self.vertices[vertex];
+        if vertex.is_source {
+            let source = vertex.operators[0];
+            return self
+                .stream
+                .source_alignment
+                .iter()
+                .find(|(node, _)| *node == source)
+                .map(|(_, alignment)| (alignment.group.as_str(), alignment.max_drift_ms));
+        }
+        let mut upstream = vertex
+            .input_edges
+            .iter()
+            .map(|edge| self.upstream_alignment(self.edges[*edge].source));
+        let (group, mut drift) = upstream.next()??;
+        for other in upstream {
+            let (other_group, other_drift) = other?;
+            if other_group != group {
+                return None;
+            }
+            drift = drift.min(other_drift);
+        }
+        Some((group, drift))
+    }
+
     pub fn consumers_of(&self, edge: usize, producer: u32) -> Vec<u32> {
         let edge = &self.edges[edge];
         match edge.partitioning {

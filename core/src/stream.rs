@@ -99,6 +99,10 @@ impl StreamExecutionEnvironment {
         name: &str,
     ) -> DataStream<T> {
         let source = Arc::new(source);
+        let alignment = strategy
+            .alignment
+            .clone()
+            .filter(|_| strategy.generates_watermarks);
         let factory: SourceFactory = Arc::new(move |context, output| {
             let reader = match context.take_restored() {
                 None => source.create_reader(context.subtask_index, context.parallelism),
@@ -123,6 +127,12 @@ impl StreamExecutionEnvironment {
             TypedStream::<T>::shared(),
             Vec::new(),
         );
+        if let Some(alignment) = alignment {
+            self.graph
+                .borrow_mut()
+                .source_alignment
+                .push((node, alignment));
+        }
         DataStream::new(self.clone(), node)
     }
 

@@ -20,6 +20,15 @@ pub struct WatermarkStrategy<T> {
     pub(crate) idleness: Option<Duration>,
     pub(crate) generates_watermarks: bool,
     pub(crate) watermark_interval: Duration,
+    pub(crate) alignment: Option<WatermarkAlignment>,
+}
+
+/// A source's watermark alignment: see
+/// [`WatermarkStrategy::with_watermark_alignment`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WatermarkAlignment {
+    pub group: String,
+    pub max_drift_ms: i64,
 }
 
 /// How often a busy source emits a watermark (Flink's auto-watermark
@@ -34,6 +43,7 @@ impl<T> Clone for WatermarkStrategy<T> {
             idleness: self.idleness,
             generates_watermarks: self.generates_watermarks,
             watermark_interval: self.watermark_interval,
+            alignment: self.alignment.clone(),
         }
     }
 }
@@ -54,6 +64,7 @@ impl<T> WatermarkStrategy<T> {
             idleness: None,
             generates_watermarks: true,
             watermark_interval: DEFAULT_WATERMARK_INTERVAL,
+            alignment: None,
         }
     }
 
@@ -65,6 +76,7 @@ impl<T> WatermarkStrategy<T> {
             idleness: None,
             generates_watermarks: false,
             watermark_interval: DEFAULT_WATERMARK_INTERVAL,
+            alignment: None,
         }
     }
 
@@ -82,6 +94,45 @@ impl<T> WatermarkStrategy<T> {
     /// once.
     pub fn with_watermark_interval(mut self, interval: Duration) -> Self {
         self.watermark_interval = interval;
+        self
+    }
+
+    /// Watermark alignment (Flink's `withWatermarkAlignment`): the sources
+    /// of `group` do not get ahead of the slowest of them by more than
+    /// `max_allowed_drift` of event time, so that an operator they meet at
+    /// (a window, a join) does not hold what the fastest read while it
+    /// waits for the slowest: at 2 × 10 M events/s a few milliseconds of
+    /// difference in speed is minutes of event time in state.
+    ///
+    /// It is enforced where their streams meet, by backpressure: a task
+    /// all of whose input streams come from sources of one group does not
+    /// read an input channel whose watermark is ahead of its slowest active
+    /// one by more than the drift (the smallest any of those sources
+    /// declared), so the producer behind it waits once its buffers are
+    /// full. The drift between the sources is then at most the drift plus
+    /// what those buffers hold. Idle and finished channels hold nothing
+    /// back; a source subtask that produces nothing and is not marked idle
+    /// ([`WatermarkStrategy::with_idleness`]) holds the others back, as in
+    /// Flink. While a task aligns a checkpoint barrier it reads the held
+    /// channels too, and a task that has waited 20 ms for its other
+    /// channels reads a held one, so that alignment never stops a job.
+    ///
+    /// # Panics
+    /// If `group` is empty or the drift is zero (or over `i64::MAX` ms).
+    pub fn with_watermark_alignment(mut self, group: &str, max_allowed_drift: Duration) -> Self {
+        assert!(!group.is_empty(), "watermark alignment needs a group name");
+        let max_drift_ms = i64::try_from(max_allowed_drift.as_millis())
+            .ok()
+            .filter(|drift| *drift > 0)
+            .unwrap_or_else(|| {
+                panic!(
+                    "watermark alignment of group '{group}': the maximum allowed drift must be at least 1 ms and at most i64::MAX ms, not {max_allowed_drift:?}"
+                )
+            });
+        self.alignment = Some(WatermarkAlignment {
+            group: group.to_string(),
+            max_drift_ms,
+        });
         self
     }
 
@@ -181,6 +232,28 @@ impl WatermarkValve {
         output
     }
 
+    /// Which channels are ahead of the slowest by more than `max_drift`
+    /// (watermark alignment, see [`WatermarkStrategy::with_watermark_alignment`]):
+    /// `held[channel]` is set for each, among the channels that are neither
+    /// idle nor `ended`. The slowest such channel is never held; an idle or
+    /// ended one does not hold the others back.
+    pub fn ahead_of_slowest(&self, max_drift: i64, ended: &[bool], held: &mut [bool]) {
+        let active = |channel: usize| !ended[channel] && !self.channels[channel].idle;
+        let slowest = (0..self.channels.len())
+            .filter(|&channel| active(channel))
+            .map(|channel| self.channels[channel].watermark)
+            .min();
+        for (channel, held) in held.iter_mut().enumerate() {
+            *held = match slowest {
+                Some(slowest) => {
+                    active(channel)
+                        && self.channels[channel].watermark > slowest.saturating_add(max_drift)
+                }
+                None => false,
+            };
+        }
+    }
+
     fn flush_largest(&mut self) -> Option<Timestamp> {
         let largest = self
             .channels
@@ -239,6 +312,37 @@ mod tests {
         let output = valve.on_watermark(1, 50);
         assert_eq!(output.idle, Some(false));
         assert_eq!(output.watermark, None, "the output never goes back");
+    }
+
+    #[test]
+    fn alignment_holds_the_channels_ahead_of_the_slowest_active_one() {
+        let mut valve = WatermarkValve::new(4);
+        let mut held = [false; 4];
+        // No watermark yet on channel 3: everything ahead of MIN + drift
+        // waits for it.
+        valve.on_watermark(0, 100);
+        valve.on_watermark(1, 150);
+        valve.on_watermark(2, 160);
+        valve.ahead_of_slowest(50, &[false; 4], &mut held);
+        assert_eq!(held, [true, true, true, false]);
+        valve.on_watermark(3, 100);
+        valve.ahead_of_slowest(50, &[false; 4], &mut held);
+        assert_eq!(held, [false, false, true, false], "150 is within 100 + 50");
+        // An ended or idle channel holds nothing back, and is not held.
+        valve.ahead_of_slowest(50, &[true, false, false, true], &mut held);
+        assert_eq!(held, [false; 4]);
+        valve.on_idle(0, true);
+        valve.on_idle(3, true);
+        valve.on_watermark(1, 300);
+        valve.ahead_of_slowest(50, &[false; 4], &mut held);
+        assert_eq!(
+            held,
+            [false, true, false, false],
+            "300 is ahead of 160 + 50"
+        );
+        // Every channel idle or ended: nothing is held.
+        valve.ahead_of_slowest(50, &[false, true, true, false], &mut held);
+        assert_eq!(held, [false; 4]);
     }
 
     #[test]

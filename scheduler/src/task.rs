@@ -324,6 +324,10 @@ impl TaskRun<'_> {
         let mut next_channel = 0;
         let mut last_flush = Instant::now();
         let mut alignment: Option<Alignment> = None;
+        // Watermark alignment: channels ahead of the slowest by more than
+        // the drift are not read (their producers wait, backpressured).
+        let max_drift = self.graph.watermark_alignment(self.vertex);
+        let mut held = vec![false; inputs.len()];
         while ended_count < inputs.len() {
             self.take_commands(&mut *head)?;
             let ready = poll_once(NextElement {
@@ -339,12 +343,32 @@ impl TaskRun<'_> {
                     self.guarded(|| head.flush())?;
                     last_flush = Instant::now();
                     self.drain(&queue).await?;
-                    NextElement {
+                    let next = NextElement {
                         inputs: &mut inputs,
                         skipped: &skipped,
                         start: next_channel,
+                    };
+                    if !held.contains(&true) {
+                        next.await
+                    } else {
+                        // Holding channels back, the task waits for the
+                        // others only so long: a producer held here may be
+                        // what another consumer waits for.
+                        let timeout = async {
+                            glommio::timer::sleep(ALIGNMENT_HOLD_TIMEOUT).await;
+                            None
+                        };
+                        match futures_lite::future::or(async { Some(next.await) }, timeout).await {
+                            Some(ready) => ready,
+                            None => {
+                                for (channel, held) in held.iter_mut().enumerate() {
+                                    *held = false;
+                                    skipped[channel] = ended[channel];
+                                }
+                                continue;
+                            }
+                        }
                     }
-                    .await
                 }
             };
             next_channel = (channel + 1) % inputs.len();
@@ -407,6 +431,16 @@ impl TaskRun<'_> {
                     }
                     self.try_complete_alignment(&mut *head, &mut alignment, &ended, &mut skipped)?;
                 }
+            }
+            if let Some(max_drift) = max_drift {
+                hold_channels_ahead(
+                    max_drift,
+                    &valve,
+                    alignment.as_ref(),
+                    &ended,
+                    &mut held,
+                    &mut skipped,
+                );
             }
             if last_flush.elapsed() >= self.buffer_timeout {
                 self.guarded(|| head.flush())?;
@@ -563,6 +597,39 @@ impl TaskRun<'_> {
 /// blocked by alignment), starting the search at `start` so that no channel
 /// starves. `None` as the element: the channel closed before its
 /// end-of-input.
+/// How long a task holding channels back for watermark alignment waits
+/// for its other channels before it reads the held ones again.
+const ALIGNMENT_HOLD_TIMEOUT: Duration = Duration::from_millis(20);
+
+/// Sets `held` to the channels ahead of the slowest by more than
+/// `max_drift`, and `skipped` to what is not read now: ended channels, and
+/// either the channels that delivered a checkpoint barrier while it is
+/// aligned (holding none then: a held channel may owe its barrier) or the
+/// held ones.
+fn hold_channels_ahead(
+    max_drift: i64,
+    valve: &WatermarkValve,
+    alignment: Option<&Alignment>,
+    ended: &[bool],
+    held: &mut [bool],
+    skipped: &mut [bool],
+) {
+    match alignment {
+        Some(alignment) => {
+            held.fill(false);
+            for (channel, skipped) in skipped.iter_mut().enumerate() {
+                *skipped = ended[channel] || alignment.blocked[channel];
+            }
+        }
+        None => {
+            valve.ahead_of_slowest(max_drift, ended, held);
+            for (channel, skipped) in skipped.iter_mut().enumerate() {
+                *skipped = ended[channel] || held[channel];
+            }
+        }
+    }
+}
+
 struct NextElement<'a> {
     inputs: &'a mut [(ConnectedChannelReceiver, usize)],
     skipped: &'a [bool],

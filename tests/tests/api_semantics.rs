@@ -10,7 +10,7 @@
 //! the other.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -2218,4 +2218,209 @@ fn keyed_results_do_not_depend_on_parallelism_or_max_parallelism() {
         }
         assert_rows(&sorted(without_subtask), expected.clone(), &what);
     }
+}
+
+// ---------------------------------------------------------------------------
+// Watermark alignment.
+// ---------------------------------------------------------------------------
+
+const ALIGNED: &str = "aligned";
+const UNALIGNED: &str = "unaligned";
+/// The fast source's records (timestamps 0, 10, ..., 19 990); the slow
+/// source has [`SLOW_COUNT`] records (0 to 990), one every 2 ms.
+const LEADING_COUNT: u64 = 2_000;
+const ALIGNMENT_DRIFT: Duration = Duration::from_millis(100);
+/// How far the fast source may get ahead of the slow one with alignment:
+/// the drift, plus what the channel's ring holds (one record and one
+/// watermark per element, 16 elements) with room to spare.
+const ALIGNED_LEAD_MAX: i64 = 600;
+/// How far ahead it gets without alignment, at the least.
+const UNALIGNED_LEAD_MIN: i64 = 5_000;
+
+/// What one alignment job saw of its two sources.
+struct AlignmentProbe {
+    /// The slow source's latest timestamp, and whether it has ended.
+    slow_latest: AtomicI64,
+    slow_ended: AtomicBool,
+    /// The largest lead of the fast source's timestamps over the slow
+    /// source's while the slow one ran.
+    lead_max: AtomicI64,
+}
+
+impl AlignmentProbe {
+    const fn new() -> Self {
+        AlignmentProbe {
+            slow_latest: AtomicI64::new(0),
+            slow_ended: AtomicBool::new(false),
+            lead_max: AtomicI64::new(0),
+        }
+    }
+
+    fn reset(&self) {
+        self.slow_latest.store(0, Ordering::SeqCst);
+        self.slow_ended.store(false, Ordering::SeqCst);
+        self.lead_max.store(0, Ordering::SeqCst);
+    }
+}
+
+static ALIGNED_PROBE: AlignmentProbe = AlignmentProbe::new();
+static UNALIGNED_PROBE: AlignmentProbe = AlignmentProbe::new();
+
+/// One of the two sources of an alignment job: the fast one emits a record
+/// per poll as fast as it is polled; the slow one, one every 2 ms. Each
+/// record is followed by a watermark (the reader pauses after it), and so
+/// goes in a buffer of its own.
+struct ProbedSource {
+    probe: &'static AlignmentProbe,
+    fast: bool,
+}
+
+impl Source<Event> for ProbedSource {
+    fn boundedness(&self) -> Boundedness {
+        Boundedness::Bounded
+    }
+
+    fn create_reader(&self, _: u32, _: u32) -> Box<dyn SourceReader<Event>> {
+        Box::new(ProbedReader {
+            probe: self.probe,
+            fast: self.fast,
+            next: 0,
+            due: None,
+        })
+    }
+}
+
+struct ProbedReader {
+    probe: &'static AlignmentProbe,
+    fast: bool,
+    next: u64,
+    due: Option<Instant>,
+}
+
+impl SourceReader<Event> for ProbedReader {
+    fn poll_next(&mut self, output: &mut dyn SourceOutput<Event>, _budget: usize) -> SourceStatus {
+        let timestamp = SLOW_TIMESTAMP_STEP * self.next as i64;
+        if self.fast {
+            if self.next >= LEADING_COUNT {
+                return SourceStatus::Finished;
+            }
+            if !self.probe.slow_ended.load(Ordering::SeqCst) {
+                let lead = timestamp - self.probe.slow_latest.load(Ordering::SeqCst);
+                self.probe.lead_max.fetch_max(lead, Ordering::SeqCst);
+            }
+            output.collect(Event::new("fast", timestamp, self.next));
+            self.next += 1;
+            // A watermark after every record, and polled again at once.
+            return SourceStatus::NothingAvailableFor(Duration::ZERO);
+        } else {
+            if self.next >= SLOW_COUNT {
+                self.probe.slow_ended.store(true, Ordering::SeqCst);
+                return SourceStatus::Finished;
+            }
+            let now = Instant::now();
+            if self.due.is_some_and(|due| now < due) {
+                return SourceStatus::NothingAvailable;
+            }
+            self.due = Some(now + SLOW_INTERVAL);
+            self.probe.slow_latest.store(timestamp, Ordering::SeqCst);
+            output.collect(Event::new("slow", timestamp, self.next));
+        }
+        self.next += 1;
+        SourceStatus::NothingAvailable
+    }
+}
+
+fn build_alignment(env: &StreamExecutionEnvironment, key: &'static str, aligned: bool) {
+    let probe = if aligned {
+        &ALIGNED_PROBE
+    } else {
+        &UNALIGNED_PROBE
+    };
+    let strategy = || match aligned {
+        true => event_time().with_watermark_alignment("test", ALIGNMENT_DRIFT),
+        false => event_time(),
+    };
+    let fast = env.from_source(ProbedSource { probe, fast: true }, strategy(), "fast");
+    let slow = env.from_source(ProbedSource { probe, fast: false }, strategy(), "slow");
+    fast.union(vec![slow])
+        .key_by(|_: &Event| 0u64)
+        .window(WindowAssigner::tumbling(Duration::from_millis(
+            WINDOW_SIZE_MS as u64,
+        )))
+        .aggregate_with(
+            CountPerInput,
+            |_: &u64,
+             window: &TimeWindow,
+             (fast, slow): (u64, u64),
+             out: &mut dyn Collector<String>| {
+                out.collect(format!("{} fast={fast} slow={slow}", window_label(window)));
+            },
+        )
+        .add_sink(strings(key));
+}
+
+fn build_aligned(env: &StreamExecutionEnvironment, _: &ArgMatches) -> Result<(), String> {
+    build_alignment(env, ALIGNED, true);
+    Ok(())
+}
+
+fn build_unaligned(env: &StreamExecutionEnvironment, _: &ArgMatches) -> Result<(), String> {
+    build_alignment(env, UNALIGNED, false);
+    Ok(())
+}
+
+const ALIGNED_PROGRAM: Program = program(ALIGNED, build_aligned);
+const UNALIGNED_PROGRAM: Program = program(UNALIGNED, build_unaligned);
+
+#[test]
+fn watermark_alignment_keeps_a_fast_source_within_the_drift_of_a_slow_one() {
+    // Both jobs give the same windows: alignment delays, never drops.
+    let per_window = (WINDOW_SIZE_MS / SLOW_TIMESTAMP_STEP) as u64;
+    let expected: Vec<String> = (0..LEADING_COUNT / per_window)
+        .map(|window| {
+            let start = window as i64 * WINDOW_SIZE_MS;
+            let slow = if window < SLOW_COUNT / per_window {
+                per_window
+            } else {
+                0
+            };
+            format!(
+                "[{start}, {}) fast={per_window} slow={slow}",
+                start + WINDOW_SIZE_MS
+            )
+        })
+        .collect();
+
+    // The window task reads both sources' channels: aligned, it is the
+    // only one that holds the fast channel back.
+    let graph = job_graph(ALIGNED_PROGRAM, 1);
+    let window_vertex = graph
+        .vertices
+        .iter()
+        .find(|vertex| !vertex.is_source)
+        .expect("a window task");
+    assert_eq!(
+        graph.watermark_alignment(window_vertex.id),
+        Some(ALIGNMENT_DRIFT.as_millis() as i64)
+    );
+    let unaligned_graph = job_graph(UNALIGNED_PROGRAM, 1);
+    assert!(unaligned_graph
+        .vertices
+        .iter()
+        .all(|vertex| unaligned_graph.watermark_alignment(vertex.id).is_none()));
+
+    UNALIGNED_PROBE.reset();
+    assert_rows(&run(UNALIGNED_PROGRAM, 1), expected.clone(), "unaligned");
+    let unaligned_lead = UNALIGNED_PROBE.lead_max.load(Ordering::SeqCst);
+    ALIGNED_PROBE.reset();
+    assert_rows(&run(ALIGNED_PROGRAM, 1), expected, "aligned");
+    let aligned_lead = ALIGNED_PROBE.lead_max.load(Ordering::SeqCst);
+    assert!(
+        unaligned_lead >= UNALIGNED_LEAD_MIN,
+        "without alignment the fast source led by only {unaligned_lead} ms: the test cannot tell alignment from its absence"
+    );
+    assert!(
+        aligned_lead <= ALIGNED_LEAD_MAX,
+        "with a drift of {ALIGNMENT_DRIFT:?} the fast source led by {aligned_lead} ms"
+    );
 }
