@@ -701,45 +701,62 @@ impl JobGraph {
         offset + subtask
     }
 
-    /// The channels of an edge from one producer subtask: forward edges
-    /// have one, the others one per consumer subtask.
     /// The largest watermark drift, in milliseconds, between the input
     /// channels of `vertex`'s tasks: set when every source upstream of it
     /// declared watermark alignment in one group (the smallest drift any
     /// of them declared); `None` otherwise. See
     /// [`WatermarkStrategy::with_watermark_alignment`](crate::time::WatermarkStrategy::with_watermark_alignment).
     pub fn watermark_alignment(&self, vertex: usize) -> Option<i64> {
-        self.upstream_alignment(vertex).map(|(_, drift)| drift)
+        let mut known = vec![None; self.vertices.len()];
+        self.upstream_alignment(vertex, &mut known)
+            .map(|(_, drift)| drift)
     }
 
     /// The alignment group and drift of every source upstream of `vertex`
-    /// (of `vertex` itself when it is a source), if they share one.
-    fn upstream_alignment(&self, vertex: usize) -> Option<(&str, i64)> {
-        let vertex = &self.vertices[vertex];
-        if vertex.is_source {
-            let source = vertex.operators[0];
-            return self
-                .stream
+    /// (of `vertex` itself when it is a source), if they share one; each
+    /// vertex's answer is worked out once, in `known`.
+    fn upstream_alignment<'a>(
+        &'a self,
+        vertex: usize,
+        known: &mut Vec<Option<Option<(&'a str, i64)>>>,
+    ) -> Option<(&'a str, i64)> {
+        if let Some(alignment) = known[vertex] {
+            return alignment;
+        }
+        let job_vertex = &self.vertices[vertex];
+        let alignment = if job_vertex.is_source {
+            let source = job_vertex.operators[0];
+            self.stream
                 .source_alignment
                 .iter()
                 .find(|(node, _)| *node == source)
-                .map(|(_, alignment)| (alignment.group.as_str(), alignment.max_drift_ms));
-        }
-        let mut upstream = vertex
-            .input_edges
-            .iter()
-            .map(|edge| self.upstream_alignment(self.edges[*edge].source));
-        let (group, mut drift) = upstream.next()??;
-        for other in upstream {
-            let (other_group, other_drift) = other?;
-            if other_group != group {
-                return None;
+                .map(|(_, alignment)| (alignment.group.as_str(), alignment.max_drift_ms))
+        } else {
+            let mut shared: Option<(&str, i64)> = None;
+            let mut aligned = !job_vertex.input_edges.is_empty();
+            for edge in &job_vertex.input_edges {
+                match (
+                    self.upstream_alignment(self.edges[*edge].source, known),
+                    shared,
+                ) {
+                    (None, _) => aligned = false,
+                    (Some(upstream), None) => shared = Some(upstream),
+                    (Some((group, drift)), Some((shared_group, shared_drift))) => {
+                        if group != shared_group {
+                            aligned = false;
+                        }
+                        shared = Some((shared_group, drift.min(shared_drift)));
+                    }
+                }
             }
-            drift = drift.min(other_drift);
-        }
-        Some((group, drift))
+            shared.filter(|_| aligned)
+        };
+        known[vertex] = Some(alignment);
+        alignment
     }
 
+    /// The channels of an edge from one producer subtask: forward edges
+    /// have one, the others one per consumer subtask.
     pub fn consumers_of(&self, edge: usize, producer: u32) -> Vec<u32> {
         let edge = &self.edges[edge];
         match edge.partitioning {

@@ -255,21 +255,92 @@ pub struct TaskRestore {
     pub operators: HashMap<String, OperatorRestore>,
 }
 
-/// One arithmetic run of indices that a source reads: `next, next + step,
-/// ...` below `end`. Generator and collection sources, and the Nexmark
-/// source, split their input this way; the runs are their operator state,
-/// so a job restored at another parallelism hands whole runs to the new
-/// subtasks.
+/// A run of indices that a source reads: blocks of `block` consecutive
+/// indices, one block every `step` indices, from `first` and below `end`
+/// (with `block` 1, every `step`-th index). `next` is the next one to read.
+/// Generator and collection sources, and the Nexmark source, split their
+/// input this way; the runs are their operator state, so a job restored at
+/// another parallelism hands whole runs to the new subtasks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct IndexSplit {
     pub next: u64,
     pub step: u64,
     pub end: u64,
+    pub first: u64,
+    pub block: u64,
+    /// The end of the block holding `next` (derived, not serialized).
+    block_end: u64,
 }
 
 impl IndexSplit {
+    /// Every `step`-th index from `first`, below `end`.
+    pub fn strided(first: u64, step: u64, end: u64) -> Self {
+        IndexSplit::blocks(first, step, 1, end)
+    }
+
+    /// Blocks of `block` indices, one every `step`, from `first`, below
+    /// `end`.
+    ///
+    /// # Panics
+    /// If `block` is 0 or larger than `step`.
+    pub fn blocks(first: u64, step: u64, block: u64, end: u64) -> Self {
+        assert!(
+            block >= 1 && block <= step,
+            "a split's blocks ({block}) must be 1 to its step ({step}) long"
+        );
+        IndexSplit::at(first, step, block, end, first)
+    }
+
+    /// The split of `first, step, block, end` with `next` as its next index
+    /// (moved to the first index of the split at or after it).
+    fn at(first: u64, step: u64, block: u64, end: u64, next: u64) -> Self {
+        let mut split = IndexSplit {
+            next: first,
+            step,
+            end,
+            first,
+            block,
+            block_end: first.saturating_add(block),
+        };
+        split.skip_below(next);
+        split
+    }
+
     pub fn is_finished(&self) -> bool {
         self.next >= self.end
+    }
+
+    /// The same split, its next index moved to the first of its indices at
+    /// or after `next`.
+    pub fn at_index(self, next: u64) -> Self {
+        IndexSplit::at(self.first, self.step, self.block, self.end, next)
+    }
+
+    /// The next index, advancing past it.
+    #[inline]
+    fn take(&mut self) -> u64 {
+        let index = self.next;
+        self.next = self.next.saturating_add(1);
+        if self.next >= self.block_end {
+            self.next = self.block_end.saturating_add(self.step - self.block);
+            self.block_end = self.next.saturating_add(self.block);
+        }
+        index
+    }
+
+    /// Moves `next` to the split's first index at or above `index`.
+    fn skip_below(&mut self, index: u64) {
+        if self.next >= index {
+            return;
+        }
+        let offset = (index - self.first) % self.step;
+        let block_start = index - offset;
+        (self.next, self.block_end) = if offset < self.block {
+            (index, block_start.saturating_add(self.block))
+        } else {
+            let next = block_start.saturating_add(self.step);
+            (next, next.saturating_add(self.block))
+        };
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -277,20 +348,26 @@ impl IndexSplit {
         writer.put_u64(self.next);
         writer.put_u64(self.step);
         writer.put_u64(self.end);
+        writer.put_u64(self.first);
+        writer.put_u64(self.block);
         writer.bytes
     }
 
+    /// Reads a split that [`IndexSplit::encode`] wrote, or one of the
+    /// strided form written before splits had blocks (`next, step, end`).
     pub fn decode(bytes: &[u8]) -> Result<IndexSplit, String> {
         let mut reader = StateReader::new(bytes);
-        let split = IndexSplit {
-            next: reader.u64()?,
-            step: reader.u64()?,
-            end: reader.u64()?,
+        let (next, step, end) = (reader.u64()?, reader.u64()?, reader.u64()?);
+        let (first, block) = if reader.is_empty() {
+            (next % step.max(1), 1)
+        } else {
+            (reader.u64()?, reader.u64()?)
         };
-        if split.step == 0 || !reader.is_empty() {
+        let valid = step > 0 && block >= 1 && block <= step && first <= next;
+        if !valid || !reader.is_empty() {
             return Err("a source split is malformed".to_string());
         }
-        Ok(split)
+        Ok(IndexSplit::at(first, step, block, end, next))
     }
 }
 
@@ -306,12 +383,22 @@ pub struct IndexSplits {
 impl IndexSplits {
     /// The share of subtask `subtask_index` of `parallelism` over `0..end`.
     pub fn fresh(subtask_index: u32, parallelism: u32, end: u64) -> Self {
+        IndexSplits::fresh_blocks(subtask_index, parallelism, end, 1)
+    }
+
+    /// The share of subtask `subtask_index` of `parallelism` over `0..end`
+    /// in blocks of `block` consecutive indices, dealt round-robin: a
+    /// subtask reads runs of neighbouring indices, and the subtasks move
+    /// through the indices together, a block apart.
+    pub fn fresh_blocks(subtask_index: u32, parallelism: u32, end: u64, block: u64) -> Self {
+        let block = block.max(1);
         IndexSplits {
-            splits: vec![IndexSplit {
-                next: u64::from(subtask_index),
-                step: u64::from(parallelism),
+            splits: vec![IndexSplit::blocks(
+                u64::from(subtask_index).saturating_mul(block),
+                u64::from(parallelism.max(1)).saturating_mul(block),
+                block,
                 end,
-            }],
+            )],
         }
     }
 
@@ -341,9 +428,7 @@ impl IndexSplits {
         if split.is_finished() {
             return None;
         }
-        let index = split.next;
-        split.next = split.next.saturating_add(split.step);
-        Some(index)
+        Some(split.take())
     }
 
     pub fn is_finished(&self) -> bool {
@@ -355,10 +440,7 @@ impl IndexSplits {
     /// `index`.
     pub fn skip_below(&mut self, index: u64) {
         for split in &mut self.splits {
-            if split.next < index {
-                let steps = (index - split.next).div_ceil(split.step);
-                split.next = split.next.saturating_add(steps.saturating_mul(split.step));
-            }
+            split.skip_below(index);
         }
     }
 
@@ -405,21 +487,9 @@ mod tests {
     fn skipping_below_an_index_moves_every_split_to_its_first_index_at_or_above_it() {
         let mut splits = IndexSplits {
             splits: vec![
-                IndexSplit {
-                    next: 3,
-                    step: 4,
-                    end: 100,
-                },
-                IndexSplit {
-                    next: 5,
-                    step: 4,
-                    end: 12,
-                },
-                IndexSplit {
-                    next: 30,
-                    step: 4,
-                    end: 100,
-                },
+                IndexSplit::strided(3, 4, 100),
+                IndexSplit::strided(5, 4, 12),
+                IndexSplit::strided(30, 4, 100),
             ],
         };
         splits.skip_below(20);
@@ -432,18 +502,7 @@ mod tests {
     #[test]
     fn splits_taken_over_by_one_subtask_are_read_in_index_order() {
         let mut splits = IndexSplits {
-            splits: vec![
-                IndexSplit {
-                    next: 7,
-                    step: 2,
-                    end: 12,
-                },
-                IndexSplit {
-                    next: 4,
-                    step: 2,
-                    end: 12,
-                },
-            ],
+            splits: vec![IndexSplit::strided(7, 2, 12), IndexSplit::strided(4, 2, 12)],
         };
         let mut indices = Vec::new();
         while let Some(index) = splits.next_index() {
@@ -452,6 +511,56 @@ mod tests {
         assert_eq!(indices, [4, 6, 7, 8, 9, 10, 11]);
         let restored = IndexSplits::restore(&splits.snapshot()).unwrap();
         assert!(restored.is_finished());
+    }
+
+    #[test]
+    fn block_splits_deal_runs_of_neighbouring_indices_round_robin() {
+        let read_all = |mut splits: IndexSplits| {
+            let mut indices = Vec::new();
+            while let Some(index) = splits.next_index() {
+                indices.push(index);
+            }
+            indices
+        };
+        assert_eq!(
+            read_all(IndexSplits::fresh_blocks(0, 2, 20, 3)),
+            [0, 1, 2, 6, 7, 8, 12, 13, 14, 18, 19]
+        );
+        assert_eq!(
+            read_all(IndexSplits::fresh_blocks(1, 2, 20, 3)),
+            [3, 4, 5, 9, 10, 11, 15, 16, 17]
+        );
+        // Skipping into another subtask's block lands on the next own
+        // block; into an own block, on the index itself.
+        let mut splits = IndexSplits::fresh_blocks(1, 2, 40, 3);
+        splits.skip_below(7);
+        assert_eq!(splits.next_index(), Some(9));
+        splits.skip_below(16);
+        assert_eq!(splits.next_index(), Some(16));
+        assert_eq!(splits.next_index(), Some(17));
+        // A snapshot taken inside a block resumes inside it.
+        let restored = IndexSplits::restore(&splits.snapshot()).unwrap();
+        assert_eq!(read_all(restored), [21, 22, 23, 27, 28, 29, 33, 34, 35, 39]);
+        // A subtask restored with both splits reads them in index order.
+        let mut both = IndexSplits::fresh_blocks(0, 2, 12, 3);
+        both.splits
+            .extend(IndexSplits::fresh_blocks(1, 2, 12, 3).splits);
+        assert_eq!(read_all(both), (0..12).collect::<Vec<u64>>());
+    }
+
+    #[test]
+    fn a_strided_split_written_before_blocks_still_restores() {
+        let mut writer = StateWriter::default();
+        for value in [7u64, 4, 20] {
+            writer.put_u64(value);
+        }
+        let split = IndexSplit::decode(&writer.bytes).unwrap();
+        assert_eq!(split, IndexSplit::strided(3, 4, 20).at_index(7));
+        let mut splits = IndexSplits {
+            splits: vec![split],
+        };
+        let indices: Vec<u64> = std::iter::from_fn(|| splits.next_index()).collect();
+        assert_eq!(indices, [7, 11, 15, 19]);
     }
 
     #[test]

@@ -113,9 +113,10 @@ impl<T> WatermarkStrategy<T> {
     /// what those buffers hold. Idle and finished channels hold nothing
     /// back; a source subtask that produces nothing and is not marked idle
     /// ([`WatermarkStrategy::with_idleness`]) holds the others back, as in
-    /// Flink. While a task aligns a checkpoint barrier it reads the held
-    /// channels too, and a task that has waited 20 ms for its other
-    /// channels reads a held one, so that alignment never stops a job.
+    /// Flink (here to a buffer every 20 ms rather than to a stop). While a
+    /// task aligns a checkpoint barrier it reads the held channels too, and
+    /// a task that has waited 20 ms for its other channels reads a held
+    /// one, so that alignment never stops a job.
     ///
     /// # Panics
     /// If `group` is empty or the drift is zero (or over `i64::MAX` ms).
@@ -236,9 +237,13 @@ impl WatermarkValve {
     /// (watermark alignment, see [`WatermarkStrategy::with_watermark_alignment`]):
     /// `held[channel]` is set for each, among the channels that are neither
     /// idle nor `ended`. The slowest such channel is never held; an idle or
-    /// ended one does not hold the others back.
+    /// ended one does not hold the others back, nor does one at the final
+    /// watermark (its end-of-input comes next).
     pub fn ahead_of_slowest(&self, max_drift: i64, ended: &[bool], held: &mut [bool]) {
-        let active = |channel: usize| !ended[channel] && !self.channels[channel].idle;
+        let active = |channel: usize| {
+            let state = &self.channels[channel];
+            !ended[channel] && !state.idle && state.watermark != MAX_WATERMARK
+        };
         let slowest = (0..self.channels.len())
             .filter(|&channel| active(channel))
             .map(|channel| self.channels[channel].watermark)
@@ -342,6 +347,10 @@ mod tests {
         );
         // Every channel idle or ended: nothing is held.
         valve.ahead_of_slowest(50, &[false, true, true, false], &mut held);
+        assert_eq!(held, [false; 4]);
+        // A channel at the final watermark is about to end: not held.
+        valve.on_watermark(1, MAX_WATERMARK);
+        valve.ahead_of_slowest(50, &[false; 4], &mut held);
         assert_eq!(held, [false; 4]);
     }
 

@@ -593,10 +593,6 @@ impl TaskRun<'_> {
     }
 }
 
-/// The next element of any input channel that is not skipped (ended, or
-/// blocked by alignment), starting the search at `start` so that no channel
-/// starves. `None` as the element: the channel closed before its
-/// end-of-input.
 /// How long a task holding channels back for watermark alignment waits
 /// for its other channels before it reads the held ones again.
 const ALIGNMENT_HOLD_TIMEOUT: Duration = Duration::from_millis(20);
@@ -630,6 +626,10 @@ fn hold_channels_ahead(
     }
 }
 
+/// The next element of any input channel that is not skipped (ended, or
+/// blocked by alignment), starting the search at `start` so that no channel
+/// starves. `None` as the element: the channel closed before its
+/// end-of-input.
 struct NextElement<'a> {
     inputs: &'a mut [(ConnectedChannelReceiver, usize)],
     skipped: &'a [bool],
