@@ -54,6 +54,9 @@ pub struct NexmarkSource {
     /// The fields of each bid it computes (the others are zero), as a
     /// source given Flink SQL's projection push-down.
     pub bid_fields: BidFields,
+    /// The events of each block of its splits, dealt to the subtasks in
+    /// turn ([`SPLIT_BLOCK_EVENTS`]; 1: one event each in turn).
+    pub split_block: u64,
     /// The watermark alignment of its readers (`--watermark-alignment`):
     /// the largest drift in event time between them, or none.
     pub watermark_alignment: Option<Duration>,
@@ -70,7 +73,16 @@ impl NexmarkSource {
             events_per_second: 0,
             kinds: EventKinds::ALL,
             bid_fields: BidFields::ALL,
+            split_block: SPLIT_BLOCK_EVENTS,
             watermark_alignment: None,
+        }
+    }
+
+    /// The same source, its splits dealt in blocks of `events`.
+    pub fn with_split_block(&self, events: u64) -> Self {
+        NexmarkSource {
+            split_block: events.max(1),
+            ..self.clone()
         }
     }
 
@@ -233,7 +245,7 @@ impl<T: NexmarkRecord> Source<T> for NexmarkSource {
             subtask_index,
             parallelism,
             self.config.events,
-            SPLIT_BLOCK_EVENTS,
+            self.split_block,
         );
         self.reader(splits, parallelism)
     }
@@ -921,6 +933,7 @@ fn build_nexmark(
             .expect("--events-per-second has a default"),
         kinds: EventKinds::ALL,
         bid_fields: BidFields::ALL,
+        split_block: SPLIT_BLOCK_EVENTS,
         watermark_alignment: *matches
             .get_one::<Option<Duration>>("watermark-alignment")
             .expect("--watermark-alignment has a default"),
@@ -1017,7 +1030,9 @@ mod tests {
     #[test]
     fn a_source_of_some_kinds_emits_exactly_those_and_moves_event_time_past_the_rest() {
         let generator = CONFIG.generator();
-        let source = NexmarkSource::new(CONFIG).only(EventKinds::PERSONS_AND_AUCTIONS);
+        let source = NexmarkSource::new(CONFIG)
+            .only(EventKinds::PERSONS_AND_AUCTIONS)
+            .with_split_block(1);
 
         let recorded = read_all(&mut *reader::<Event>(&source, 0, 1), 7);
         let expected: Vec<(Event, Timestamp)> = (0..CONFIG.events)
@@ -1057,13 +1072,19 @@ mod tests {
         kinds: EventKinds,
         expected: impl Fn(u64) -> T,
     ) {
-        for parallelism in [1, 3] {
+        // One event each in turn, and blocks that end inside the input.
+        for (parallelism, block) in [(1, 1), (3, 1), (3, 70), (2, SPLIT_BLOCK_EVENTS)] {
+            let source = source.with_split_block(block);
             let mut records = Vec::new();
             for subtask in 0..parallelism {
-                let recorded = read_all(&mut *reader::<T>(source, subtask, parallelism), 5);
-                let (subtask_u64, parallelism_u64) = (u64::from(subtask), u64::from(parallelism));
-                let last = (CONFIG.events - 1 - subtask_u64) / parallelism_u64 * parallelism_u64
-                    + subtask_u64;
+                let recorded = read_all(&mut *reader::<T>(&source, subtask, parallelism), 5);
+                let mut split =
+                    IndexSplits::fresh_blocks(subtask, parallelism, CONFIG.events, block);
+                let Some(last) = std::iter::from_fn(|| split.next_index()).last() else {
+                    // A subtask without a block: it reads nothing.
+                    assert!(recorded.records.is_empty());
+                    continue;
+                };
                 let reached = (recorded.skipped_to.into_iter())
                     .chain(recorded.records.last().map(|(_, timestamp)| *timestamp))
                     .max()
@@ -1088,7 +1109,11 @@ mod tests {
                 list.sort_by(|a, b| (a.1, format!("{:?}", a.0)).cmp(&(b.1, format!("{:?}", b.0))));
                 list
             };
-            assert_eq!(sort(records), sort(wanted), "parallelism {parallelism}");
+            assert_eq!(
+                sort(records),
+                sort(wanted),
+                "parallelism {parallelism}, blocks of {block}"
+            );
         }
     }
 
