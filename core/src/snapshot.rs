@@ -320,8 +320,9 @@ impl IndexSplit {
     #[inline]
     fn take(&mut self) -> u64 {
         let index = self.next;
-        self.next = self.next.saturating_add(1);
-        if self.next >= self.block_end {
+        // `index < end`, so no overflow.
+        self.next = index + 1;
+        if self.next == self.block_end {
             self.next = self.block_end.saturating_add(self.step - self.block);
             self.block_end = self.next.saturating_add(self.block);
         }

@@ -528,8 +528,13 @@ pub(crate) struct SlicingWindowOperator<K, A, R, O, F, W> {
     /// Only for key groups and their keys' group indices.
     pub(crate) store: KeyedStateStore<K>,
     pub(crate) codec: ValueCodec<KeyPanes<A>>,
-    /// Open panes by start.
-    pub(crate) panes: std::collections::BTreeMap<Timestamp, Pane<K, A>>,
+    /// Open panes, in ascending start order (a handful: firing drops the
+    /// old ones).
+    pub(crate) panes: Vec<(Timestamp, Pane<K, A>)>,
+    /// The pane the last partial went to, `[start, end)`, and its index in
+    /// `panes` (checked before use: panes come and go): a local phase
+    /// ships a pane's partials together.
+    pub(crate) last_pane: (Timestamp, Timestamp, usize),
     /// Per key group: every window ending at or before this has fired for
     /// its keys (restored; the minimum otherwise).
     pub(crate) group_fired_end: Vec<Timestamp>,
@@ -572,7 +577,8 @@ where
             pane_offset,
             store: KeyedStateStore::new(context.key_groups, context.max_parallelism),
             codec: codec.clone(),
-            panes: std::collections::BTreeMap::new(),
+            panes: Vec::new(),
+            last_pane: (0, 0, 0),
             group_fired_end: vec![MIN_WATERMARK; group_count],
             fired_end: MIN_WATERMARK,
             watermark: MIN_WATERMARK,
@@ -595,13 +601,33 @@ where
                 let fired = &mut operator.group_fired_end[group];
                 *fired = (*fired).max(key_panes.fired_through);
                 for (start, accumulator) in &key_panes.panes {
-                    let pane = operator.panes.entry(*start).or_default();
-                    std::rc::Rc::make_mut(pane)
+                    let at = operator.pane_at(*start);
+                    std::rc::Rc::make_mut(&mut operator.panes[at].1)
                         .insert(key.clone(), (group as u32, accumulator.clone()));
                 }
             }
         }
         operator
+    }
+
+    /// The index in `panes` of the pane starting at `start`, opened if
+    /// need be.
+    #[inline]
+    fn pane_at(&mut self, start: Timestamp) -> usize {
+        let (_, _, last) = self.last_pane;
+        if self.panes.get(last).is_some_and(|(held, _)| *held == start) {
+            return last;
+        }
+        let at = match self.panes.binary_search_by_key(&start, |(held, _)| *held) {
+            Ok(at) => at,
+            Err(at) => {
+                let pane = self.spare.pop().unwrap_or_default();
+                self.panes.insert(at, (start, pane));
+                at
+            }
+        };
+        self.last_pane = (start, start.saturating_add(self.pane_size), at);
+        at
     }
 
     /// The largest window end `e` (on the pane grid) with `e - 1 <= watermark`.
@@ -632,16 +658,15 @@ where
         let window_function = &self.aggregation.window_function;
         let group_fired_end = &self.group_fired_end;
         let skip = |group: u32| group_fired_end[group as usize] >= end;
-        let held: Vec<Timestamp> = self
-            .panes
-            .range(start..end)
-            .map(|(start, _)| *start)
+        // The indices of the window's panes (`panes` is in start order).
+        let held: Vec<usize> = (0..self.panes.len())
+            .filter(|&at| (start..end).contains(&self.panes[at].0))
             .collect();
         if let [only] = held[..] {
             // One pane: emit it as it is (moved out when no later window
             // holds it).
-            let last_use = only < next_start;
-            let pane = self.panes.get_mut(&only).expect("a held pane");
+            let (pane_start, pane) = &mut self.panes[only];
+            let last_use = *pane_start < next_start;
             if let (true, Some(map)) = (last_use, std::rc::Rc::get_mut(pane)) {
                 // Moved out, unless a snapshot still reads the map (then
                 // copied, below, rather than the map copied whole).
@@ -660,8 +685,8 @@ where
             }
         } else {
             let merged = &mut self.merged;
-            for pane_start in &held {
-                for (key, (group, accumulator)) in self.panes[pane_start].iter() {
+            for &at in &held {
+                for (key, (group, accumulator)) in self.panes[at].1.iter() {
                     if skip(*group) {
                         continue;
                     }
@@ -680,8 +705,12 @@ where
                 window_function(&key, &window, aggregate.get_result(accumulator), &mut out);
             }
         }
-        let kept = self.panes.split_off(&next_start);
-        for (_, mut pane) in std::mem::replace(&mut self.panes, kept) {
+        let dropped = self
+            .panes
+            .iter()
+            .take_while(|(start, _)| *start < next_start)
+            .count();
+        for (_, mut pane) in self.panes.drain(..dropped) {
             empty_for_reuse(&mut pane, |map| map.clear());
             self.spare.push(pane);
         }
@@ -781,18 +810,23 @@ where
             "window operator '{}' received a record without a timestamp",
             self.operator_name
         );
-        let pane_start = window_start(timestamp, self.pane_offset, self.pane_size);
+        let (last_start, last_end, _) = self.last_pane;
+        let pane_start = if last_start <= timestamp && timestamp < last_end {
+            last_start
+        } else {
+            window_start(timestamp, self.pane_offset, self.pane_size)
+        };
         if pane_start + self.size - 1 <= self.watermark {
             // Every window holding the pane is late: dropped, as the
             // records themselves would be.
             return;
         }
-        let spare = &mut self.spare;
-        let pane = self
-            .panes
-            .entry(pane_start)
-            .or_insert_with(|| spare.pop().unwrap_or_default());
-        let map = std::rc::Rc::make_mut(pane);
+        let (_, _, last) = self.last_pane;
+        let at = match self.panes.get(last) {
+            Some((held, _)) if *held == pane_start => last,
+            _ => self.pane_at(pane_start),
+        };
+        let map = std::rc::Rc::make_mut(&mut self.panes[at].1);
         let aggregate = &self.aggregation.aggregate;
         match map.get_mut(&partial.key) {
             Some((_, accumulator)) => aggregate.add(partial, accumulator),
@@ -809,7 +843,7 @@ where
     fn watermark(&mut self, watermark: Timestamp) {
         self.watermark = watermark;
         let last_end = self.last_end_through(watermark);
-        while let Some((&first_pane, _)) = self.panes.first_key_value() {
+        while let Some(&(first_pane, _)) = self.panes.first() {
             // The next window to fire: after the last one fired, and no
             // earlier than the first window holding the oldest pane.
             let end = self
