@@ -21,6 +21,7 @@
 //! Every window of a finite input fires, because the input ends with the
 //! watermark `MAX_WATERMARK`.
 
+use hashbrown::hash_map::RawEntryMut;
 use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
@@ -504,7 +505,11 @@ const WINDOW_PANES_STATE: &str = "window-panes";
 /// then finds its key in one table instead of first finding its group's
 /// (a cache miss each, when a pane's keys spread over 64–128 groups); the
 /// first write after a snapshot copies the pane, which is one slide's keys.
-type Pane<K, A> = std::rc::Rc<rustc_hash::FxHashMap<K, (u32, A)>>;
+type Pane<K, A> = std::rc::Rc<FxHashbrownMap<K, (u32, A)>>;
+
+/// A hash map whose entry API looks a key up once and clones it only when
+/// it inserts it.
+type FxHashbrownMap<K, V> = hashbrown::HashMap<K, V, rustc_hash::FxBuildHasher>;
 
 /// The global phase of a two-phase window aggregation without allowed
 /// lateness (Flink SQL's slicing window aggregate). State is held per pane
@@ -542,7 +547,7 @@ pub(crate) struct SlicingWindowOperator<K, A, R, O, F, W> {
     pub(crate) fired_end: Timestamp,
     pub(crate) watermark: Timestamp,
     /// Scratch: one window's results per key, merged from its panes.
-    pub(crate) merged: rustc_hash::FxHashMap<K, A>,
+    pub(crate) merged: FxHashbrownMap<K, A>,
     /// Scratch: results emitted by a firing, handed on a batch at a time.
     pub(crate) emitted: Vec<StreamRecord<O>>,
     /// Emptied pane maps of dropped panes, kept for their capacity.
@@ -690,13 +695,14 @@ where
                     if skip(*group) {
                         continue;
                     }
-                    match merged.get_mut(key) {
-                        Some(sum) => {
+                    match merged.raw_entry_mut().from_key(key) {
+                        RawEntryMut::Occupied(mut sum) => {
+                            let sum = sum.get_mut();
                             let current = std::mem::replace(sum, aggregate.create_accumulator());
                             *sum = aggregate.merge(current, accumulator.clone());
                         }
-                        None => {
-                            merged.insert(key.clone(), accumulator.clone());
+                        RawEntryMut::Vacant(entry) => {
+                            entry.insert(key.clone(), accumulator.clone());
                         }
                     }
                 }
@@ -828,14 +834,14 @@ where
         };
         let map = std::rc::Rc::make_mut(&mut self.panes[at].1);
         let aggregate = &self.aggregation.aggregate;
-        match map.get_mut(&partial.key) {
-            Some((_, accumulator)) => aggregate.add(partial, accumulator),
-            None => {
+        match map.raw_entry_mut().from_key(&partial.key) {
+            RawEntryMut::Occupied(mut entry) => aggregate.add(partial, &mut entry.get_mut().1),
+            RawEntryMut::Vacant(entry) => {
                 let key = partial.key.clone();
                 let group = self.store.group_index(&key) as u32;
                 let mut accumulator = aggregate.create_accumulator();
                 aggregate.add(partial, &mut accumulator);
-                map.insert(key, (group, accumulator));
+                entry.insert(key, (group, accumulator));
             }
         }
     }
