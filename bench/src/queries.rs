@@ -6,6 +6,7 @@
 //! each subtask's rows into the `rows` and `checksum` accumulators, which the
 //! JobManager merges (a wrapping sum, like the checksum itself).
 
+use std::marker::PhantomData;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -667,32 +668,43 @@ impl AggregateFunction<Bid, Vec<Bid>, Vec<Bid>> for HighestBids {
 
 /// Keeps the rows with the largest measure (all of them on a tie): the
 /// second stage of q5.
-pub struct TopRows<R> {
-    measure: fn(&R) -> u64,
+pub struct TopRows<R, M> {
+    /// The measure, a type of its own (not a fn pointer) so that `add`
+    /// compiles it in.
+    measure: M,
+    _rows: PhantomData<fn(&R)>,
 }
 
-impl<R> TopRows<R> {
-    pub fn new(measure: fn(&R) -> u64) -> Self {
-        TopRows { measure }
-    }
-}
-
-impl<R> Clone for TopRows<R> {
-    fn clone(&self) -> Self {
+impl<R, M: Fn(&R) -> u64> TopRows<R, M> {
+    pub fn new(measure: M) -> Self {
         TopRows {
-            measure: self.measure,
+            measure,
+            _rows: PhantomData,
         }
     }
 }
 
-impl<R: Clone + Send + Sync + 'static> AggregateFunction<R, Vec<R>, Vec<R>> for TopRows<R> {
+impl<R, M: Clone> Clone for TopRows<R, M> {
+    fn clone(&self) -> Self {
+        TopRows {
+            measure: self.measure.clone(),
+            _rows: PhantomData,
+        }
+    }
+}
+
+impl<R, M> AggregateFunction<R, Vec<R>, Vec<R>> for TopRows<R, M>
+where
+    R: Clone + Send + Sync + 'static,
+    M: Fn(&R) -> u64 + Clone + Send + Sync + 'static,
+{
     fn create_accumulator(&self) -> Vec<R> {
         Vec::new()
     }
     #[inline]
     fn add(&self, row: R, top: &mut Vec<R>) {
         let measure = (self.measure)(&row);
-        match top.first().map(self.measure) {
+        match top.first().map(&self.measure) {
             Some(largest) if measure < largest => {}
             Some(largest) if measure == largest => top.push(row),
             _ => {
