@@ -904,7 +904,7 @@ fn nexmark_command() -> clap::Command {
                             .map(Some),
                     }
                 }))
-                .help("Keep the source subtasks within DRIFT of event time of each other where their streams meet (watermark alignment, e.g. 30s), or 'off'"),
+                .help("Keep the source subtasks within DRIFT of event time of each other where their streams meet (watermark alignment, e.g. 30s; more than the 10s of event time of a split block, which the subtasks read at once), or 'off'"),
         )
 }
 

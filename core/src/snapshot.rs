@@ -263,11 +263,12 @@ pub struct TaskRestore {
 /// another parallelism hands whole runs to the new subtasks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct IndexSplit {
-    pub next: u64,
-    pub step: u64,
-    pub end: u64,
-    pub first: u64,
-    pub block: u64,
+    // Private, so that nothing moves `next` without `block_end`.
+    next: u64,
+    step: u64,
+    end: u64,
+    first: u64,
+    block: u64,
     /// The end of the block holding `next` (derived, not serialized).
     block_end: u64,
 }
@@ -319,6 +320,10 @@ impl IndexSplit {
     /// The next index, advancing past it.
     #[inline]
     fn take(&mut self) -> u64 {
+        debug_assert!(
+            self.next < self.block_end,
+            "a split's next index left its block"
+        );
         let index = self.next;
         // `index < end`, so no overflow.
         self.next = index + 1;

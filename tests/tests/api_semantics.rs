@@ -1828,6 +1828,17 @@ fn build_slow_input(env: &StreamExecutionEnvironment, _: &ArgMatches) -> Result<
         "fast source",
     );
     let slow = env.from_source(PacedSource { key: "slow" }, event_time(), "slow source");
+    count_windows_per_input(fast, slow, SLOW_INPUT);
+    Ok(())
+}
+
+/// The union of `fast` and `slow` in tumbling windows, each window's
+/// records counted per input, into the rows of `key`.
+fn count_windows_per_input(
+    fast: strom_core::DataStream<Event>,
+    slow: strom_core::DataStream<Event>,
+    key: &'static str,
+) {
     fast.union(vec![slow])
         .key_by(|_: &Event| 0u64)
         .window(WindowAssigner::tumbling(Duration::from_millis(
@@ -1842,8 +1853,7 @@ fn build_slow_input(env: &StreamExecutionEnvironment, _: &ArgMatches) -> Result<
                 out.collect(format!("{} fast={fast} slow={slow}", window_label(window)));
             },
         )
-        .add_sink(strings(SLOW_INPUT));
-    Ok(())
+        .add_sink(strings(key));
 }
 
 const SLOW_INPUT_PROGRAM: Program = program(SLOW_INPUT, build_slow_input);
@@ -2342,21 +2352,7 @@ fn build_alignment(env: &StreamExecutionEnvironment, key: &'static str, aligned:
     };
     let fast = env.from_source(ProbedSource { probe, fast: true }, strategy(), "fast");
     let slow = env.from_source(ProbedSource { probe, fast: false }, strategy(), "slow");
-    fast.union(vec![slow])
-        .key_by(|_: &Event| 0u64)
-        .window(WindowAssigner::tumbling(Duration::from_millis(
-            WINDOW_SIZE_MS as u64,
-        )))
-        .aggregate_with(
-            CountPerInput,
-            |_: &u64,
-             window: &TimeWindow,
-             (fast, slow): (u64, u64),
-             out: &mut dyn Collector<String>| {
-                out.collect(format!("{} fast={fast} slow={slow}", window_label(window)));
-            },
-        )
-        .add_sink(strings(key));
+    count_windows_per_input(fast, slow, key);
 }
 
 fn build_aligned(env: &StreamExecutionEnvironment, _: &ArgMatches) -> Result<(), String> {
