@@ -353,55 +353,48 @@ where
         // a local reference, not reloaded behind `&mut self` per record.
         let key_selector = self.key_selector.clone();
         let key_selector = &*key_selector;
-        let mut records = records.iter();
-        let Some(mut record) = records.next() else {
-            return;
-        };
-        let mut key = key_selector(&record.value);
-        loop {
+        let mut records = records.iter().peekable();
+        while let Some(record) = records.next() {
             let index = match self.pane_of(record.timestamp) {
                 Ok(index) => index,
                 Err(last) => {
                     // Late here: ship it alone, for the global phase to judge.
                     let mut accumulator = self.aggregate.create_accumulator();
                     self.aggregate.add(record.value.clone(), &mut accumulator);
+                    let key = key_selector(&record.value);
                     self.next.push(WindowPartial { key, accumulator }, last);
-                    let Some(next) = records.next() else {
-                        return;
-                    };
-                    record = next;
-                    key = key_selector(&record.value);
                     continue;
                 }
             };
+            // The records from this one on that fall in its pane, with the
+            // pane's bounds and map in locals: per record, a time check, a
+            // key, and a lookup only when the key is not the one before
+            // (a run of one key, as q7's, finds its accumulator once).
             let (start, end, _) = self.current;
             let aggregate = &self.aggregate;
             let pane = &mut self.panes[index].1;
             let entries_before = pane.len();
-            let accumulator = pane
+            let mut key = key_selector(&record.value);
+            let mut accumulator = pane
                 .entry(key.clone())
                 .or_insert_with(|| aggregate.create_accumulator());
             aggregate.add(record.value.clone(), accumulator);
-            // The rest of the run: the records after it with its key, in
-            // its pane.
-            let next = loop {
-                let Some(next) = records.next() else {
-                    break None;
-                };
+            while let Some(next) =
+                records.next_if(|next| start <= next.timestamp && next.timestamp < end)
+            {
                 let key_of_next = key_selector(&next.value);
-                if key_of_next != key || next.timestamp < start || next.timestamp >= end {
-                    break Some((next, key_of_next));
+                if key_of_next != key {
+                    key = key_of_next;
+                    accumulator = pane
+                        .entry(key.clone())
+                        .or_insert_with(|| aggregate.create_accumulator());
                 }
                 aggregate.add(next.value.clone(), accumulator);
-            };
+            }
             self.entries += pane.len() - entries_before;
             if self.entries >= LOCAL_AGGREGATION_MAX_ENTRIES {
                 self.ship_through(Timestamp::MAX);
             }
-            let Some((next, key_of_next)) = next else {
-                return;
-            };
-            (record, key) = (next, key_of_next);
         }
     }
 }
