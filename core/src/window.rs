@@ -655,7 +655,10 @@ where
         let aggregate = &self.aggregation.aggregate;
         let window_function = &self.aggregation.window_function;
         let group_fired_end = &self.group_fired_end;
-        let skip = |group: u32| group_fired_end[group as usize] >= end;
+        // Only a restored operator has groups whose windows fired before
+        // the checkpoint: otherwise no key is looked up.
+        let any_fired = group_fired_end.iter().any(|fired| *fired >= end);
+        let skip = |group: u32| any_fired && group_fired_end[group as usize] >= end;
         // The indices of the window's panes (`panes` is in start order).
         let held: Vec<usize> = (0..self.panes.len())
             .filter(|&at| (start..end).contains(&self.panes[at].0))
@@ -825,7 +828,12 @@ where
             Some((held, _)) if *held == pane_start => last,
             _ => self.pane_at(pane_start),
         };
-        let map = std::rc::Rc::make_mut(&mut self.panes[at].1);
+        let pane = &mut self.panes[at].1;
+        // Copied only when a snapshot still reads it.
+        let map = match std::rc::Rc::get_mut(pane) {
+            Some(map) => map,
+            None => std::rc::Rc::make_mut(pane),
+        };
         let aggregate = &self.aggregation.aggregate;
         match map.raw_entry_mut().from_key(&partial.key) {
             RawEntryMut::Occupied(mut entry) => aggregate.add(partial, &mut entry.get_mut().1),
