@@ -931,6 +931,20 @@ impl fmt::Display for JobGraph {
                 let role = if position == 0 { "head" } else { "chained" };
                 writeln!(f, "    {role}: {}", self.stream.nodes[*node].name)?;
             }
+            let mut known = vec![None; self.vertices.len()];
+            if let Some((group, drift)) = self.upstream_alignment(vertex.id, &mut known) {
+                if vertex.is_source {
+                    writeln!(
+                        f,
+                        "    watermark alignment: group '{group}', max drift {drift} ms"
+                    )?;
+                } else {
+                    writeln!(
+                        f,
+                        "    watermark alignment: holds input channels more than {drift} ms ahead of the slowest (group '{group}')"
+                    )?;
+                }
+            }
         }
         for edge in &self.edges {
             writeln!(

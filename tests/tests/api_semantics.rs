@@ -2404,6 +2404,13 @@ fn watermark_alignment_keeps_a_fast_source_within_the_drift_of_a_slow_one() {
         .vertices
         .iter()
         .all(|vertex| unaligned_graph.watermark_alignment(vertex.id).is_none()));
+    // The plan says where it applies.
+    let plan = graph.to_string();
+    assert!(
+        plan.contains("holds input channels more than 100 ms ahead of the slowest (group 'test')"),
+        "{plan}"
+    );
+    assert!(!unaligned_graph.to_string().contains("watermark alignment"));
 
     UNALIGNED_PROBE.reset();
     assert_rows(&run(UNALIGNED_PROGRAM, 1), expected.clone(), "unaligned");
