@@ -943,12 +943,10 @@ fn build_nexmark(
         events_per_second: *matches
             .get_one::<u64>("events-per-second")
             .expect("--events-per-second has a default"),
-        kinds: EventKinds::ALL,
-        bid_fields: BidFields::ALL,
-        split_block: SPLIT_BLOCK_EVENTS,
         watermark_alignment: *matches
             .get_one::<Option<Duration>>("watermark-alignment")
             .expect("--watermark-alignment has a default"),
+        ..NexmarkSource::new(config)
     };
     build_query(
         env,

@@ -921,6 +921,8 @@ impl fmt::Display for JobGraph {
             self.max_parallelism,
             self.slots_required()
         )?;
+        // Each vertex's alignment is worked out once for all of them.
+        let mut known = vec![None; self.vertices.len()];
         for vertex in &self.vertices {
             writeln!(
                 f,
@@ -931,7 +933,6 @@ impl fmt::Display for JobGraph {
                 let role = if position == 0 { "head" } else { "chained" };
                 writeln!(f, "    {role}: {}", self.stream.nodes[*node].name)?;
             }
-            let mut known = vec![None; self.vertices.len()];
             if let Some((group, drift)) = self.upstream_alignment(vertex.id, &mut known) {
                 if vertex.is_source {
                     writeln!(
