@@ -7,6 +7,7 @@
 //! JobManager merges (a wrapping sum, like the checksum itself).
 
 use std::marker::PhantomData;
+use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -24,7 +25,7 @@ use strom_core::{
 };
 use strom_scheduler::file_sink::FileSink;
 
-use crate::nexmark::generator::timestamp;
+use crate::nexmark::generator::{timestamp, EventKind, BLOCK_SIZE};
 use crate::nexmark::model::{
     tumbling_window_start, Q5_WINDOW_SIZE_MS, Q5_WINDOW_SLIDE_MS, Q7_WINDOW_SIZE_MS,
     Q8_WINDOW_SIZE_MS,
@@ -55,6 +56,9 @@ pub struct NexmarkSource {
     /// The fields of each bid it computes (the others are zero), as a
     /// source given Flink SQL's projection push-down.
     pub bid_fields: BidFields,
+    /// Whether it computes each auction's initial bid, reserve and expiry
+    /// (zero otherwise; the same push-down).
+    pub auction_details: bool,
     /// The events of each block of its splits, dealt to the subtasks in
     /// turn ([`SPLIT_BLOCK_EVENTS`]; 1: one event each in turn).
     pub split_block: u64,
@@ -74,6 +78,7 @@ impl NexmarkSource {
             events_per_second: 0,
             kinds: EventKinds::ALL,
             bid_fields: BidFields::ALL,
+            auction_details: true,
             split_block: SPLIT_BLOCK_EVENTS,
             watermark_alignment: None,
         }
@@ -99,6 +104,15 @@ impl NexmarkSource {
     pub fn projected(&self, bid_fields: BidFields) -> Self {
         NexmarkSource {
             bid_fields,
+            ..self.clone()
+        }
+    }
+
+    /// The same source, computing each auction's initial bid, reserve and
+    /// expiry only if `details`.
+    pub fn with_auction_details(&self, details: bool) -> Self {
+        NexmarkSource {
+            auction_details: details,
             ..self.clone()
         }
     }
@@ -140,6 +154,7 @@ impl NexmarkSource {
             fail_at: self.fail_at.clone(),
             pace,
             kinds: T::kinds(self.kinds),
+            auction_details: self.auction_details,
             batch: Vec::with_capacity(CHAIN_BATCH_RECORDS),
         })
     }
@@ -156,9 +171,15 @@ pub trait NexmarkRecord: strom_core::Record + Clone {
     /// The kinds of event a source of these records emits, when it was
     /// told to emit `requested`.
     fn kinds(requested: EventKinds) -> EventKinds;
-    /// Event `index`, which is of one of those kinds, with the bid fields
-    /// `fields`.
-    fn generate(generator: &Generator, index: u64, fields: BidFields) -> Self;
+    /// Event `index`, of kind `kind` (one of those kinds), with the bid
+    /// fields `fields`, and an auction's details if `auction_details`.
+    fn generate(
+        generator: &Generator,
+        kind: EventKind,
+        index: u64,
+        fields: BidFields,
+        auction_details: bool,
+    ) -> Self;
     /// Its event time.
     fn date_time(&self) -> u64;
 }
@@ -169,8 +190,14 @@ impl NexmarkRecord for Event {
         requested
     }
     #[inline(always)]
-    fn generate(generator: &Generator, index: u64, fields: BidFields) -> Self {
-        generator.event_with(index, fields)
+    fn generate(
+        generator: &Generator,
+        kind: EventKind,
+        index: u64,
+        fields: BidFields,
+        auction_details: bool,
+    ) -> Self {
+        generator.event_of(kind, index, fields, auction_details)
     }
     #[inline(always)]
     fn date_time(&self) -> u64 {
@@ -184,7 +211,13 @@ impl NexmarkRecord for Bid {
         EventKinds::BIDS
     }
     #[inline(always)]
-    fn generate(generator: &Generator, index: u64, fields: BidFields) -> Self {
+    fn generate(
+        generator: &Generator,
+        _kind: EventKind,
+        index: u64,
+        fields: BidFields,
+        _auction_details: bool,
+    ) -> Self {
         generator.bid_with(index, fields)
     }
     #[inline(always)]
@@ -199,7 +232,13 @@ impl NexmarkRecord for Person {
         EventKinds::PERSONS
     }
     #[inline(always)]
-    fn generate(generator: &Generator, index: u64, _fields: BidFields) -> Self {
+    fn generate(
+        generator: &Generator,
+        _kind: EventKind,
+        index: u64,
+        _fields: BidFields,
+        _auction_details: bool,
+    ) -> Self {
         generator.person(index)
     }
     #[inline(always)]
@@ -214,8 +253,14 @@ impl NexmarkRecord for Auction {
         EventKinds::AUCTIONS
     }
     #[inline(always)]
-    fn generate(generator: &Generator, index: u64, _fields: BidFields) -> Self {
-        generator.auction(index)
+    fn generate(
+        generator: &Generator,
+        _kind: EventKind,
+        index: u64,
+        _fields: BidFields,
+        auction_details: bool,
+    ) -> Self {
+        generator.auction_with(index, auction_details)
     }
     #[inline(always)]
     fn date_time(&self) -> u64 {
@@ -270,9 +315,72 @@ struct NexmarkReader<T, const BID_FIELDS: u8> {
     /// Its share of `--events-per-second`.
     pace: Option<Pace>,
     kinds: EventKinds,
+    auction_details: bool,
     /// Records generated and not yet emitted (empty between polls): built
     /// in place here and handed over a batch at a time.
     batch: Vec<StreamRecord<T>>,
+}
+
+/// Generates the events of `run` that are of the kinds `kinds`, with the
+/// bid fields `BID_FIELDS`, into `batch` (see [`emit_run`]). Each kind's
+/// run is a loop of its own, with the kind and the fields constants in it.
+#[inline(always)]
+fn generate_run<T: NexmarkRecord, const BID_FIELDS: u8>(
+    generator: Generator,
+    kinds: EventKinds,
+    auction_details: bool,
+    run: Range<u64>,
+    batch: &mut Vec<StreamRecord<T>>,
+    output: &mut dyn SourceOutput<T>,
+) {
+    let fields = const { BidFields::from_bits(BID_FIELDS) };
+    for (kind, taken) in kinds.taken_runs(run) {
+        match kind {
+            EventKind::Person => emit_run(taken, batch, output, |index| {
+                T::generate(
+                    &generator,
+                    EventKind::Person,
+                    index,
+                    fields,
+                    auction_details,
+                )
+            }),
+            EventKind::Auction => emit_run(taken, batch, output, |index| {
+                T::generate(
+                    &generator,
+                    EventKind::Auction,
+                    index,
+                    fields,
+                    auction_details,
+                )
+            }),
+            EventKind::Bid => emit_run(taken, batch, output, |index| {
+                T::generate(&generator, EventKind::Bid, index, fields, auction_details)
+            }),
+        }
+    }
+}
+
+/// Emits the records that `make` makes of the indices `run`, stamped with
+/// their event time, into `batch`, handing it to `output` whenever it is
+/// full.
+#[inline(always)]
+fn emit_run<T: NexmarkRecord>(
+    run: Range<u64>,
+    batch: &mut Vec<StreamRecord<T>>,
+    output: &mut dyn SourceOutput<T>,
+    make: impl Fn(u64) -> T,
+) {
+    for index in run {
+        let record = make(index);
+        batch.push(StreamRecord {
+            timestamp: record.date_time() as Timestamp,
+            value: record,
+        });
+        if batch.len() >= CHAIN_BATCH_RECORDS {
+            output.collect_batch(batch);
+        }
+    }
 }
 
 /// Fails the first time this process reaches a `--fail-at` index.
@@ -290,51 +398,58 @@ fn inject_failure(index: u64) {
 
 impl<T: NexmarkRecord, const BID_FIELDS: u8> SourceReader<T> for NexmarkReader<T, BID_FIELDS> {
     fn poll_next(&mut self, output: &mut dyn SourceOutput<T>, budget: usize) -> SourceStatus {
-        let budget = match &mut self.pace {
-            Some(pace) => pace.allow(budget),
-            None => budget,
+        let kinds = self.kinds;
+        // The budget in indices: a paced reader counts every index against
+        // its rate; another reads about `budget` records' worth of indices
+        // of its kinds where its splits hold whole blocks of events (the
+        // Nexmark source's own do), and `budget` indices where they may
+        // hold some kinds more than others.
+        let indices = match &mut self.pace {
+            Some(pace) => pace.allow(budget) as u64,
+            None if self
+                .splits
+                .splits
+                .iter()
+                .all(|split| split.is_aligned_to(BLOCK_SIZE)) =>
+            {
+                (budget as u64).saturating_mul(BLOCK_SIZE) / kinds.per_block().max(1)
+            }
+            None => budget as u64,
         };
-        if budget == 0 && !self.splits.is_finished() {
+        if indices == 0 && !self.splits.is_finished() {
             return SourceStatus::NothingAvailable;
         }
-        let (generator, fail_at, batch) = (&self.generator, &self.fail_at, &mut self.batch);
-        let (kinds, bid_fields) = (self.kinds, BidFields::from_bits(BID_FIELDS));
-        // A paced reader counts every index against its rate, so it visits
-        // them one by one.
-        let skip_runs = self.pace.is_none();
-        let mut skipped = None;
-        let status = self.splits.read_skipping(budget, |index| {
-            if !fail_at.is_empty() && fail_at.contains(&index) {
+        let (generator, fail_at, batch) = (self.generator, &self.fail_at, &mut self.batch);
+        let auction_details = self.auction_details;
+        let generate = |run: Range<u64>,
+                        batch: &mut Vec<StreamRecord<T>>,
+                        output: &mut dyn SourceOutput<T>| {
+            generate_run::<T, BID_FIELDS>(generator, kinds, auction_details, run, batch, output);
+        };
+        let mut last = None;
+        let status = self.splits.read_runs(indices, |run| {
+            last = Some(run.end - 1);
+            let mut from = run.start;
+            // A failure to inject in this run: what comes before it is
+            // emitted first.
+            while let Some(at) = fail_at
+                .iter()
+                .copied()
+                .filter(|at| (from..run.end).contains(at))
+                .min()
+            {
+                generate(from..at, batch, output);
                 output.collect_batch(batch);
-                inject_failure(index);
+                inject_failure(at);
+                generate(at..at + 1, batch, output);
+                from = at + 1;
             }
-            if !kinds.includes(index) {
-                skipped = Some(index);
-                // Pass over the indices up to the next one of a kind taken
-                // at once (unless a failure is to be injected among them).
-                let Some(next) = kinds.next_included(index) else {
-                    return Some(u64::MAX);
-                };
-                if skip_runs && !fail_at.iter().any(|at| (index..next).contains(at)) {
-                    // Passed over up to there: no later record of this
-                    // reader is older.
-                    skipped = Some(next - 1);
-                    return Some(next);
-                }
-                return None;
-            }
-            let record = T::generate(generator, index, bid_fields);
-            batch.push(StreamRecord {
-                timestamp: record.date_time() as Timestamp,
-                value: record,
-            });
-            if batch.len() >= CHAIN_BATCH_RECORDS {
-                output.collect_batch(batch);
-            }
-            None
+            generate(from..run.end, batch, output);
         });
         output.collect_batch(batch);
-        if let Some(index) = skipped {
+        if let Some(index) = last {
+            // Read up to there, whether emitted or passed over: no later
+            // record of this reader is older.
             output.skip_to(timestamp(index) as Timestamp);
         }
         status
@@ -465,7 +580,9 @@ pub fn build_query(
     // source's filter and projection push-down): each kind is read from a
     // source of its own (bids, persons, auctions), computing only the bid
     // fields the query reads.
-    let source = source.projected(query.bid_fields());
+    let source = source
+        .projected(query.bid_fields())
+        .with_auction_details(query.auction_details());
     match query {
         Query::Q0 => {
             sinks.add(bids(env, &source));
@@ -1038,6 +1155,60 @@ mod tests {
     };
 
     #[test]
+    fn a_poll_emits_about_its_budget_of_records_however_its_splits_fall() {
+        let persons = NexmarkSource::new(CONFIG).only(EventKinds::PERSONS);
+        // Splits of whole blocks of events: the budget is records.
+        let polled = |source: &NexmarkSource, subtask: u32, parallelism: u32| {
+            let mut recorded = Recorded {
+                records: Vec::new(),
+                skipped_to: None,
+            };
+            reader::<Person>(source, subtask, parallelism).poll_next(&mut recorded, 10);
+            recorded.records.len()
+        };
+        assert_eq!(polled(&persons, 0, 1), 10);
+        // One index each in turn: subtask 0 of 50 holds every person and
+        // nothing else, so a budget of indices would be 50 times too much.
+        assert!(polled(&persons.with_split_block(1), 0, 50) <= 10);
+    }
+
+    #[test]
+    fn a_failure_is_injected_at_its_index_after_every_record_before_it() {
+        // Index 517 is a bid in the middle of a run of bids (block 10,
+        // slots 4 to 49), and no other test of this process fails there.
+        let at = 517;
+        let source = NexmarkSource {
+            fail_at: Arc::new(vec![at]),
+            ..NexmarkSource::new(CONFIG)
+        };
+        let mut failing = reader::<Bid>(&source, 0, 1);
+        let mut recorded = Recorded {
+            records: Vec::new(),
+            skipped_to: None,
+        };
+        let failed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            while failing.poll_next(&mut recorded, 1_000) != SourceStatus::Finished {}
+        }));
+        let message = failed.expect_err("the reader fails at --fail-at 517");
+        assert!(
+            message
+                .downcast_ref::<String>()
+                .is_some_and(|message| message.contains("injected failure at event 517")),
+            "{message:?}"
+        );
+        // Every bid before it was handed on first, and none after.
+        let indices: Vec<u64> = (0..at).filter(|index| index % 50 >= 4).collect();
+        assert_eq!(recorded.records.len(), indices.len());
+        let generator = CONFIG.generator();
+        for ((bid, _), index) in recorded.records.iter().zip(&indices) {
+            assert_eq!(*bid, generator.bid_with(*index, BidFields::ALL));
+        }
+        // Restarted, a reader fails there no more (once per process).
+        let again = read_all(&mut *reader::<Bid>(&source, 0, 1), 1_000);
+        assert_eq!(again.records.len(), 920);
+    }
+
+    #[test]
     fn a_source_of_some_kinds_emits_exactly_those_and_moves_event_time_past_the_rest() {
         let generator = CONFIG.generator();
         let source = NexmarkSource::new(CONFIG)
@@ -1099,12 +1270,12 @@ mod tests {
                     .chain(recorded.records.last().map(|(_, timestamp)| *timestamp))
                     .max()
                     .expect("event time moved");
-                // Passing over the rest of a block may claim up to the
-                // block's end, past its own last index: no later record
-                // of it is older.
-                assert!(
-                    (timestamp(last)..=timestamp(CONFIG.events)).contains(&(reached as u64)),
-                    "subtask {subtask} of {parallelism} reached {reached}, its last index {last}"
+                // A reader claims event time up to its last index read,
+                // emitted or passed over, and no further.
+                assert_eq!(
+                    reached as u64,
+                    timestamp(last),
+                    "subtask {subtask} of {parallelism}: event time reached, its last index {last}"
                 );
                 records.extend(recorded.records);
             }
@@ -1143,6 +1314,14 @@ mod tests {
         });
         assert_reads_exactly::<Auction>(&source, EventKinds::AUCTIONS, |index| {
             generator.auction(index)
+        });
+        // Without an auction's details: the rest of it as before, they zero.
+        let without_details = source.with_auction_details(false);
+        assert_reads_exactly::<Auction>(&without_details, EventKinds::AUCTIONS, |index| Auction {
+            initial_bid: 0,
+            reserve: 0,
+            expires: 0,
+            ..generator.auction(index)
         });
     }
 }

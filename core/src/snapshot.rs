@@ -25,6 +25,7 @@
 //! [`Output::snapshot`]: crate::operator::Output::snapshot
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -311,27 +312,42 @@ impl IndexSplit {
         self.next >= self.end
     }
 
+    /// Whether its blocks hold whole runs of `size` indices that start at
+    /// multiples of `size`: every such run is all read or all not.
+    pub fn is_aligned_to(&self, size: u64) -> bool {
+        size > 0
+            && self.first.is_multiple_of(size)
+            && self.block.is_multiple_of(size)
+            && self.step.is_multiple_of(size)
+    }
+
     /// The same split, its next index moved to the first of its indices at
     /// or after `next`.
     pub fn at_index(self, next: u64) -> Self {
         IndexSplit::at(self.first, self.step, self.block, self.end, next)
     }
 
-    /// The next index, advancing past it.
+    /// The next run of up to `limit` (at least 1) indices inside the block
+    /// holding `next`, advancing past it.
     #[inline]
-    fn take(&mut self) -> u64 {
+    fn take_run(&mut self, limit: u64) -> Range<u64> {
         debug_assert!(
             self.next < self.block_end,
             "a split's next index left its block"
         );
-        let index = self.next;
-        // `index < end`, so no overflow.
-        self.next = index + 1;
-        if self.next == self.block_end {
+        debug_assert!(limit > 0, "an empty run");
+        let start = self.next;
+        // `start < end`, so the run is not empty.
+        let end = self
+            .block_end
+            .min(self.end)
+            .min(start.saturating_add(limit));
+        self.next = end;
+        if end == self.block_end {
             self.next = self.block_end.saturating_add(self.step - self.block);
             self.block_end = self.next.saturating_add(self.block);
         }
-        index
+        start..end
     }
 
     /// Moves `next` to the split's first index at or above `index`.
@@ -423,59 +439,35 @@ impl IndexSplits {
     /// The next index to read, advancing its split; `None` when all ended.
     #[inline]
     pub fn next_index(&mut self) -> Option<u64> {
-        let split = if self.splits.len() == 1 {
-            &mut self.splits[0]
-        } else {
-            self.splits
-                .iter_mut()
-                .filter(|split| !split.is_finished())
-                .min_by_key(|split| split.next)?
-        };
-        if split.is_finished() {
-            return None;
-        }
-        Some(split.take())
+        self.next_run(1).map(|run| run.start)
     }
 
     pub fn is_finished(&self) -> bool {
         self.splits.iter().all(IndexSplit::is_finished)
     }
 
-    /// Passes over every index below `index` not read yet (the reader has
-    /// no use for them): each split moves to its first index at or above
-    /// `index`.
-    pub fn skip_below(&mut self, index: u64) {
-        for split in &mut self.splits {
-            split.skip_below(index);
-        }
-    }
-
     /// Hands up to `budget` next indices to `each`, and says what a
     /// reader over these splits reports after it.
     #[inline]
     pub fn read(&mut self, budget: usize, mut each: impl FnMut(u64)) -> SourceStatus {
-        self.read_skipping(budget, |index| {
-            each(index);
-            None
-        })
+        self.read_runs(budget as u64, |run| run.for_each(&mut each))
     }
 
-    /// As [`IndexSplits::read`], but `each` may answer `Some(below)`: the
-    /// reader has no use for the indices below `below`, which are passed
-    /// over ([`IndexSplits::skip_below`]) and count as one of the budget.
+    /// Hands up to `budget` next indices to `each` in runs of consecutive
+    /// indices, in index order, and says what a reader over these splits
+    /// reports after it. A run lies inside one block of one split and
+    /// below the next index of every other split, so a reader loops over a
+    /// run without asking for each index; it reads the whole run (passing
+    /// over the indices it has no use for).
     #[inline]
-    pub fn read_skipping(
-        &mut self,
-        budget: usize,
-        mut each: impl FnMut(u64) -> Option<u64>,
-    ) -> SourceStatus {
-        for _ in 0..budget {
-            let Some(index) = self.next_index() else {
+    pub fn read_runs(&mut self, budget: u64, mut each: impl FnMut(Range<u64>)) -> SourceStatus {
+        let mut left = budget;
+        while left > 0 {
+            let Some(run) = self.next_run(left) else {
                 return SourceStatus::Finished;
             };
-            if let Some(below) = each(index) {
-                self.skip_below(below);
-            }
+            left -= run.end - run.start;
+            each(run);
         }
         if self.is_finished() {
             SourceStatus::Finished
@@ -483,11 +475,51 @@ impl IndexSplits {
             SourceStatus::MoreAvailable
         }
     }
+
+    /// The next run of at most `limit` (at least 1) indices, its split
+    /// moved past it; `None` when all ended.
+    #[inline]
+    fn next_run(&mut self, limit: u64) -> Option<Range<u64>> {
+        if let [split] = self.splits.as_mut_slice() {
+            return (!split.is_finished()).then(|| split.take_run(limit));
+        }
+        // Several splits (taken over from other subtasks): the one whose
+        // next index is smallest, up to the next index of the one after.
+        let mut first: Option<usize> = None;
+        let mut bound = u64::MAX;
+        for (at, split) in self.splits.iter().enumerate() {
+            if split.is_finished() {
+                continue;
+            }
+            match first {
+                Some(current) if self.splits[current].next <= split.next => {
+                    bound = bound.min(split.next);
+                }
+                _ => {
+                    if let Some(current) = first {
+                        bound = bound.min(self.splits[current].next);
+                    }
+                    first = Some(at);
+                }
+            }
+        }
+        let split = &mut self.splits[first?];
+        let limit = limit.min(bound.saturating_sub(split.next).max(1));
+        Some(split.take_run(limit))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Moves each of `splits` to its first index at or above `index` (as a
+    /// restore at that index does, [`IndexSplit::at_index`]).
+    fn skip_below(splits: &mut IndexSplits, index: u64) {
+        for split in &mut splits.splits {
+            split.skip_below(index);
+        }
+    }
 
     #[test]
     fn skipping_below_an_index_moves_every_split_to_its_first_index_at_or_above_it() {
@@ -498,7 +530,7 @@ mod tests {
                 IndexSplit::strided(30, 4, 100),
             ],
         };
-        splits.skip_below(20);
+        skip_below(&mut splits, 20);
         let next: Vec<u64> = splits.splits.iter().map(|split| split.next).collect();
         assert_eq!(next, vec![23, 21, 30]);
         assert!(splits.splits[1].is_finished());
@@ -517,6 +549,64 @@ mod tests {
         assert_eq!(indices, [4, 6, 7, 8, 9, 10, 11]);
         let restored = IndexSplits::restore(&splits.snapshot()).unwrap();
         assert!(restored.is_finished());
+    }
+
+    #[test]
+    fn runs_hand_out_the_indices_in_order_inside_blocks_and_within_the_budget() {
+        // One subtask's splits after a restore: two old subtasks' blocks
+        // of 5 (every 10) and one's interleaved indices.
+        let splits = || IndexSplits {
+            splits: vec![
+                IndexSplit::blocks(0, 10, 5, 47),
+                // Restored inside another's block: from its next own one.
+                IndexSplit::blocks(5, 10, 5, 47).at_index(13),
+                IndexSplit::strided(100, 3, 110),
+            ],
+        };
+        let one_by_one: Vec<u64> = {
+            let mut splits = splits();
+            std::iter::from_fn(|| splits.next_index()).collect()
+        };
+        for budget in [1, 2, 3, 7, 100] {
+            let mut read = splits();
+            let mut indices = Vec::new();
+            let mut polls = 0;
+            loop {
+                let mut this_poll = 0;
+                let status = read.read_runs(budget, |run| {
+                    assert!(!run.is_empty(), "an empty run");
+                    // Inside one block of 5, or one interleaved index.
+                    assert!(
+                        run.start / 5 == (run.end - 1) / 5
+                            || run.start >= 100 && run.end - run.start == 1,
+                        "run {run:?} crosses a block"
+                    );
+                    this_poll += run.end - run.start;
+                    indices.extend(run);
+                });
+                assert!(
+                    this_poll <= budget,
+                    "{this_poll} indices for a budget of {budget}"
+                );
+                polls += 1;
+                if status == SourceStatus::Finished {
+                    break;
+                }
+                assert!(polls < 1000, "never finished");
+            }
+            assert_eq!(indices, one_by_one, "budget {budget}");
+        }
+        assert_eq!(
+            one_by_one,
+            [(0..5), (10..15), (20..25), (30..35), (40..45)]
+                .into_iter()
+                .flatten()
+                .chain((15..47).filter(|i| i % 10 >= 5))
+                .chain([100, 103, 106, 109])
+                .collect::<std::collections::BTreeSet<u64>>()
+                .into_iter()
+                .collect::<Vec<u64>>()
+        );
     }
 
     #[test]
@@ -539,9 +629,9 @@ mod tests {
         // Skipping into another subtask's block lands on the next own
         // block; into an own block, on the index itself.
         let mut splits = IndexSplits::fresh_blocks(1, 2, 40, 3);
-        splits.skip_below(7);
+        skip_below(&mut splits, 7);
         assert_eq!(splits.next_index(), Some(9));
-        splits.skip_below(16);
+        skip_below(&mut splits, 16);
         assert_eq!(splits.next_index(), Some(16));
         assert_eq!(splits.next_index(), Some(17));
         // A snapshot taken inside a block resumes inside it.

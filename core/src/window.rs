@@ -823,11 +823,7 @@ where
             // records themselves would be.
             return;
         }
-        let (_, _, last) = self.last_pane;
-        let at = match self.panes.get(last) {
-            Some((held, _)) if *held == pane_start => last,
-            _ => self.pane_at(pane_start),
-        };
+        let at = self.pane_at(pane_start);
         let pane = &mut self.panes[at].1;
         // Copied only when a snapshot still reads it.
         let map = match std::rc::Rc::get_mut(pane) {

@@ -67,6 +67,13 @@ impl Query {
         }
     }
 
+    /// Whether the query reads an auction's initial bid, reserve and
+    /// expiry: none does (q3 and q8 join on the id and seller), so no
+    /// program computes them.
+    pub const fn auction_details(self) -> bool {
+        false
+    }
+
     /// The name used on command lines and in answer lines: `q0`, `q1`, ...
     pub const fn name(self) -> &'static str {
         match self {

@@ -18,7 +18,7 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 
 use super::answer::{Answer, Query};
-use super::generator::GeneratorConfig;
+use super::generator::{EventKind, GeneratorConfig};
 use super::model::{
     tumbling_window_start, Auction, Bid, Event, Person, Q1Row, Q2Row, Q3Row, Q5Row, Q7Row, Q8Row,
     Q5_WINDOW_SIZE_MS, Q5_WINDOW_SLIDE_MS, Q7_WINDOW_SIZE_MS, Q8_WINDOW_SIZE_MS,
@@ -45,9 +45,20 @@ pub fn run_baseline(query: Query, config: GeneratorConfig) -> Answer {
 fn for_each_event(config: GeneratorConfig, query: Query, mut on_event: impl FnMut(Event)) {
     let generator = config.generator();
     let (kinds, fields) = (query.event_kinds(), query.bid_fields());
-    for index in 0..config.events {
-        if kinds.includes(index) {
-            on_event(generator.event_with(index, fields));
+    let auction_details = query.auction_details();
+    for (kind, run) in kinds.taken_runs(0..config.events) {
+        match kind {
+            EventKind::Person => {
+                run.for_each(|index| on_event(Event::Person(generator.person(index))))
+            }
+            EventKind::Auction => run.for_each(|index| {
+                on_event(Event::Auction(
+                    generator.auction_with(index, auction_details),
+                ))
+            }),
+            EventKind::Bid => {
+                run.for_each(|index| on_event(Event::Bid(generator.bid_with(index, fields))))
+            }
         }
     }
 }
@@ -94,6 +105,33 @@ impl Hasher for IdHasher {
 }
 
 type IdMap<V> = HashMap<u64, V, BuildHasherDefault<IdHasher>>;
+
+/// A join of persons and auctions (q3, q8).
+trait PersonAuctionJoin {
+    fn on_person(&mut self, person: &Person);
+    fn on_auction(&mut self, auction: &Auction);
+}
+
+/// Feeds the persons and auctions of `config`, in index order, to `join`,
+/// each kind's run of indices in a loop of its own (as [`for_each_event`],
+/// without an `Event` between the generator and the join).
+#[inline(always)]
+fn join_persons_and_auctions(
+    config: GeneratorConfig,
+    query: Query,
+    join: &mut impl PersonAuctionJoin,
+) {
+    let generator = config.generator();
+    let auction_details = query.auction_details();
+    for (kind, run) in query.event_kinds().taken_runs(0..config.events) {
+        match kind {
+            EventKind::Person => run.for_each(|index| join.on_person(&generator.person(index))),
+            EventKind::Auction => run
+                .for_each(|index| join.on_auction(&generator.auction_with(index, auction_details))),
+            EventKind::Bid => {}
+        }
+    }
+}
 
 /// q0: every bid.
 fn passthrough(config: GeneratorConfig) -> Answer {
@@ -142,8 +180,8 @@ struct LocalItemSuggestion {
     answer: Answer,
 }
 
-impl LocalItemSuggestion {
-    #[inline]
+impl PersonAuctionJoin for LocalItemSuggestion {
+    #[inline(always)]
     fn on_person(&mut self, person: &Person) {
         if !person.is_q3_selected() {
             return;
@@ -166,7 +204,7 @@ impl LocalItemSuggestion {
         self.persons.insert(person.id, fields);
     }
 
-    #[inline]
+    #[inline(always)]
     fn on_auction(&mut self, auction: &Auction) {
         if !auction.is_q3_selected() {
             return;
@@ -182,7 +220,9 @@ impl LocalItemSuggestion {
             *head = self.pending.len() - 1;
         }
     }
+}
 
+impl LocalItemSuggestion {
     #[inline]
     fn emit(&mut self, [first_name, last_name, city, state]: [u8; 4], auction: u64) {
         self.answer.add_row(&Q3Row {
@@ -198,11 +238,7 @@ impl LocalItemSuggestion {
 /// q3: auctions in category 10 joined with their sellers living in OR, ID or CA.
 fn local_item_suggestion(config: GeneratorConfig) -> Answer {
     let mut state = LocalItemSuggestion::default();
-    for_each_event(config, Query::Q3, |event| match event {
-        Event::Person(person) => state.on_person(&person),
-        Event::Auction(auction) => state.on_auction(&auction),
-        Event::Bid(_) => {}
-    });
+    join_persons_and_auctions(config, Query::Q3, &mut state);
     state.answer
 }
 
@@ -395,19 +431,6 @@ impl NewUsers {
         }
     }
 
-    #[inline]
-    fn on_person(&mut self, person: &Person) {
-        self.advance_to(person.date_time);
-        self.persons
-            .insert(person.id, [person.first_name, person.last_name]);
-    }
-
-    #[inline]
-    fn on_auction(&mut self, auction: &Auction) {
-        self.advance_to(auction.date_time);
-        self.auctions.push((auction.seller, auction.id));
-    }
-
     fn close_window(&mut self) {
         let Some(window_start) = self.window_start else {
             return;
@@ -429,14 +452,25 @@ impl NewUsers {
     }
 }
 
+impl PersonAuctionJoin for NewUsers {
+    #[inline(always)]
+    fn on_person(&mut self, person: &Person) {
+        self.advance_to(person.date_time);
+        self.persons
+            .insert(person.id, [person.first_name, person.last_name]);
+    }
+
+    #[inline(always)]
+    fn on_auction(&mut self, auction: &Auction) {
+        self.advance_to(auction.date_time);
+        self.auctions.push((auction.seller, auction.id));
+    }
+}
+
 /// q8: persons who opened an auction in the tumbling window they joined in.
 fn new_users(config: GeneratorConfig) -> Answer {
     let mut state = NewUsers::default();
-    for_each_event(config, Query::Q8, |event| match event {
-        Event::Person(person) => state.on_person(&person),
-        Event::Auction(auction) => state.on_auction(&auction),
-        Event::Bid(_) => {}
-    });
+    join_persons_and_auctions(config, Query::Q8, &mut state);
     state.close_window();
     state.answer
 }
