@@ -64,7 +64,21 @@ pub const METRICS_REPORT_INTERVAL: Duration = Duration::from_secs(1);
 struct Slot {
     /// Its commands: an idle slot sleeps until one comes.
     commands: CommandSender<SlotCommand>,
-    thread: glommio::ExecutorJoinHandle<()>,
+    /// Its executor's thread; `None` once joined.
+    thread: Option<glommio::ExecutorJoinHandle<()>>,
+}
+
+impl Drop for Slot {
+    /// Stops the slot's executor and waits for its thread, so that what
+    /// ran on it (the tasks, a hosted network service's sockets) is gone
+    /// when a TaskManager is: a join handle dropped alone would leave the
+    /// thread running behind it.
+    fn drop(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            let _ = self.commands.send(SlotCommand::Shutdown);
+            let _ = thread.join();
+        }
+    }
 }
 
 pub struct TaskManager {
@@ -191,7 +205,10 @@ impl TaskManager {
                     ));
                 }
             }
-            slots.push(Slot { commands, thread });
+            slots.push(Slot {
+                commands,
+                thread: Some(thread),
+            });
         }
         let network = match (data_bind, &slots[..]) {
             (None, _) => None,
@@ -371,12 +388,12 @@ impl TaskManager {
         if let Some(network) = self.network {
             network.stop();
         }
+        // All slots told first, so that they stop together; dropping each
+        // then waits for its thread.
         for slot in &self.slots {
             let _ = slot.commands.send(SlotCommand::Shutdown);
         }
-        for slot in self.slots {
-            let _ = slot.thread.join();
-        }
+        drop(self.slots);
         let _ = self.id;
     }
 
