@@ -6,6 +6,7 @@
 //! each subtask's rows into the `rows` and `checksum` accumulators, which the
 //! JobManager merges (a wrapping sum, like the checksum itself).
 
+use std::fmt;
 use std::marker::PhantomData;
 use std::ops::Range;
 use std::path::PathBuf;
@@ -27,8 +28,8 @@ use strom_scheduler::file_sink::FileSink;
 
 use crate::nexmark::generator::{timestamp, EventKind, BLOCK_SIZE};
 use crate::nexmark::model::{
-    tumbling_window_start, Q5_WINDOW_SIZE_MS, Q5_WINDOW_SLIDE_MS, Q7_WINDOW_SIZE_MS,
-    Q8_WINDOW_SIZE_MS,
+    tumbling_window_start, Q2_AUCTION_DIVISOR, Q5_WINDOW_SIZE_MS, Q5_WINDOW_SLIDE_MS,
+    Q7_WINDOW_SIZE_MS, Q8_WINDOW_SIZE_MS,
 };
 use crate::nexmark::{
     Answer, AnswerRow, Auction, Bid, BidFields, Event, EventKinds, Generator, GeneratorConfig,
@@ -121,15 +122,16 @@ impl NexmarkSource {
     /// code is specialized to each set of fields, as Flink SQL generates
     /// the code of a projection, so that the fields left out cost nothing
     /// at all, not even a test.
-    fn reader<T: NexmarkRecord>(
+    fn reader<T: NexmarkRecord, F: SourceFilter<T>>(
         &self,
         splits: IndexSplits,
         parallelism: u32,
+        filter: F,
     ) -> Box<dyn SourceReader<T>> {
         macro_rules! specialized {
             ($($bits:literal)*) => {
                 match self.bid_fields.bits() {
-                    $($bits => self.reader_of::<T, $bits>(splits, parallelism),)*
+                    $($bits => self.reader_of::<T, F, $bits>(splits, parallelism, filter),)*
                     other => unreachable!("bid fields of 4 bits, not {other}"),
                 }
             };
@@ -137,26 +139,138 @@ impl NexmarkSource {
         if T::HAS_BIDS {
             specialized!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15)
         } else {
-            self.reader_of::<T, 0>(splits, parallelism)
+            self.reader_of::<T, F, 0>(splits, parallelism, filter)
         }
     }
 
-    fn reader_of<T: NexmarkRecord, const BID_FIELDS: u8>(
+    fn reader_of<T: NexmarkRecord, F: SourceFilter<T>, const BID_FIELDS: u8>(
         &self,
         splits: IndexSplits,
         parallelism: u32,
+        filter: F,
     ) -> Box<dyn SourceReader<T>> {
         let pace = (self.events_per_second > 0)
             .then(|| Pace::new(self.events_per_second as f64 / f64::from(parallelism)));
-        Box::new(NexmarkReader::<T, BID_FIELDS> {
+        Box::new(NexmarkReader::<T, F, BID_FIELDS> {
             generator: self.config.generator(),
             splits,
             fail_at: self.fail_at.clone(),
             pace,
             kinds: T::kinds(self.kinds),
             auction_details: self.auction_details,
+            filter,
             batch: Vec::with_capacity(CHAIN_BATCH_RECORDS),
         })
+    }
+
+    /// A source of the bids that `keep` accepts, as a source given Flink
+    /// SQL's filter push-down: each bid is made with the fields `reads`
+    /// (besides its auction and time, always made) for `keep` to see, and
+    /// with the rest of the source's projection only if kept, so that a
+    /// query passes over the bids it drops as cheaply as over the events
+    /// of other kinds. `reads` must name every field `keep` looks at: the
+    /// others are zero when it does.
+    pub fn bids_where<F>(&self, reads: BidFields, keep: F) -> FilteredBids<F>
+    where
+        F: Fn(&Bid) -> bool + Clone + Send + Sync + 'static,
+    {
+        FilteredBids {
+            source: self.only(EventKinds::BIDS),
+            filter: BidFilter { reads, keep },
+        }
+    }
+}
+
+/// A filter a Nexmark source applies to the records it makes, before they
+/// reach its batch ([`NexmarkSource::bids_where`]).
+pub trait SourceFilter<T>: Clone + Send + Sync + 'static {
+    /// Whether it keeps every record: then each is made once, whole, and
+    /// never tested.
+    const KEEPS_ALL: bool;
+    /// The bid fields it reads (besides the auction and the time).
+    fn reads(&self) -> BidFields;
+    /// Whether the record, made with [`SourceFilter::reads`], is kept.
+    fn keep(&self, record: &T) -> bool;
+}
+
+/// No filter: every record is kept.
+#[derive(Clone, Copy, Debug)]
+pub struct KeepAll;
+
+impl<T> SourceFilter<T> for KeepAll {
+    const KEEPS_ALL: bool = true;
+    fn reads(&self) -> BidFields {
+        BidFields::NONE
+    }
+    #[inline(always)]
+    fn keep(&self, _record: &T) -> bool {
+        true
+    }
+}
+
+/// A predicate on bids and the bid fields it reads.
+#[derive(Clone, Copy)]
+pub struct BidFilter<F> {
+    reads: BidFields,
+    keep: F,
+}
+
+impl<F> SourceFilter<Bid> for BidFilter<F>
+where
+    F: Fn(&Bid) -> bool + Clone + Send + Sync + 'static,
+{
+    const KEEPS_ALL: bool = false;
+    fn reads(&self) -> BidFields {
+        self.reads
+    }
+    #[inline(always)]
+    fn keep(&self, bid: &Bid) -> bool {
+        (self.keep)(bid)
+    }
+}
+
+/// The Nexmark source's bids that a filter keeps (see
+/// [`NexmarkSource::bids_where`]).
+#[derive(Clone)]
+pub struct FilteredBids<F> {
+    source: NexmarkSource,
+    filter: BidFilter<F>,
+}
+
+impl<F> fmt::Debug for FilteredBids<F> {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter
+            .debug_struct("FilteredBids")
+            .field("source", &self.source)
+            .field("reads", &self.filter.reads)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<F> Source<Bid> for FilteredBids<F>
+where
+    F: Fn(&Bid) -> bool + Clone + Send + Sync + 'static,
+{
+    fn boundedness(&self) -> Boundedness {
+        Boundedness::Bounded
+    }
+
+    fn create_reader(&self, subtask_index: u32, parallelism: u32) -> Box<dyn SourceReader<Bid>> {
+        let splits = self.source.fresh_splits(subtask_index, parallelism);
+        self.source.reader(splits, parallelism, self.filter.clone())
+    }
+
+    fn restore_reader(
+        &self,
+        _subtask_index: u32,
+        parallelism: u32,
+        state: Vec<Vec<u8>>,
+    ) -> Result<Box<dyn SourceReader<Bid>>, String> {
+        Ok(self.source.reader(
+            IndexSplits::restore(&state)?,
+            parallelism,
+            self.filter.clone(),
+        ))
     }
 }
 
@@ -287,13 +401,11 @@ impl<T: NexmarkRecord> Source<T> for NexmarkSource {
     }
 
     fn create_reader(&self, subtask_index: u32, parallelism: u32) -> Box<dyn SourceReader<T>> {
-        let splits = IndexSplits::fresh_blocks(
-            subtask_index,
+        self.reader(
+            self.fresh_splits(subtask_index, parallelism),
             parallelism,
-            self.config.events,
-            self.split_block,
-        );
-        self.reader(splits, parallelism)
+            KeepAll,
+        )
     }
 
     fn restore_reader(
@@ -302,13 +414,26 @@ impl<T: NexmarkRecord> Source<T> for NexmarkSource {
         parallelism: u32,
         state: Vec<Vec<u8>>,
     ) -> Result<Box<dyn SourceReader<T>>, String> {
-        Ok(self.reader(IndexSplits::restore(&state)?, parallelism))
+        Ok(self.reader(IndexSplits::restore(&state)?, parallelism, KeepAll))
+    }
+}
+
+impl NexmarkSource {
+    /// The splits of subtask `subtask_index` of `parallelism` in a new job.
+    fn fresh_splits(&self, subtask_index: u32, parallelism: u32) -> IndexSplits {
+        IndexSplits::fresh_blocks(
+            subtask_index,
+            parallelism,
+            self.config.events,
+            self.split_block,
+        )
     }
 }
 
 /// Reads the events of `kinds` from `splits`, with the bid fields whose
-/// bits are `BID_FIELDS` ([`BidFields::bits`]).
-struct NexmarkReader<T, const BID_FIELDS: u8> {
+/// bits are `BID_FIELDS` ([`BidFields::bits`]), and emits those `filter`
+/// keeps.
+struct NexmarkReader<T, F, const BID_FIELDS: u8> {
     generator: Generator,
     splits: IndexSplits,
     fail_at: Arc<Vec<u64>>,
@@ -316,63 +441,70 @@ struct NexmarkReader<T, const BID_FIELDS: u8> {
     pace: Option<Pace>,
     kinds: EventKinds,
     auction_details: bool,
+    filter: F,
     /// Records generated and not yet emitted (empty between polls): built
     /// in place here and handed over a batch at a time.
     batch: Vec<StreamRecord<T>>,
 }
 
 /// Generates the events of `run` that are of the kinds `kinds`, with the
-/// bid fields `BID_FIELDS`, into `batch` (see [`emit_run`]). Each kind's
-/// run is a loop of its own, with the kind and the fields constants in it.
+/// bid fields `BID_FIELDS`, into `batch` those that `filter` keeps (see
+/// [`emit_run`]). Each kind's run is a loop of its own, with the kind and
+/// the fields constants in it.
 #[inline(always)]
-fn generate_run<T: NexmarkRecord, const BID_FIELDS: u8>(
+fn generate_run<T: NexmarkRecord, F: SourceFilter<T>, const BID_FIELDS: u8>(
     generator: Generator,
     kinds: EventKinds,
     auction_details: bool,
+    filter: &F,
     run: Range<u64>,
     batch: &mut Vec<StreamRecord<T>>,
     output: &mut dyn SourceOutput<T>,
 ) {
     let fields = const { BidFields::from_bits(BID_FIELDS) };
+    // Made with the fields the filter reads, then, if kept, with the rest.
+    let make = |kind: EventKind, index: u64| {
+        if F::KEEPS_ALL {
+            return Some(T::generate(
+                &generator,
+                kind,
+                index,
+                fields,
+                auction_details,
+            ));
+        }
+        let tested = T::generate(&generator, kind, index, filter.reads(), auction_details);
+        filter
+            .keep(&tested)
+            .then(|| T::generate(&generator, kind, index, fields, auction_details))
+    };
     for (kind, taken) in kinds.taken_runs(run) {
         match kind {
-            EventKind::Person => emit_run(taken, batch, output, |index| {
-                T::generate(
-                    &generator,
-                    EventKind::Person,
-                    index,
-                    fields,
-                    auction_details,
-                )
-            }),
+            EventKind::Person => {
+                emit_run(taken, batch, output, |index| make(EventKind::Person, index))
+            }
             EventKind::Auction => emit_run(taken, batch, output, |index| {
-                T::generate(
-                    &generator,
-                    EventKind::Auction,
-                    index,
-                    fields,
-                    auction_details,
-                )
+                make(EventKind::Auction, index)
             }),
-            EventKind::Bid => emit_run(taken, batch, output, |index| {
-                T::generate(&generator, EventKind::Bid, index, fields, auction_details)
-            }),
+            EventKind::Bid => emit_run(taken, batch, output, |index| make(EventKind::Bid, index)),
         }
     }
 }
 
-/// Emits the records that `make` makes of the indices `run`, stamped with
-/// their event time, into `batch`, handing it to `output` whenever it is
-/// full.
+/// Emits the records that `make` makes of the indices `run` (none where it
+/// makes none), stamped with their event time, into `batch`, handing it to
+/// `output` whenever it is full.
 #[inline(always)]
 fn emit_run<T: NexmarkRecord>(
     run: Range<u64>,
     batch: &mut Vec<StreamRecord<T>>,
     output: &mut dyn SourceOutput<T>,
-    make: impl Fn(u64) -> T,
+    make: impl Fn(u64) -> Option<T>,
 ) {
     for index in run {
-        let record = make(index);
+        let Some(record) = make(index) else {
+            continue;
+        };
         batch.push(StreamRecord {
             timestamp: record.date_time() as Timestamp,
             value: record,
@@ -396,7 +528,9 @@ fn inject_failure(index: u64) {
     }
 }
 
-impl<T: NexmarkRecord, const BID_FIELDS: u8> SourceReader<T> for NexmarkReader<T, BID_FIELDS> {
+impl<T: NexmarkRecord, F: SourceFilter<T>, const BID_FIELDS: u8> SourceReader<T>
+    for NexmarkReader<T, F, BID_FIELDS>
+{
     fn poll_next(&mut self, output: &mut dyn SourceOutput<T>, budget: usize) -> SourceStatus {
         let kinds = self.kinds;
         // The budget in indices: a paced reader counts every index against
@@ -420,11 +554,19 @@ impl<T: NexmarkRecord, const BID_FIELDS: u8> SourceReader<T> for NexmarkReader<T
             return SourceStatus::NothingAvailable;
         }
         let (generator, fail_at, batch) = (self.generator, &self.fail_at, &mut self.batch);
-        let auction_details = self.auction_details;
+        let (auction_details, filter) = (self.auction_details, &self.filter);
         let generate = |run: Range<u64>,
                         batch: &mut Vec<StreamRecord<T>>,
                         output: &mut dyn SourceOutput<T>| {
-            generate_run::<T, BID_FIELDS>(generator, kinds, auction_details, run, batch, output);
+            generate_run::<T, F, BID_FIELDS>(
+                generator,
+                kinds,
+                auction_details,
+                filter,
+                run,
+                batch,
+                output,
+            );
         };
         let mut last = None;
         let status = self.splits.read_runs(indices, |run| {
@@ -510,12 +652,22 @@ fn read<T: NexmarkRecord>(
     source: &NexmarkSource,
     what: &str,
 ) -> DataStream<T> {
+    read_from(env, source.clone(), source.watermark_alignment, what)
+}
+
+/// `source`'s records, a part of the Nexmark source's, aligned as it is.
+fn read_from<T: NexmarkRecord>(
+    env: &StreamExecutionEnvironment,
+    source: impl Source<T>,
+    watermark_alignment: Option<Duration>,
+    what: &str,
+) -> DataStream<T> {
     let strategy = WatermarkStrategy::for_monotonous_timestamps();
-    let strategy = match source.watermark_alignment {
+    let strategy = match watermark_alignment {
         Some(drift) => strategy.with_watermark_alignment(WATERMARK_ALIGNMENT_GROUP, drift),
         None => strategy,
     };
-    env.from_source(source.clone(), strategy, &format!("Source: nexmark {what}"))
+    env.from_source(source, strategy, &format!("Source: nexmark {what}"))
 }
 
 /// The watermark alignment group of every nexmark source of a job.
@@ -594,12 +746,18 @@ pub fn build_query(
                 .add_sink_with(&sinks);
         }
         Query::Q2 => {
-            bids(env, &source)
-                .filter(Bid::is_q2_selected)
-                .name("q2 filter")
-                .map(|bid| Q2Row::from_bid(&bid))
-                .name("q2 project")
-                .add_sink_with(&sinks);
+            // The filter, on the auction alone, is pushed into the source:
+            // a bid it drops is never made whole nor handed on.
+            let selected = source.bids_where(BidFields::NONE, Bid::is_q2_selected);
+            read_from(
+                env,
+                selected,
+                source.watermark_alignment,
+                &format!("bids where auction % {Q2_AUCTION_DIVISOR} = 0"),
+            )
+            .map(|bid| Q2Row::from_bid(&bid))
+            .name("q2 project")
+            .add_sink_with(&sinks);
         }
         Query::Q3 => {
             // Of a person the join reads only their id and what the row
@@ -1153,6 +1311,66 @@ mod tests {
         events: 1_000,
         seed: 42,
     };
+
+    #[test]
+    fn a_filter_pushed_into_the_source_emits_the_bids_it_keeps_whole() {
+        let source = NexmarkSource::new(CONFIG)
+            .with_split_block(100)
+            .projected(BidFields {
+                bidder: true,
+                price: true,
+                ..BidFields::NONE
+            });
+        let cheap = |bid: &Bid| bid.price < 50_000;
+        for (reads, keep) in [
+            (
+                BidFields::NONE,
+                (|bid: &Bid| bid.auction.is_multiple_of(3)) as fn(&Bid) -> bool,
+            ),
+            // A filter on a field besides the auction sees that field.
+            (
+                BidFields {
+                    price: true,
+                    ..BidFields::NONE
+                },
+                cheap,
+            ),
+        ] {
+            let filtered = source.bids_where(reads, keep);
+            for parallelism in 1..=3 {
+                for subtask in 0..parallelism {
+                    let all = read_all(&mut *reader::<Bid>(&source, subtask, parallelism), 7);
+                    let kept = read_all(&mut *filtered.create_reader(subtask, parallelism), 7);
+                    let expected: Vec<_> = all
+                        .records
+                        .iter()
+                        .filter(|(bid, _)| keep(bid))
+                        .cloned()
+                        .collect();
+                    assert!(!expected.is_empty() && expected.len() < all.records.len());
+                    // Kept bids have every field of the projection.
+                    assert!(expected.iter().all(|(bid, _)| bid.bidder != 0));
+                    assert_eq!(kept.records, expected);
+                    // Event time still goes as far as the indices read.
+                    assert_eq!(kept.skipped_to, all.skipped_to);
+                }
+            }
+            // Restored from a checkpoint taken after one poll, a reader
+            // goes on from there.
+            let mut first = filtered.create_reader(0, 1);
+            let mut before = Recorded {
+                records: Vec::new(),
+                skipped_to: None,
+            };
+            first.poll_next(&mut before, 100);
+            let state = first.snapshot_state().unwrap();
+            let mut restored = filtered.restore_reader(0, 1, state).unwrap();
+            let after = read_all(&mut *restored, 100);
+            let all = read_all(&mut *filtered.create_reader(0, 1), 100);
+            assert!(!before.records.is_empty() && !after.records.is_empty());
+            assert_eq!([before.records, after.records].concat(), all.records);
+        }
+    }
 
     #[test]
     fn a_poll_emits_about_its_budget_of_records_however_its_splits_fall() {
