@@ -28,8 +28,8 @@ use strom_scheduler::file_sink::FileSink;
 
 use crate::nexmark::generator::{timestamp, EventKind, BLOCK_SIZE};
 use crate::nexmark::model::{
-    tumbling_window_start, Q2_AUCTION_DIVISOR, Q5_WINDOW_SIZE_MS, Q5_WINDOW_SLIDE_MS,
-    Q7_WINDOW_SIZE_MS, Q8_WINDOW_SIZE_MS,
+    tumbling_window_start, Q2_AUCTION_DIVISOR, Q3_CATEGORY, Q3_STATES, Q5_WINDOW_SIZE_MS,
+    Q5_WINDOW_SLIDE_MS, Q7_WINDOW_SIZE_MS, Q8_WINDOW_SIZE_MS,
 };
 use crate::nexmark::{
     Answer, AnswerRow, Auction, Bid, BidFields, Event, EventKinds, Generator, GeneratorConfig,
@@ -163,33 +163,50 @@ impl NexmarkSource {
         })
     }
 
-    /// A source of the bids that `keep` accepts, as a source given Flink
-    /// SQL's filter push-down: each bid is made with the fields `reads`
-    /// (besides its auction and time, always made) for `keep` to see, and
-    /// with the rest of the source's projection only if kept, so that a
-    /// query passes over the bids it drops as cheaply as over the events
-    /// of other kinds. `reads` must name every field `keep` looks at: the
-    /// others are zero when it does.
-    pub fn bids_where<F>(&self, reads: BidFields, keep: F) -> FilteredBids<F>
+    /// A source of the bids that `keep` accepts, `keep` reading only
+    /// their auction and time, as a source given Flink SQL's filter
+    /// push-down: each bid is made with those alone for `keep` to see,
+    /// and with the rest of the source's projection only if kept, so that
+    /// a query passes over the bids it drops almost as cheaply as over the
+    /// events of other kinds. The other fields are zero when `keep` looks.
+    pub fn bids_where<F>(&self, keep: F) -> Filtered<Bid, HeadFilter<F>>
     where
         F: Fn(&Bid) -> bool + Clone + Send + Sync + 'static,
     {
-        FilteredBids {
-            source: self.only(EventKinds::BIDS),
-            filter: BidFilter { reads, keep },
+        Filtered {
+            source: self.clone(),
+            filter: HeadFilter(keep),
+            _records: PhantomData,
+        }
+    }
+
+    /// A source of the records that `keep` accepts, made whole (with the
+    /// source's projection) before `keep` sees them (the same push-down):
+    /// those it drops go no further than the source.
+    pub fn records_where<T, F>(&self, keep: F) -> Filtered<T, RecordFilter<F>>
+    where
+        T: NexmarkRecord,
+        F: Fn(&T) -> bool + Clone + Send + Sync + 'static,
+    {
+        Filtered {
+            source: self.clone(),
+            filter: RecordFilter(keep),
+            _records: PhantomData,
         }
     }
 }
 
 /// A filter a Nexmark source applies to the records it makes, before they
-/// reach its batch ([`NexmarkSource::bids_where`]).
+/// reach its batch ([`NexmarkSource::bids_where`],
+/// [`NexmarkSource::records_where`]).
 pub trait SourceFilter<T>: Clone + Send + Sync + 'static {
     /// Whether it keeps every record: then each is made once, whole, and
     /// never tested.
     const KEEPS_ALL: bool;
-    /// The bid fields it reads (besides the auction and the time).
-    fn reads(&self) -> BidFields;
-    /// Whether the record, made with [`SourceFilter::reads`], is kept.
+    /// Whether it reads only a bid's auction and time: then a bid is made
+    /// with those alone to be tested, and whole only if kept.
+    const READS_BID_HEAD: bool;
+    /// Whether the record is kept.
     fn keep(&self, record: &T) -> bool;
 }
 
@@ -199,63 +216,78 @@ pub struct KeepAll;
 
 impl<T> SourceFilter<T> for KeepAll {
     const KEEPS_ALL: bool = true;
-    fn reads(&self) -> BidFields {
-        BidFields::NONE
-    }
+    const READS_BID_HEAD: bool = false;
     #[inline(always)]
     fn keep(&self, _record: &T) -> bool {
         true
     }
 }
 
-/// A predicate on bids and the bid fields it reads.
+/// A predicate on a bid's auction and time.
 #[derive(Clone, Copy)]
-pub struct BidFilter<F> {
-    reads: BidFields,
-    keep: F,
-}
+pub struct HeadFilter<F>(F);
 
-impl<F> SourceFilter<Bid> for BidFilter<F>
+impl<F> SourceFilter<Bid> for HeadFilter<F>
 where
     F: Fn(&Bid) -> bool + Clone + Send + Sync + 'static,
 {
     const KEEPS_ALL: bool = false;
-    fn reads(&self) -> BidFields {
-        self.reads
-    }
+    const READS_BID_HEAD: bool = true;
     #[inline(always)]
     fn keep(&self, bid: &Bid) -> bool {
-        (self.keep)(bid)
+        (self.0)(bid)
     }
 }
 
-/// The Nexmark source's bids that a filter keeps (see
-/// [`NexmarkSource::bids_where`]).
-#[derive(Clone)]
-pub struct FilteredBids<F> {
-    source: NexmarkSource,
-    filter: BidFilter<F>,
+/// A predicate on whole records.
+#[derive(Clone, Copy)]
+pub struct RecordFilter<F>(F);
+
+impl<T, F> SourceFilter<T> for RecordFilter<F>
+where
+    F: Fn(&T) -> bool + Clone + Send + Sync + 'static,
+{
+    const KEEPS_ALL: bool = false;
+    const READS_BID_HEAD: bool = false;
+    #[inline(always)]
+    fn keep(&self, record: &T) -> bool {
+        (self.0)(record)
+    }
 }
 
-impl<F> fmt::Debug for FilteredBids<F> {
+/// The Nexmark source's records of one kind that a filter `P` keeps (see
+/// [`NexmarkSource::bids_where`], [`NexmarkSource::records_where`]).
+pub struct Filtered<T, P> {
+    source: NexmarkSource,
+    filter: P,
+    _records: PhantomData<fn() -> T>,
+}
+
+impl<T, P: Clone> Clone for Filtered<T, P> {
+    fn clone(&self) -> Self {
+        Filtered {
+            source: self.source.clone(),
+            filter: self.filter.clone(),
+            _records: PhantomData,
+        }
+    }
+}
+
+impl<T, P> fmt::Debug for Filtered<T, P> {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
         formatter
-            .debug_struct("FilteredBids")
+            .debug_struct("Filtered")
             .field("source", &self.source)
-            .field("reads", &self.filter.reads)
             .finish_non_exhaustive()
     }
 }
 
-impl<F> Source<Bid> for FilteredBids<F>
-where
-    F: Fn(&Bid) -> bool + Clone + Send + Sync + 'static,
-{
+impl<T: NexmarkRecord, P: SourceFilter<T>> Source<T> for Filtered<T, P> {
     fn boundedness(&self) -> Boundedness {
         Boundedness::Bounded
     }
 
-    fn create_reader(&self, subtask_index: u32, parallelism: u32) -> Box<dyn SourceReader<Bid>> {
+    fn create_reader(&self, subtask_index: u32, parallelism: u32) -> Box<dyn SourceReader<T>> {
         let splits = self.source.fresh_splits(subtask_index, parallelism);
         self.source.reader(splits, parallelism, self.filter.clone())
     }
@@ -265,7 +297,7 @@ where
         _subtask_index: u32,
         parallelism: u32,
         state: Vec<Vec<u8>>,
-    ) -> Result<Box<dyn SourceReader<Bid>>, String> {
+    ) -> Result<Box<dyn SourceReader<T>>, String> {
         Ok(self.source.reader(
             IndexSplits::restore(&state)?,
             parallelism,
@@ -462,47 +494,71 @@ fn generate_run<T: NexmarkRecord, F: SourceFilter<T>, const BID_FIELDS: u8>(
     output: &mut dyn SourceOutput<T>,
 ) {
     let fields = const { BidFields::from_bits(BID_FIELDS) };
-    // Made with the fields the filter reads, then, if kept, with the rest.
-    let make = |kind: EventKind, index: u64| {
-        if F::KEEPS_ALL {
-            return Some(T::generate(
-                &generator,
-                kind,
-                index,
-                fields,
-                auction_details,
-            ));
-        }
-        let tested = T::generate(&generator, kind, index, filter.reads(), auction_details);
-        filter
-            .keep(&tested)
-            .then(|| T::generate(&generator, kind, index, fields, auction_details))
+    let made = Made {
+        generator: &generator,
+        fields,
+        auction_details,
+        filter,
     };
+    // Each kind in a loop of its own, the kind a constant in it (no
+    // closure between the loop and the generator: one left out of line
+    // cost q2 twice the instructions).
     for (kind, taken) in kinds.taken_runs(run) {
         match kind {
-            EventKind::Person => {
-                emit_run(taken, batch, output, |index| make(EventKind::Person, index))
-            }
-            EventKind::Auction => emit_run(taken, batch, output, |index| {
-                make(EventKind::Auction, index)
-            }),
-            EventKind::Bid => emit_run(taken, batch, output, |index| make(EventKind::Bid, index)),
+            EventKind::Person => emit_run(EventKind::Person, taken, &made, batch, output),
+            EventKind::Auction => emit_run(EventKind::Auction, taken, &made, batch, output),
+            EventKind::Bid => emit_run(EventKind::Bid, taken, &made, batch, output),
         }
     }
 }
 
-/// Emits the records that `make` makes of the indices `run` (none where it
-/// makes none), stamped with their event time, into `batch`, handing it to
-/// `output` whenever it is full.
+/// How a reader makes its records: with `fields` of each bid, and those
+/// `filter` keeps.
+struct Made<'a, F> {
+    generator: &'a Generator,
+    fields: BidFields,
+    auction_details: bool,
+    filter: &'a F,
+}
+
+impl<F> Made<'_, F> {
+    /// Record `index`, of kind `kind`, if kept. A bid tested on its
+    /// auction and time alone is made with those first, and whole only if
+    /// kept.
+    #[inline(always)]
+    fn make<T: NexmarkRecord>(&self, kind: EventKind, index: u64) -> Option<T>
+    where
+        F: SourceFilter<T>,
+    {
+        let (generator, fields, details) = (self.generator, self.fields, self.auction_details);
+        if F::KEEPS_ALL {
+            return Some(T::generate(generator, kind, index, fields, details));
+        }
+        if F::READS_BID_HEAD && kind == EventKind::Bid {
+            let head = T::generate(generator, kind, index, BidFields::NONE, details);
+            return self
+                .filter
+                .keep(&head)
+                .then(|| T::generate(generator, kind, index, fields, details));
+        }
+        Some(T::generate(generator, kind, index, fields, details))
+            .filter(|record| self.filter.keep(record))
+    }
+}
+
+/// Emits the records of kind `kind` that `made` makes of the indices `run`
+/// (none where it makes none), stamped with their event time, into
+/// `batch`, handing it to `output` whenever it is full.
 #[inline(always)]
-fn emit_run<T: NexmarkRecord>(
+fn emit_run<T: NexmarkRecord, F: SourceFilter<T>>(
+    kind: EventKind,
     run: Range<u64>,
+    made: &Made<'_, F>,
     batch: &mut Vec<StreamRecord<T>>,
     output: &mut dyn SourceOutput<T>,
-    make: impl Fn(u64) -> Option<T>,
 ) {
     for index in run {
-        let Some(record) = make(index) else {
+        let Some(record) = made.make(kind, index) else {
             continue;
         };
         batch.push(StreamRecord {
@@ -677,14 +733,6 @@ fn bids(env: &StreamExecutionEnvironment, source: &NexmarkSource) -> DataStream<
     read(env, source, "bids")
 }
 
-fn persons(env: &StreamExecutionEnvironment, source: &NexmarkSource) -> DataStream<Person> {
-    read(env, source, "persons")
-}
-
-fn auctions(env: &StreamExecutionEnvironment, source: &NexmarkSource) -> DataStream<Auction> {
-    read(env, source, "auctions")
-}
-
 /// Where a query's rows go: the answer sink and, with `--output`, a file
 /// sink that writes them as lines, committed by checkpoints.
 struct RowSinks {
@@ -748,7 +796,7 @@ pub fn build_query(
         Query::Q2 => {
             // The filter, on the auction alone, is pushed into the source:
             // a bid it drops is never made whole nor handed on.
-            let selected = source.bids_where(BidFields::NONE, Bid::is_q2_selected);
+            let selected = source.bids_where(Bid::is_q2_selected);
             read_from(
                 env,
                 selected,
@@ -762,19 +810,27 @@ pub fn build_query(
         Query::Q3 => {
             // Of a person the join reads only their id and what the row
             // shows of them (see the auctions below).
-            let persons = persons(env, &source)
-                .filter(Person::is_q3_selected)
-                .name("q3 persons")
-                .map(|person| Seller::of(&person))
-                .name("q3 person id and details");
+            // Both filters are pushed into the sources: the persons and
+            // auctions they drop go no further.
+            let persons = read_from(
+                env,
+                source.records_where(Person::is_q3_selected),
+                source.watermark_alignment,
+                &format!("persons in {}", Q3_STATES.join(", ")),
+            )
+            .map(|person| Seller::of(&person))
+            .name("q3 person id and details");
             // Of an auction the join reads only its id and seller: the
             // rest is left out before the shuffle, as Flink SQL projects a
             // join's inputs to the columns it uses.
-            let auctions = auctions(env, &source)
-                .filter(Auction::is_q3_selected)
-                .name("q3 auctions")
-                .map(|auction| SoldAuction::of(&auction))
-                .name("q3 auction id and seller");
+            let auctions = read_from(
+                env,
+                source.records_where(Auction::is_q3_selected),
+                source.watermark_alignment,
+                &format!("auctions in category {Q3_CATEGORY}"),
+            )
+            .map(|auction| SoldAuction::of(&auction))
+            .name("q3 auction id and seller");
             persons
                 .key_by(|seller| seller.id)
                 .connect(auctions.key_by(|auction| auction.seller))
@@ -1312,8 +1368,50 @@ mod tests {
         seed: 42,
     };
 
+    /// What a filtered source emits, against its unfiltered source's
+    /// records that `keep` keeps, at parallelisms 1 to 3 and restored from
+    /// a checkpoint taken after one poll.
+    fn assert_filtered<T, P>(
+        source: &NexmarkSource,
+        filtered: &Filtered<T, P>,
+        keep: impl Fn(&T) -> bool,
+        is_whole: impl Fn(&T) -> bool,
+    ) where
+        T: NexmarkRecord + PartialEq + std::fmt::Debug,
+        P: SourceFilter<T>,
+    {
+        for parallelism in 1..=3 {
+            for subtask in 0..parallelism {
+                let all = read_all(&mut *reader::<T>(source, subtask, parallelism), 7);
+                let kept = read_all(&mut *filtered.create_reader(subtask, parallelism), 7);
+                let expected: Vec<_> = all
+                    .records
+                    .iter()
+                    .filter(|(record, _)| keep(record))
+                    .cloned()
+                    .collect();
+                assert!(!expected.is_empty() && expected.len() < all.records.len());
+                assert!(expected.iter().all(|(record, _)| is_whole(record)));
+                assert_eq!(kept.records, expected);
+                // Event time still goes as far as the indices read.
+                assert_eq!(kept.skipped_to, all.skipped_to);
+            }
+        }
+        let mut first = filtered.create_reader(0, 1);
+        let mut before = Recorded {
+            records: Vec::new(),
+            skipped_to: None,
+        };
+        first.poll_next(&mut before, 10);
+        let state = first.snapshot_state().unwrap();
+        let after = read_all(&mut *filtered.restore_reader(0, 1, state).unwrap(), 10);
+        let all = read_all(&mut *filtered.create_reader(0, 1), 10);
+        assert!(!before.records.is_empty() && !after.records.is_empty());
+        assert_eq!([before.records, after.records].concat(), all.records);
+    }
+
     #[test]
-    fn a_filter_pushed_into_the_source_emits_the_bids_it_keeps_whole() {
+    fn a_filter_pushed_into_the_source_emits_the_records_it_keeps_whole() {
         let source = NexmarkSource::new(CONFIG)
             .with_split_block(100)
             .projected(BidFields {
@@ -1321,55 +1419,18 @@ mod tests {
                 price: true,
                 ..BidFields::NONE
             });
+        // Kept bids have every field of the projection, though the filter
+        // saw only the auction and time.
+        let whole = |bid: &Bid| bid.bidder != 0 && bid.price != 0;
+        let on_auction = |bid: &Bid| bid.auction.is_multiple_of(3);
+        assert_filtered(&source, &source.bids_where(on_auction), on_auction, whole);
+        // A filter of whole records sees every field.
         let cheap = |bid: &Bid| bid.price < 50_000;
-        for (reads, keep) in [
-            (
-                BidFields::NONE,
-                (|bid: &Bid| bid.auction.is_multiple_of(3)) as fn(&Bid) -> bool,
-            ),
-            // A filter on a field besides the auction sees that field.
-            (
-                BidFields {
-                    price: true,
-                    ..BidFields::NONE
-                },
-                cheap,
-            ),
-        ] {
-            let filtered = source.bids_where(reads, keep);
-            for parallelism in 1..=3 {
-                for subtask in 0..parallelism {
-                    let all = read_all(&mut *reader::<Bid>(&source, subtask, parallelism), 7);
-                    let kept = read_all(&mut *filtered.create_reader(subtask, parallelism), 7);
-                    let expected: Vec<_> = all
-                        .records
-                        .iter()
-                        .filter(|(bid, _)| keep(bid))
-                        .cloned()
-                        .collect();
-                    assert!(!expected.is_empty() && expected.len() < all.records.len());
-                    // Kept bids have every field of the projection.
-                    assert!(expected.iter().all(|(bid, _)| bid.bidder != 0));
-                    assert_eq!(kept.records, expected);
-                    // Event time still goes as far as the indices read.
-                    assert_eq!(kept.skipped_to, all.skipped_to);
-                }
-            }
-            // Restored from a checkpoint taken after one poll, a reader
-            // goes on from there.
-            let mut first = filtered.create_reader(0, 1);
-            let mut before = Recorded {
-                records: Vec::new(),
-                skipped_to: None,
-            };
-            first.poll_next(&mut before, 100);
-            let state = first.snapshot_state().unwrap();
-            let mut restored = filtered.restore_reader(0, 1, state).unwrap();
-            let after = read_all(&mut *restored, 100);
-            let all = read_all(&mut *filtered.create_reader(0, 1), 100);
-            assert!(!before.records.is_empty() && !after.records.is_empty());
-            assert_eq!([before.records, after.records].concat(), all.records);
-        }
+        assert_filtered(&source, &source.records_where(cheap), cheap, whole);
+        let selected = Person::is_q3_selected;
+        assert_filtered(&source, &source.records_where(selected), selected, |_| true);
+        let selected = Auction::is_q3_selected;
+        assert_filtered(&source, &source.records_where(selected), selected, |_| true);
     }
 
     #[test]
