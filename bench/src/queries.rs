@@ -494,8 +494,23 @@ fn generate_run<T: NexmarkRecord, F: SourceFilter<T>, const BID_FIELDS: u8>(
     output: &mut dyn SourceOutput<T>,
 ) {
     let fields = const { BidFields::from_bits(BID_FIELDS) };
+    if F::KEEPS_ALL {
+        // Each record made straight into the batch. (Through `Made` and
+        // an `Option`, q5's and q7's sources took 7% more instructions.)
+        let make = |kind: EventKind| {
+            move |index: u64| T::generate(&generator, kind, index, fields, auction_details)
+        };
+        for (kind, taken) in kinds.taken_runs(run) {
+            match kind {
+                EventKind::Person => emit_all(taken, batch, output, make(EventKind::Person)),
+                EventKind::Auction => emit_all(taken, batch, output, make(EventKind::Auction)),
+                EventKind::Bid => emit_all(taken, batch, output, make(EventKind::Bid)),
+            }
+        }
+        return;
+    }
     let made = Made {
-        generator: &generator,
+        generator,
         fields,
         auction_details,
         filter,
@@ -515,7 +530,7 @@ fn generate_run<T: NexmarkRecord, F: SourceFilter<T>, const BID_FIELDS: u8>(
 /// How a reader makes its records: with `fields` of each bid, and those
 /// `filter` keeps.
 struct Made<'a, F> {
-    generator: &'a Generator,
+    generator: Generator,
     fields: BidFields,
     auction_details: bool,
     filter: &'a F,
@@ -530,10 +545,7 @@ impl<F> Made<'_, F> {
     where
         F: SourceFilter<T>,
     {
-        let (generator, fields, details) = (self.generator, self.fields, self.auction_details);
-        if F::KEEPS_ALL {
-            return Some(T::generate(generator, kind, index, fields, details));
-        }
+        let (generator, fields, details) = (&self.generator, self.fields, self.auction_details);
         if F::READS_BID_HEAD && kind == EventKind::Bid {
             let head = T::generate(generator, kind, index, BidFields::NONE, details);
             return self
@@ -558,16 +570,40 @@ fn emit_run<T: NexmarkRecord, F: SourceFilter<T>>(
     output: &mut dyn SourceOutput<T>,
 ) {
     for index in run {
-        let Some(record) = made.make(kind, index) else {
-            continue;
-        };
-        batch.push(StreamRecord {
-            timestamp: record.date_time() as Timestamp,
-            value: record,
-        });
-        if batch.len() >= CHAIN_BATCH_RECORDS {
-            output.collect_batch(batch);
+        if let Some(record) = made.make(kind, index) {
+            push_record(record, batch, output);
         }
+    }
+}
+
+/// Emits the records that `make` makes of the indices `run`, as
+/// [`emit_run`] with no filter.
+#[inline(always)]
+fn emit_all<T: NexmarkRecord>(
+    run: Range<u64>,
+    batch: &mut Vec<StreamRecord<T>>,
+    output: &mut dyn SourceOutput<T>,
+    make: impl Fn(u64) -> T,
+) {
+    for index in run {
+        push_record(make(index), batch, output);
+    }
+}
+
+/// Adds `record`, stamped with its event time, to `batch`, handing the
+/// batch to `output` when it is full.
+#[inline(always)]
+fn push_record<T: NexmarkRecord>(
+    record: T,
+    batch: &mut Vec<StreamRecord<T>>,
+    output: &mut dyn SourceOutput<T>,
+) {
+    batch.push(StreamRecord {
+        timestamp: record.date_time() as Timestamp,
+        value: record,
+    });
+    if batch.len() >= CHAIN_BATCH_RECORDS {
+        output.collect_batch(batch);
     }
 }
 
