@@ -118,6 +118,16 @@ impl NexmarkSource {
         }
     }
 
+    /// The splits of subtask `subtask_index` of `parallelism` in a new job.
+    fn fresh_splits(&self, subtask_index: u32, parallelism: u32) -> IndexSplits {
+        IndexSplits::fresh_blocks(
+            subtask_index,
+            parallelism,
+            self.config.events,
+            self.split_block,
+        )
+    }
+
     /// A reader of `splits`, compiled for its bid fields: the generator's
     /// code is specialized to each set of fields, as Flink SQL generates
     /// the code of a projection, so that the fields left out cost nothing
@@ -163,15 +173,15 @@ impl NexmarkSource {
         })
     }
 
-    /// A source of the bids that `keep` accepts, `keep` reading only
-    /// their auction and time, as a source given Flink SQL's filter
-    /// push-down: each bid is made with those alone for `keep` to see,
+    /// A source of the bids whose auction and time `keep` accepts
+    /// (`keep(auction, date_time)`), as a source given Flink SQL's filter
+    /// push-down: each bid is made with those alone for `keep` to test,
     /// and with the rest of the source's projection only if kept, so that
     /// a query passes over the bids it drops almost as cheaply as over the
-    /// events of other kinds. The other fields are zero when `keep` looks.
+    /// events of other kinds.
     pub fn bids_where<F>(&self, keep: F) -> Filtered<Bid, HeadFilter<F>>
     where
-        F: Fn(&Bid) -> bool + Clone + Send + Sync + 'static,
+        F: Fn(u64, u64) -> bool + Clone + Send + Sync + 'static,
     {
         Filtered {
             source: self.clone(),
@@ -181,8 +191,9 @@ impl NexmarkSource {
     }
 
     /// A source of the records that `keep` accepts, made whole (with the
-    /// source's projection) before `keep` sees them (the same push-down):
-    /// those it drops go no further than the source.
+    /// source's projection: a bid's fields left out of it are zero when
+    /// `keep` sees them) before it tests them (the same push-down): those
+    /// it drops go no further than the source.
     pub fn records_where<T, F>(&self, keep: F) -> Filtered<T, RecordFilter<F>>
     where
         T: NexmarkRecord,
@@ -229,13 +240,13 @@ pub struct HeadFilter<F>(F);
 
 impl<F> SourceFilter<Bid> for HeadFilter<F>
 where
-    F: Fn(&Bid) -> bool + Clone + Send + Sync + 'static,
+    F: Fn(u64, u64) -> bool + Clone + Send + Sync + 'static,
 {
     const KEEPS_ALL: bool = false;
     const READS_BID_HEAD: bool = true;
     #[inline(always)]
     fn keep(&self, bid: &Bid) -> bool {
-        (self.0)(bid)
+        (self.0)(bid.auction, bid.date_time)
     }
 }
 
@@ -450,18 +461,6 @@ impl<T: NexmarkRecord> Source<T> for NexmarkSource {
     }
 }
 
-impl NexmarkSource {
-    /// The splits of subtask `subtask_index` of `parallelism` in a new job.
-    fn fresh_splits(&self, subtask_index: u32, parallelism: u32) -> IndexSplits {
-        IndexSplits::fresh_blocks(
-            subtask_index,
-            parallelism,
-            self.config.events,
-            self.split_block,
-        )
-    }
-}
-
 /// Reads the events of `kinds` from `splits`, with the bid fields whose
 /// bits are `BID_FIELDS` ([`BidFields::bits`]), and emits those `filter`
 /// keeps.
@@ -495,7 +494,7 @@ fn generate_run<T: NexmarkRecord, F: SourceFilter<T>, const BID_FIELDS: u8>(
 ) {
     let fields = const { BidFields::from_bits(BID_FIELDS) };
     if F::KEEPS_ALL {
-        // Each record made straight into the batch. (Through `Made` and
+        // Each record made straight into the batch. (Through `RecordMaker` and
         // an `Option`, q5's and q7's sources took 7% more instructions.)
         let make = |kind: EventKind| {
             move |index: u64| T::generate(&generator, kind, index, fields, auction_details)
@@ -509,15 +508,15 @@ fn generate_run<T: NexmarkRecord, F: SourceFilter<T>, const BID_FIELDS: u8>(
         }
         return;
     }
-    let made = Made {
+    let made = RecordMaker {
         generator,
         fields,
         auction_details,
         filter,
     };
-    // Each kind in a loop of its own, the kind a constant in it (no
-    // closure between the loop and the generator: one left out of line
-    // cost q2 twice the instructions).
+    // Filtered: each kind in a loop of its own, the kind a constant in it,
+    // and no closure between the loop and the generator (the filter's test
+    // made one too large to inline, and q2 took twice the instructions).
     for (kind, taken) in kinds.taken_runs(run) {
         match kind {
             EventKind::Person => emit_run(EventKind::Person, taken, &made, batch, output),
@@ -529,14 +528,14 @@ fn generate_run<T: NexmarkRecord, F: SourceFilter<T>, const BID_FIELDS: u8>(
 
 /// How a reader makes its records: with `fields` of each bid, and those
 /// `filter` keeps.
-struct Made<'a, F> {
+struct RecordMaker<'a, F> {
     generator: Generator,
     fields: BidFields,
     auction_details: bool,
     filter: &'a F,
 }
 
-impl<F> Made<'_, F> {
+impl<F> RecordMaker<'_, F> {
     /// Record `index`, of kind `kind`, if kept. A bid tested on its
     /// auction and time alone is made with those first, and whole only if
     /// kept.
@@ -565,7 +564,7 @@ impl<F> Made<'_, F> {
 fn emit_run<T: NexmarkRecord, F: SourceFilter<T>>(
     kind: EventKind,
     run: Range<u64>,
-    made: &Made<'_, F>,
+    made: &RecordMaker<'_, F>,
     batch: &mut Vec<StreamRecord<T>>,
     output: &mut dyn SourceOutput<T>,
 ) {
@@ -744,22 +743,22 @@ fn read<T: NexmarkRecord>(
     source: &NexmarkSource,
     what: &str,
 ) -> DataStream<T> {
-    read_from(env, source.clone(), source.watermark_alignment, what)
+    read_from(env, source, source.clone(), what)
 }
 
-/// `source`'s records, a part of the Nexmark source's, aligned as it is.
+/// `records`, a part of `source`'s (a filtered one), aligned as it is.
 fn read_from<T: NexmarkRecord>(
     env: &StreamExecutionEnvironment,
-    source: impl Source<T>,
-    watermark_alignment: Option<Duration>,
+    source: &NexmarkSource,
+    records: impl Source<T>,
     what: &str,
 ) -> DataStream<T> {
     let strategy = WatermarkStrategy::for_monotonous_timestamps();
-    let strategy = match watermark_alignment {
+    let strategy = match source.watermark_alignment {
         Some(drift) => strategy.with_watermark_alignment(WATERMARK_ALIGNMENT_GROUP, drift),
         None => strategy,
     };
-    env.from_source(source, strategy, &format!("Source: nexmark {what}"))
+    env.from_source(records, strategy, &format!("Source: nexmark {what}"))
 }
 
 /// The watermark alignment group of every nexmark source of a job.
@@ -832,11 +831,11 @@ pub fn build_query(
         Query::Q2 => {
             // The filter, on the auction alone, is pushed into the source:
             // a bid it drops is never made whole nor handed on.
-            let selected = source.bids_where(Bid::is_q2_selected);
+            let selected = source.bids_where(|auction, _| Bid::is_q2_auction(auction));
             read_from(
                 env,
+                &source,
                 selected,
-                source.watermark_alignment,
                 &format!("bids where auction % {Q2_AUCTION_DIVISOR} = 0"),
             )
             .map(|bid| Q2Row::from_bid(&bid))
@@ -850,8 +849,8 @@ pub fn build_query(
             // auctions they drop go no further.
             let persons = read_from(
                 env,
+                &source,
                 source.records_where(Person::is_q3_selected),
-                source.watermark_alignment,
                 &format!("persons in {}", Q3_STATES.join(", ")),
             )
             .map(|person| Seller::of(&person))
@@ -861,8 +860,8 @@ pub fn build_query(
             // join's inputs to the columns it uses.
             let auctions = read_from(
                 env,
+                &source,
                 source.records_where(Auction::is_q3_selected),
-                source.watermark_alignment,
                 &format!("auctions in category {Q3_CATEGORY}"),
             )
             .map(|auction| SoldAuction::of(&auction))
@@ -1458,8 +1457,9 @@ mod tests {
         // Kept bids have every field of the projection, though the filter
         // saw only the auction and time.
         let whole = |bid: &Bid| bid.bidder != 0 && bid.price != 0;
-        let on_auction = |bid: &Bid| bid.auction.is_multiple_of(3);
-        assert_filtered(&source, &source.bids_where(on_auction), on_auction, whole);
+        let on_auction = |auction: u64, _date_time: u64| auction.is_multiple_of(3);
+        let keep = |bid: &Bid| on_auction(bid.auction, bid.date_time);
+        assert_filtered(&source, &source.bids_where(on_auction), keep, whole);
         // A filter of whole records sees every field.
         let cheap = |bid: &Bid| bid.price < 50_000;
         assert_filtered(&source, &source.records_where(cheap), cheap, whole);

@@ -32,6 +32,10 @@ const SLOT_PREEMPT_INTERVAL: Duration = Duration::from_millis(100);
 const SLOT_IO_MEMORY_BYTES: usize = 512 * 1024;
 /// How long a slot may take to start its executor.
 const SLOT_START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a slot told to stop may take to end its executor before it is
+/// left running (a task that never yields would otherwise hang the process
+/// that drops its TaskManager, an error or a panic on the way out).
+const SLOT_STOP_WAIT: Duration = Duration::from_secs(5);
 
 enum SlotCommand {
     Deploy {
@@ -66,17 +70,30 @@ struct Slot {
     commands: CommandSender<SlotCommand>,
     /// Its executor's thread; `None` once joined.
     thread: Option<glommio::ExecutorJoinHandle<()>>,
+    /// Disconnected when the slot's executor has run its last task.
+    ended: mpsc::Receiver<()>,
+    index: usize,
 }
 
 impl Drop for Slot {
     /// Stops the slot's executor and waits for its thread, so that what
     /// ran on it (the tasks, a hosted network service's sockets) is gone
     /// when a TaskManager is: a join handle dropped alone would leave the
-    /// thread running behind it.
+    /// thread running behind it. A slot that does not stop within
+    /// [`SLOT_STOP_WAIT`] is left running, and said so.
     fn drop(&mut self) {
-        if let Some(thread) = self.thread.take() {
-            let _ = self.commands.send(SlotCommand::Shutdown);
-            let _ = thread.join();
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        let _ = self.commands.send(SlotCommand::Shutdown);
+        match self.ended.recv_timeout(SLOT_STOP_WAIT) {
+            Err(mpsc::RecvTimeoutError::Timeout) => eprintln!(
+                "slot {} did not stop within {SLOT_STOP_WAIT:?} (a task that does not yield?): left running",
+                self.index
+            ),
+            Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let _ = thread.join();
+            }
         }
     }
 }
@@ -171,6 +188,7 @@ impl TaskManager {
             let cpu = cpus[index % cpus.len()];
             let (commands, command_inbox) = crate::wake::unbounded();
             let (ready, slot_ready) = mpsc::channel();
+            let (ending, ended) = mpsc::channel::<()>();
             let mut builder = LocalExecutorBuilder::new(Placement::Fixed(cpu))
                 .name(&format!("strom-slot-{index}"))
                 .io_memory(SLOT_IO_MEMORY_BYTES)
@@ -181,7 +199,11 @@ impl TaskManager {
             let thread = builder
                 .spawn(move || {
                     crate::task::set_busy_polling(busy_poll.is_some());
-                    slot_main(command_inbox, ready)
+                    async move {
+                        // Dropped, so disconnected, however the slot ends.
+                        let _ending = ending;
+                        slot_main(command_inbox, ready).await
+                    }
                 })
                 .map_err(|error| format!("cannot start slot {index} on CPU {cpu}: {error}"))?;
             // An executor that cannot set up its io_uring dies in its thread;
@@ -208,6 +230,8 @@ impl TaskManager {
             slots.push(Slot {
                 commands,
                 thread: Some(thread),
+                ended,
+                index,
             });
         }
         let network = match (data_bind, &slots[..]) {

@@ -225,10 +225,15 @@ impl Bid {
 
     /// Whether q2 keeps this bid: one on an auction whose id is a multiple of 123.
     #[inline]
-    // `u64::is_multiple_of` needs Rust 1.87; the workspace supports 1.85.
-    #[allow(clippy::manual_is_multiple_of)]
     pub fn is_q2_selected(&self) -> bool {
-        self.auction % Q2_AUCTION_DIVISOR == 0
+        Bid::is_q2_auction(self.auction)
+    }
+
+    /// Whether q2 keeps the bids on auction `auction`: the test on the
+    /// auction alone, for a source that tests a bid before making it whole.
+    #[inline]
+    pub fn is_q2_auction(auction: u64) -> bool {
+        auction.is_multiple_of(Q2_AUCTION_DIVISOR)
     }
 }
 
