@@ -118,14 +118,32 @@ impl NexmarkSource {
         }
     }
 
-    /// The splits of subtask `subtask_index` of `parallelism` in a new job.
-    fn fresh_splits(&self, subtask_index: u32, parallelism: u32) -> IndexSplits {
-        IndexSplits::fresh_blocks(
+    /// The reader of subtask `subtask_index` of `parallelism` in a new
+    /// job, emitting the records `filter` keeps.
+    fn fresh_reader<T: NexmarkRecord, F: SourceFilter<T>>(
+        &self,
+        subtask_index: u32,
+        parallelism: u32,
+        filter: F,
+    ) -> Box<dyn SourceReader<T>> {
+        let splits = IndexSplits::fresh_blocks(
             subtask_index,
             parallelism,
             self.config.events,
             self.split_block,
-        )
+        );
+        self.reader(splits, parallelism, filter)
+    }
+
+    /// A reader of the splits in `state` (from a checkpoint), emitting the
+    /// records `filter` keeps.
+    fn restored_reader<T: NexmarkRecord, F: SourceFilter<T>>(
+        &self,
+        parallelism: u32,
+        state: &[Vec<u8>],
+        filter: F,
+    ) -> Result<Box<dyn SourceReader<T>>, String> {
+        Ok(self.reader(IndexSplits::restore(state)?, parallelism, filter))
     }
 
     /// A reader of `splits`, compiled for its bid fields: the generator's
@@ -299,8 +317,8 @@ impl<T: NexmarkRecord, P: SourceFilter<T>> Source<T> for Filtered<T, P> {
     }
 
     fn create_reader(&self, subtask_index: u32, parallelism: u32) -> Box<dyn SourceReader<T>> {
-        let splits = self.source.fresh_splits(subtask_index, parallelism);
-        self.source.reader(splits, parallelism, self.filter.clone())
+        self.source
+            .fresh_reader(subtask_index, parallelism, self.filter.clone())
     }
 
     fn restore_reader(
@@ -309,11 +327,8 @@ impl<T: NexmarkRecord, P: SourceFilter<T>> Source<T> for Filtered<T, P> {
         parallelism: u32,
         state: Vec<Vec<u8>>,
     ) -> Result<Box<dyn SourceReader<T>>, String> {
-        Ok(self.source.reader(
-            IndexSplits::restore(&state)?,
-            parallelism,
-            self.filter.clone(),
-        ))
+        self.source
+            .restored_reader(parallelism, &state, self.filter.clone())
     }
 }
 
@@ -444,11 +459,7 @@ impl<T: NexmarkRecord> Source<T> for NexmarkSource {
     }
 
     fn create_reader(&self, subtask_index: u32, parallelism: u32) -> Box<dyn SourceReader<T>> {
-        self.reader(
-            self.fresh_splits(subtask_index, parallelism),
-            parallelism,
-            KeepAll,
-        )
+        self.fresh_reader(subtask_index, parallelism, KeepAll)
     }
 
     fn restore_reader(
@@ -457,7 +468,7 @@ impl<T: NexmarkRecord> Source<T> for NexmarkSource {
         parallelism: u32,
         state: Vec<Vec<u8>>,
     ) -> Result<Box<dyn SourceReader<T>>, String> {
-        Ok(self.reader(IndexSplits::restore(&state)?, parallelism, KeepAll))
+        self.restored_reader(parallelism, &state, KeepAll)
     }
 }
 
