@@ -508,7 +508,13 @@ fn generate_run<T: NexmarkRecord, F: SourceFilter<T>, const BID_FIELDS: u8>(
         // Each record made straight into the batch. (Through `RecordMaker` and
         // an `Option`, q5's and q7's sources took 7% more instructions.)
         let make = |kind: EventKind| {
-            move |index: u64| T::generate(&generator, kind, index, fields, auction_details)
+            // The fields a constant in the closure itself, not a capture:
+            // the closure is compiled inside `extend`, which may not be
+            // inlined here.
+            move |index: u64| {
+                let fields = const { BidFields::from_bits(BID_FIELDS) };
+                T::generate(&generator, kind, index, fields, auction_details)
+            }
         };
         for (kind, taken) in kinds.taken_runs(run) {
             match kind {
@@ -595,8 +601,25 @@ fn emit_all<T: NexmarkRecord>(
     output: &mut dyn SourceOutput<T>,
     make: impl Fn(u64) -> T,
 ) {
-    for index in run {
-        push_record(make(index), batch, output);
+    // As many at a time as the batch has room for, through `extend` over
+    // a range: a length known ahead, so the batch is written without a
+    // capacity check or a length update per record (a push per record
+    // took 14 of q7's 104 instructions per bid).
+    let mut from = run.start;
+    while from < run.end {
+        let room = CHAIN_BATCH_RECORDS.saturating_sub(batch.len()).max(1) as u64;
+        let to = run.end.min(from + room);
+        batch.extend((from..to).map(|index| {
+            let record = make(index);
+            StreamRecord {
+                timestamp: record.date_time() as Timestamp,
+                value: record,
+            }
+        }));
+        from = to;
+        if batch.len() >= CHAIN_BATCH_RECORDS {
+            output.collect_batch(batch);
+        }
     }
 }
 

@@ -147,7 +147,7 @@ impl<T: Record> StreamType for TypedStream<T> {
             Partitioning::Hash(key_hash) => ChannelSelector::hash(
                 key_hash
                     .clone()
-                    .downcast::<Arc<dyn Fn(&T) -> u64 + Send + Sync>>()
+                    .downcast::<crate::key::RecordKeyHash<T>>()
                     .map(|boxed| (*boxed).clone())
                     .unwrap_or_else(|_| panic!("key selector of the wrong record type")),
                 max_parallelism,

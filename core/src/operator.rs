@@ -485,7 +485,9 @@ pub(crate) enum ChannelSelector<T> {
     Broadcast,
     /// The consumer that owns the key group of the record's key.
     Hash {
-        key_hash: Arc<dyn Fn(&T) -> u64 + Send + Sync>,
+        key_hash: crate::key::RecordKeyHash<T>,
+        /// The key hashes of the batch being written.
+        hashes: Vec<u64>,
         assigner: KeyGroupAssigner,
         /// The channel of every key group, computed once: no division per
         /// record.
@@ -496,7 +498,7 @@ pub(crate) enum ChannelSelector<T> {
 impl<T> ChannelSelector<T> {
     /// Hash partitioning over `channel_count` consumers.
     pub(crate) fn hash(
-        key_hash: Arc<dyn Fn(&T) -> u64 + Send + Sync>,
+        key_hash: crate::key::RecordKeyHash<T>,
         max_parallelism: u32,
         channel_count: usize,
     ) -> Self {
@@ -507,6 +509,7 @@ impl<T> ChannelSelector<T> {
             .collect();
         ChannelSelector::Hash {
             key_hash,
+            hashes: Vec::new(),
             assigner: KeyGroupAssigner::new(max_parallelism),
             channel_of_key_group,
         }
@@ -516,13 +519,19 @@ impl<T> ChannelSelector<T> {
 /// Batches records per channel into rkyv buffers and queues them.
 pub(crate) struct RecordWriter<T> {
     pub(crate) selector: ChannelSelector<T>,
+    pub(crate) channels: ChannelBuffers<T>,
+}
+
+/// A writer's channels: per channel the records not yet encoded, and
+/// where its encoded buffers go.
+pub(crate) struct ChannelBuffers<T> {
     /// Index of this writer's first channel in the task's output queue.
-    pub(crate) channel_base: usize,
-    pub(crate) buffers: Vec<Vec<StreamRecord<T>>>,
+    channel_base: usize,
+    buffers: Vec<Vec<StreamRecord<T>>>,
     /// The size of each channel's last encoded buffer: the capacity to
     /// encode its next one into, so that a buffer is one allocation.
-    pub(crate) encoded_sizes: Vec<usize>,
-    pub(crate) queue: OutputQueue,
+    encoded_sizes: Vec<usize>,
+    queue: OutputQueue,
 }
 
 impl<T: Record> RecordWriter<T> {
@@ -534,15 +543,24 @@ impl<T: Record> RecordWriter<T> {
     ) -> Self {
         RecordWriter {
             selector,
-            channel_base,
-            buffers: (0..channel_count)
-                .map(|_| Vec::with_capacity(BATCH_RECORDS_MAX))
-                .collect(),
-            encoded_sizes: vec![0; channel_count],
-            queue,
+            channels: ChannelBuffers {
+                channel_base,
+                buffers: (0..channel_count)
+                    .map(|_| Vec::with_capacity(BATCH_RECORDS_MAX))
+                    .collect(),
+                encoded_sizes: vec![0; channel_count],
+                queue,
+            },
         }
     }
+}
 
+impl<T: Record> ChannelBuffers<T> {
+    fn count(&self) -> usize {
+        self.buffers.len()
+    }
+
+    #[inline]
     fn append(&mut self, channel: usize, record: T, timestamp: Timestamp) {
         let buffer = &mut self.buffers[channel];
         buffer.push(StreamRecord {
@@ -551,6 +569,19 @@ impl<T: Record> RecordWriter<T> {
         });
         if buffer.len() >= BATCH_RECORDS_MAX {
             self.ship(channel);
+        }
+    }
+
+    /// Appends all of `records` to channel 0.
+    fn append_all(&mut self, records: &mut Vec<StreamRecord<T>>) {
+        let mut records = records.drain(..);
+        loop {
+            let buffer = &mut self.buffers[0];
+            buffer.extend(records.by_ref().take(BATCH_RECORDS_MAX - buffer.len()));
+            if buffer.len() < BATCH_RECORDS_MAX {
+                return;
+            }
+            self.ship(0);
         }
     }
 
@@ -587,68 +618,90 @@ impl<T: Record> RecordWriter<T> {
 
 impl<T: Record> Output<T> for RecordWriter<T> {
     fn push_batch(&mut self, batch: &mut Vec<StreamRecord<T>>) {
-        if !matches!(self.selector, ChannelSelector::Forward) {
-            for record in batch.drain(..) {
-                self.push(record.value, record.timestamp);
-            }
-            return;
+        let channels = &mut self.channels;
+        // One channel takes every record whatever the partitioning: a
+        // key_by into one subtask computes no key hash.
+        if channels.count() == 1 {
+            return channels.append_all(batch);
         }
-        let mut records = batch.drain(..);
-        loop {
-            let buffer = &mut self.buffers[0];
-            buffer.extend(records.by_ref().take(BATCH_RECORDS_MAX - buffer.len()));
-            if buffer.len() < BATCH_RECORDS_MAX {
-                return;
+        match &mut self.selector {
+            ChannelSelector::Forward => channels.append_all(batch),
+            ChannelSelector::Hash {
+                key_hash,
+                hashes,
+                assigner,
+                channel_of_key_group,
+            } => {
+                // The batch's hashes in one call, the key selector inlined
+                // into its loop.
+                hashes.clear();
+                key_hash.of_batch(batch, hashes);
+                for (record, hash) in batch.drain(..).zip(hashes.iter()) {
+                    let key_group = assigner.key_group_of_hash(*hash);
+                    let channel = channel_of_key_group[key_group as usize] as usize;
+                    channels.append(channel, record.value, record.timestamp);
+                }
             }
-            self.ship(0);
+            _ => {
+                for record in batch.drain(..) {
+                    self.push(record.value, record.timestamp);
+                }
+            }
         }
     }
 
     fn push(&mut self, record: T, timestamp: Timestamp) {
-        let channel_count = self.buffers.len();
+        let channels = &mut self.channels;
+        let channel_count = channels.count();
+        if channel_count == 1 {
+            return channels.append(0, record, timestamp);
+        }
         match &mut self.selector {
-            ChannelSelector::Forward => self.append(0, record, timestamp),
+            ChannelSelector::Forward => channels.append(0, record, timestamp),
             ChannelSelector::Rebalance { next } => {
                 let channel = *next;
                 *next = (channel + 1) % channel_count;
-                self.append(channel, record, timestamp);
+                channels.append(channel, record, timestamp);
             }
             ChannelSelector::Broadcast => {
                 for channel in 0..channel_count - 1 {
-                    self.append(channel, record.clone(), timestamp);
+                    channels.append(channel, record.clone(), timestamp);
                 }
-                self.append(channel_count - 1, record, timestamp);
+                channels.append(channel_count - 1, record, timestamp);
             }
             ChannelSelector::Hash {
                 key_hash,
                 assigner,
                 channel_of_key_group,
+                ..
             } => {
-                let key_group = assigner.key_group_of_hash(key_hash(&record));
+                let key_group = assigner.key_group_of_hash(key_hash.of(&record));
                 let channel = channel_of_key_group[key_group as usize] as usize;
-                self.append(channel, record, timestamp);
+                channels.append(channel, record, timestamp);
             }
         }
     }
 
     fn watermark(&mut self, watermark: Timestamp) {
-        self.broadcast_event(|| StreamElement::Watermark(watermark));
+        self.channels
+            .broadcast_event(|| StreamElement::Watermark(watermark));
     }
 
     fn idle(&mut self, idle: bool) {
-        self.broadcast_event(|| StreamElement::Idle(idle));
+        self.channels.broadcast_event(|| StreamElement::Idle(idle));
     }
 
     fn flush(&mut self) {
-        self.ship_all();
+        self.channels.ship_all();
     }
 
     fn end_of_input(&mut self) {
-        self.broadcast_event(|| StreamElement::EndOfInput);
+        self.channels.broadcast_event(|| StreamElement::EndOfInput);
     }
 
     fn snapshot(&mut self, barrier: &CheckpointBarrier, _snapshot: &mut TaskSnapshot) {
-        self.broadcast_event(|| StreamElement::Barrier(barrier.clone()));
+        self.channels
+            .broadcast_event(|| StreamElement::Barrier(barrier.clone()));
     }
 
     fn checkpoint_complete(&mut self, _checkpoint_id: u64) {}

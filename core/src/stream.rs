@@ -28,7 +28,7 @@ use crate::graph::{
     erase, unerase, ChainFactory, ChainingStrategy, HeadFactory, JobGraph, NodeId, NodeKind,
     Partitioning, SourceFactory, StreamGraph, TypedStream,
 };
-use crate::key::{key_hash, Key};
+use crate::key::{Key, RecordKeyHash};
 use crate::operator::{
     DecodingHead, FilterOperator, FlatMapOperator, KeyedCoProcessHead, KeyedProcessOperator,
     KeyedRuntime, MapOperator, Output, SinkOperator, SourceTask, Tracked,
@@ -356,10 +356,9 @@ impl<T: Record> DataStream<T> {
         self,
         key_selector: impl Fn(&T) -> K + Send + Sync + 'static,
     ) -> KeyedStream<K, T> {
-        let key_selector: Arc<dyn Fn(&T) -> K + Send + Sync> = Arc::new(key_selector);
+        let key_selector = Arc::new(key_selector);
         let hash_selector = key_selector.clone();
-        let key_hash_of: Arc<dyn Fn(&T) -> u64 + Send + Sync> =
-            Arc::new(move |record| key_hash(&hash_selector(record)));
+        let key_hash_of = RecordKeyHash::new(move |record: &T| hash_selector(record));
         let unkeyed_partitioning = self.partitioning.clone();
         KeyedStream {
             stream: self.with_partitioning(Partitioning::Hash(Arc::new(key_hash_of))),
@@ -935,10 +934,8 @@ impl<K: Key, L: Record, R: Record> WindowedJoin<K, L, R> {
         let function = Arc::new(function);
         let hash_left = left_key.clone();
         let hash_right = right_key.clone();
-        let left_hash: Arc<dyn Fn(&L) -> u64 + Send + Sync> =
-            Arc::new(move |record| key_hash(&hash_left(record)));
-        let right_hash: Arc<dyn Fn(&R) -> u64 + Send + Sync> =
-            Arc::new(move |record| key_hash(&hash_right(record)));
+        let left_hash = RecordKeyHash::new(move |record: &L| hash_left(record));
+        let right_hash = RecordKeyHash::new(move |record: &R| hash_right(record));
         let head: HeadFactory = Arc::new(move |context, output| {
             Box::new(WindowJoinHead::new(
                 left_key.clone(),
