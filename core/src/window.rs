@@ -1337,10 +1337,52 @@ pub(crate) struct WindowJoinHead<K, L, R, O, J> {
     pub(crate) last_tumbling: Option<TimeWindow>,
     /// Scratch: the windows of the record being added.
     pub(crate) scratch: Vec<TimeWindow>,
+    /// Scratch: a buffer's records, decoded, each with its timestamp,
+    /// its key and its key's group index (empty between buffers).
+    pub(crate) lefts: Vec<Decoded<K, L>>,
+    pub(crate) rights: Vec<Decoded<K, R>>,
     pub(crate) next: Box<dyn Output<O>>,
     pub(crate) operator_name: String,
     pub(crate) context: OperatorContext,
 }
+
+/// How one side's records go into a window of the join.
+trait JoinInput<K, L, R, T> {
+    /// Adds `run`'s records: `(group index, key, record)`.
+    fn add_run(window: &mut JoinWindow<K, L, R>, run: impl Iterator<Item = (u32, K, T)>);
+}
+
+/// The left side: the build side, by key in its key group's map.
+struct LeftSide;
+
+impl<K: Key, L: Clone, R> JoinInput<K, L, R, L> for LeftSide {
+    #[inline]
+    fn add_run(window: &mut JoinWindow<K, L, R>, run: impl Iterator<Item = (u32, K, L)>) {
+        for (group, key, record) in run {
+            let lefts = std::rc::Rc::make_mut(&mut window.lefts[group as usize]);
+            match lefts.get_mut(&key) {
+                Some(lefts) => lefts.push(record),
+                None => {
+                    lefts.insert(key, smallvec::smallvec![record]);
+                }
+            }
+        }
+    }
+}
+
+/// The right side: the probe side, in the window's one list.
+struct RightSide;
+
+impl<K: Clone, L, R: Clone> JoinInput<K, L, R, R> for RightSide {
+    #[inline]
+    fn add_run(window: &mut JoinWindow<K, L, R>, run: impl Iterator<Item = (u32, K, R)>) {
+        std::rc::Rc::make_mut(&mut window.rights).extend(run);
+    }
+}
+
+/// A record of the join, decoded: its timestamp, its key's group index,
+/// its key, and itself.
+pub(crate) type Decoded<K, T> = (Timestamp, u32, K, T);
 
 /// One side of a key's window in the join. Most keys hold one record a
 /// side in a window (a person and their auction), so one is kept inline
@@ -1527,6 +1569,8 @@ where
             watermark: MIN_WATERMARK,
             last_tumbling: None,
             scratch: Vec::new(),
+            lefts: Vec::new(),
+            rights: Vec::new(),
             next,
             operator_name: context.operator_name.clone(),
             context: context.clone(),
@@ -1556,6 +1600,45 @@ where
             }
         }
         head
+    }
+
+    /// Adds the decoded records of one buffer (with their keys' group
+    /// indices) to their windows, with `side`. Tumbling windows take a run
+    /// of records in one window at once: the window found, and its state
+    /// made writable, once per run rather than once per record.
+    fn add_batch<T: Clone, S: JoinInput<K, L, R, T>>(&mut self, records: &mut Vec<Decoded<K, T>>) {
+        let WindowAssigner::Tumbling { size, offset } = self.assigner else {
+            for (timestamp, group, key, value) in records.drain(..) {
+                self.add(key, timestamp, value, |window, _, key, value| {
+                    S::add_run(window, std::iter::once((group, key.clone(), value)));
+                });
+            }
+            return;
+        };
+        let mut records = records.drain(..).peekable();
+        while let Some(&(timestamp, ..)) = records.peek() {
+            assert!(
+                timestamp != NO_TIMESTAMP,
+                "window join '{}' received a record without a timestamp: give the source a WatermarkStrategy with a timestamp assigner",
+                self.operator_name
+            );
+            let start = window_start(timestamp, offset, size);
+            let window = TimeWindow {
+                start,
+                end: start + size,
+            };
+            let run = std::iter::from_fn(|| {
+                records
+                    .next_if(|&(timestamp, ..)| window.start <= timestamp && timestamp < window.end)
+            })
+            .map(|(_, group, key, value)| (group, key, value));
+            if window.max_timestamp() > self.watermark {
+                S::add_run(self.windows.window(&window), run);
+            } else {
+                // Late: dropped, as the window has fired.
+                run.for_each(drop);
+            }
+        }
     }
 
     /// Adds `record` to its key's group in each of its windows that the
@@ -1703,32 +1786,29 @@ where
     J: Fn(L, R) -> O,
 {
     fn on_buffer(&mut self, input: usize, bytes: &[u8]) -> Result<(), String> {
+        // Decoded whole first, each record with its key's group, then
+        // added a window's run at a time.
+        let store = &self.store;
         if input == 0 {
             let key_of = self.left_key.clone();
-            L::decode(bytes, &mut |record, timestamp| {
-                let key = key_of(&record);
-                self.add(key, timestamp, record, |window, group, key, record| {
-                    let lefts = std::rc::Rc::make_mut(&mut window.lefts[group]);
-                    match lefts.get_mut(key) {
-                        Some(lefts) => lefts.push(record),
-                        None => {
-                            lefts.insert(key.clone(), smallvec::smallvec![record]);
-                        }
-                    }
-                });
-            })
+            let mut lefts = std::mem::take(&mut self.lefts);
+            let decoded = L::decode(bytes, &mut |value, timestamp| {
+                let key = key_of(&value);
+                lefts.push((timestamp, store.group_index(&key) as u32, key, value));
+            });
+            self.add_batch::<L, LeftSide>(&mut lefts);
+            self.lefts = lefts;
+            decoded
         } else {
             let key_of = self.right_key.clone();
-            R::decode(bytes, &mut |record, timestamp| {
-                let key = key_of(&record);
-                self.add(key, timestamp, record, |window, group, key, record| {
-                    std::rc::Rc::make_mut(&mut window.rights).push((
-                        group as u32,
-                        key.clone(),
-                        record,
-                    ));
-                });
-            })
+            let mut rights = std::mem::take(&mut self.rights);
+            let decoded = R::decode(bytes, &mut |value, timestamp| {
+                let key = key_of(&value);
+                rights.push((timestamp, store.group_index(&key) as u32, key, value));
+            });
+            self.add_batch::<R, RightSide>(&mut rights);
+            self.rights = rights;
+            decoded
         }
     }
 
