@@ -1346,6 +1346,20 @@ pub(crate) struct WindowJoinHead<K, L, R, O, J> {
     pub(crate) context: OperatorContext,
 }
 
+/// Decodes the records of `bytes` into `decoded`, each with its
+/// timestamp, its key's group index in `store`, and its key.
+fn decode_keyed<K: Key, T: Record>(
+    bytes: &[u8],
+    key_of: &(dyn Fn(&T) -> K + Send + Sync),
+    store: &KeyedStateStore<K>,
+    decoded: &mut Vec<Decoded<K, T>>,
+) -> Result<(), String> {
+    T::decode(bytes, &mut |value, timestamp| {
+        let key = key_of(&value);
+        decoded.push((timestamp, store.group_index(&key) as u32, key, value));
+    })
+}
+
 /// How one side's records go into a window of the join.
 trait JoinInput<K, L, R, T> {
     /// Adds `run`'s records: `(group index, key, record)`.
@@ -1788,24 +1802,15 @@ where
     fn on_buffer(&mut self, input: usize, bytes: &[u8]) -> Result<(), String> {
         // Decoded whole first, each record with its key's group, then
         // added a window's run at a time.
-        let store = &self.store;
         if input == 0 {
-            let key_of = self.left_key.clone();
             let mut lefts = std::mem::take(&mut self.lefts);
-            let decoded = L::decode(bytes, &mut |value, timestamp| {
-                let key = key_of(&value);
-                lefts.push((timestamp, store.group_index(&key) as u32, key, value));
-            });
+            let decoded = decode_keyed(bytes, &*self.left_key, &self.store, &mut lefts);
             self.add_batch::<L, LeftSide>(&mut lefts);
             self.lefts = lefts;
             decoded
         } else {
-            let key_of = self.right_key.clone();
             let mut rights = std::mem::take(&mut self.rights);
-            let decoded = R::decode(bytes, &mut |value, timestamp| {
-                let key = key_of(&value);
-                rights.push((timestamp, store.group_index(&key) as u32, key, value));
-            });
+            let decoded = decode_keyed(bytes, &*self.right_key, &self.store, &mut rights);
             self.add_batch::<R, RightSide>(&mut rights);
             self.rights = rights;
             decoded
