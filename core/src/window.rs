@@ -1333,8 +1333,6 @@ pub(crate) struct WindowJoinHead<K, L, R, O, J> {
     /// keys' records per key group.
     pub(crate) windows: OpenJoinWindows<K, L, R>,
     pub(crate) watermark: Timestamp,
-    /// Tumbling windows: the window of the record added last.
-    pub(crate) last_tumbling: Option<TimeWindow>,
     /// Scratch: the windows of the record being added.
     pub(crate) scratch: Vec<TimeWindow>,
     /// Scratch: a buffer's records, decoded, each with its timestamp,
@@ -1581,7 +1579,6 @@ where
             codec: join_contents_codec(),
             windows: OpenJoinWindows::new(context.key_groups.count()),
             watermark: MIN_WATERMARK,
-            last_tumbling: None,
             scratch: Vec::new(),
             lefts: Vec::new(),
             rights: Vec::new(),
@@ -1616,36 +1613,40 @@ where
         head
     }
 
-    /// Adds the decoded records of one buffer (with their keys' group
-    /// indices) to their windows, with `side`. Tumbling windows take a run
-    /// of records in one window at once: the window found, and its state
-    /// made writable, once per run rather than once per record.
+    /// Adds the decoded records of one buffer (each with its key's group)
+    /// to their windows, with `S`. Tumbling windows take a run of records
+    /// in one window at once: the window found, and the list of right
+    /// records made writable, once per run rather than once per record.
     fn add_batch<T: Clone, S: JoinInput<K, L, R, T>>(&mut self, records: &mut Vec<Decoded<K, T>>) {
         let WindowAssigner::Tumbling { size, offset } = self.assigner else {
             for (timestamp, group, key, value) in records.drain(..) {
-                self.add(key, timestamp, value, |window, _, key, value| {
+                self.add(timestamp, value, |window, value| {
                     S::add_run(window, std::iter::once((group, key.clone(), value)));
                 });
             }
             return;
         };
         let mut records = records.drain(..).peekable();
-        while let Some(&(timestamp, ..)) = records.peek() {
-            assert!(
-                timestamp != NO_TIMESTAMP,
-                "window join '{}' received a record without a timestamp: give the source a WatermarkStrategy with a timestamp assigner",
-                self.operator_name
-            );
+        while let Some((timestamp, group, key, value)) = records.next() {
+            self.assert_timestamped(timestamp);
             let start = window_start(timestamp, offset, size);
             let window = TimeWindow {
                 start,
                 end: start + size,
             };
-            let run = std::iter::from_fn(|| {
-                records
-                    .next_if(|&(timestamp, ..)| window.start <= timestamp && timestamp < window.end)
-            })
-            .map(|(_, group, key, value)| (group, key, value));
+            // The first record, then those after it in the same window (a
+            // record without a timestamp ends the run, to be judged as the
+            // first of the next).
+            let run = std::iter::once((group, key, value)).chain(
+                std::iter::from_fn(|| {
+                    records.next_if(|&(timestamp, ..)| {
+                        timestamp != NO_TIMESTAMP
+                            && window.start <= timestamp
+                            && timestamp < window.end
+                    })
+                })
+                .map(|(_, group, key, value)| (group, key, value)),
+            );
             if window.max_timestamp() > self.watermark {
                 S::add_run(self.windows.window(&window), run);
             } else {
@@ -1655,55 +1656,35 @@ where
         }
     }
 
-    /// Adds `record` to its key's group in each of its windows that the
-    /// watermark has not passed, with `side`.
-    fn add<T: Clone>(
-        &mut self,
-        key: K,
-        timestamp: Timestamp,
-        record: T,
-        side: impl Fn(&mut JoinWindow<K, L, R>, usize, &K, T),
-    ) {
+    /// Panics, naming the operator, at a record without a timestamp.
+    fn assert_timestamped(&self, timestamp: Timestamp) {
         assert!(
             timestamp != NO_TIMESTAMP,
             "window join '{}' received a record without a timestamp: give the source a WatermarkStrategy with a timestamp assigner",
             self.operator_name
         );
-        if let WindowAssigner::Tumbling { size, offset } = self.assigner {
-            // One window, most often the one the record before went to.
-            let window = match self.last_tumbling {
-                Some(window) if window.start <= timestamp && timestamp < window.end => window,
-                _ => {
-                    let start = window_start(timestamp, offset, size);
-                    let window = TimeWindow {
-                        start,
-                        end: start + size,
-                    };
-                    self.last_tumbling = Some(window);
-                    window
-                }
-            };
-            if window.max_timestamp() > self.watermark {
-                let group = self.store.group_index(&key);
-                side(self.windows.window(&window), group, &key, record);
-            }
-            return;
-        }
+    }
+
+    /// Adds `record` to each of its windows (of a sliding assigner) that
+    /// the watermark has not passed, with `side`.
+    fn add<T: Clone>(
+        &mut self,
+        timestamp: Timestamp,
+        record: T,
+        side: impl Fn(&mut JoinWindow<K, L, R>, T),
+    ) {
+        self.assert_timestamped(timestamp);
         let mut windows = std::mem::take(&mut self.scratch);
         windows.clear();
         self.assigner.assign(timestamp, &mut windows);
         let watermark = self.watermark;
         windows.retain(|window| window.max_timestamp() > watermark);
         if let Some((last, rest)) = windows.split_last() {
-            let group = self.store.group_index(&key);
             let open = &mut self.windows;
-            let mut add = |window: &TimeWindow, record: T| {
-                side(open.window(window), group, &key, record);
-            };
             for window in rest {
-                add(window, record.clone());
+                side(open.window(window), record.clone());
             }
-            add(last, record);
+            side(open.window(last), record);
         }
         self.scratch = windows;
     }
