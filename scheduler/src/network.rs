@@ -1343,10 +1343,14 @@ mod tests {
         });
         fast_producer.join().unwrap();
         assert_eq!(fast_consumer.join().unwrap().len(), BUFFER_COUNT + 1);
-        // The slow channel holds at most its rings, its credit and a few
-        // elements in hand: far fewer than were offered.
+        // The slow channel holds at most its two rings, its credit and a
+        // few elements in hand: far fewer than were offered.
         let stalled_at = slow_sent.load(Ordering::Relaxed);
-        assert!(stalled_at < 100, "the slow producer sent {stalled_at}");
+        assert!(
+            stalled_at < 4 * CHANNEL_CAPACITY_BUFFERS
+                && 4 * CHANNEL_CAPACITY_BUFFERS < BUFFER_COUNT,
+            "the slow producer sent {stalled_at}"
+        );
         fast_done.send(()).unwrap();
         slow_producer.join().unwrap();
         assert!(slow_consumer
