@@ -29,7 +29,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -51,12 +51,51 @@ pub const REGISTRATION_TIMEOUT: Duration = Duration::from_secs(10);
 pub const CONTROL_CONNECTION_COUNT_MAX: usize = 1024;
 /// How long a TaskManager waits between attempts to reach its JobManager.
 const CONNECT_RETRY_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a stopping JobManager waits for its last messages (the
+/// TaskManagers' `Shutdown`) to be sent: one write's timeout.
+pub const FINISH_SENDING_TIMEOUT: Duration = strom_net::control::CONTROL_WRITE_TIMEOUT;
 /// The pause after a failed accept (out of descriptors, say).
 const ACCEPT_RETRY_DELAY: Duration = Duration::from_millis(100);
 
 /// The JobManager's control port.
 pub struct ControlServer {
     address: SocketAddr,
+    senders: Arc<LiveSenders>,
+}
+
+/// How many connections' sending threads still run: each ends once the
+/// JobManager has dropped its side (after `Shutdown`, the last message).
+#[derive(Default)]
+struct LiveSenders {
+    count: Mutex<usize>,
+    changed: Condvar,
+}
+
+impl LiveSenders {
+    /// Counts one more sending thread until the guard drops.
+    fn enter(self: &Arc<Self>) -> LiveSender {
+        *self
+            .count
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner()) += 1;
+        LiveSender(self.clone())
+    }
+}
+
+/// One running sending thread; dropping it (however the thread ends)
+/// counts it out.
+struct LiveSender(Arc<LiveSenders>);
+
+impl Drop for LiveSender {
+    fn drop(&mut self) {
+        let mut count = self
+            .0
+            .count
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        *count -= 1;
+        self.0.changed.notify_all();
+    }
 }
 
 impl ControlServer {
@@ -80,11 +119,41 @@ impl ControlServer {
             .local_addr()
             .map_err(|error| format!("cannot read the control port's address: {error}"))?;
         let secret: Option<Arc<[u8]>> = secret.map(Arc::from);
+        let senders = Arc::new(LiveSenders::default());
+        let accept_senders = senders.clone();
         thread::Builder::new()
             .name("strom-control-accept".to_string())
-            .spawn(move || accept_loop(listener, secret, heartbeat_timeout, job_manager))
+            .spawn(move || {
+                accept_loop(
+                    listener,
+                    secret,
+                    heartbeat_timeout,
+                    job_manager,
+                    accept_senders,
+                )
+            })
             .map_err(|error| format!("cannot start the control port's thread: {error}"))?;
-        Ok(ControlServer { address })
+        Ok(ControlServer { address, senders })
+    }
+
+    /// Waits until every connection has sent what the JobManager gave it,
+    /// at most `timeout`; whether they all have. Call it after the
+    /// JobManager has stopped (so its last `Shutdown` is queued and its
+    /// side dropped): a process that exits before then cuts its
+    /// TaskManagers off mid-message, and they try to register again
+    /// instead of shutting down.
+    pub fn finish_sending(&self, timeout: Duration) -> bool {
+        let count = self
+            .senders
+            .count
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        let (count, _) = self
+            .senders
+            .changed
+            .wait_timeout_while(count, timeout, |count| *count > 0)
+            .unwrap_or_else(|poison| poison.into_inner());
+        *count == 0
     }
 
     /// The address the control port listens on.
@@ -98,6 +167,7 @@ fn accept_loop(
     secret: Option<Arc<[u8]>>,
     heartbeat_timeout: Duration,
     job_manager: Sender<ToJobManager>,
+    senders: Arc<LiveSenders>,
 ) {
     let served = Arc::new(AtomicUsize::new(0));
     loop {
@@ -116,14 +186,22 @@ fn accept_loop(
             continue;
         }
         served.fetch_add(1, Ordering::Relaxed);
-        let (secret, job_manager, served_too) =
-            (secret.clone(), job_manager.clone(), served.clone());
+        let (secret, job_manager, served_too, senders) = (
+            secret.clone(),
+            job_manager.clone(),
+            served.clone(),
+            senders.clone(),
+        );
         let spawned = thread::Builder::new()
             .name("strom-control".to_string())
             .spawn(move || {
-                if let Err(error) =
-                    serve_task_manager(stream, secret.as_deref(), heartbeat_timeout, &job_manager)
-                {
+                if let Err(error) = serve_task_manager(
+                    stream,
+                    secret.as_deref(),
+                    heartbeat_timeout,
+                    &job_manager,
+                    &senders,
+                ) {
                     eprintln!("control port: disconnected {peer}: {error}");
                 }
                 served_too.fetch_sub(1, Ordering::Relaxed);
@@ -141,6 +219,7 @@ fn serve_task_manager(
     secret: Option<&[u8]>,
     heartbeat_timeout: Duration,
     job_manager: &Sender<ToJobManager>,
+    senders: &Arc<LiveSenders>,
 ) -> Result<(), String> {
     let mut connection =
         JobManagerConnection::accept(stream, secret).map_err(|error| error.to_string())?;
@@ -205,9 +284,11 @@ fn serve_task_manager(
     let writer_sender = control_sender.clone();
     // Ends when the JobManager forgets the TaskManager (dropping its
     // sender), after `Shutdown`, or when a send fails.
+    let live = senders.enter();
     thread::Builder::new()
         .name("strom-control-send".to_string())
         .spawn(move || {
+            let _live = live;
             for message in outbox {
                 let shutdown = matches!(message, ToTaskManager::Shutdown);
                 let Some(wire) = to_task_manager_wire(message) else {

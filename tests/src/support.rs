@@ -170,6 +170,8 @@ impl RunningCommand {
                 break status;
             }
             if waiting_since.elapsed() > deadline {
+                // All it printed until now, not only what was waited for.
+                self.stderr_seen.extend(self.stderr_lines.try_iter());
                 panic!(
                     "`{}` did not finish within {deadline:?}: it hangs; its stderr so far:\n{}",
                     self.command_line,

@@ -641,9 +641,16 @@ fn run_jobmanager(programs: &[Program], matches: &ArgMatches, arguments: &[Strin
             .unwrap_or_else(|_| Err("the JobManager stopped before the job ended".to_string())),
         Err(_) => Err("the JobManager stopped".to_string()),
     };
-    // The JobManager tells its TaskManagers to shut down too.
+    // The JobManager tells its TaskManagers to shut down too; the process
+    // stays until that has been sent, or they would register again.
     let _ = sender.send(strom_scheduler::messages::ToJobManager::Shutdown);
     let _ = job_manager_thread.join();
+    if !control.finish_sending(strom_scheduler::cluster::FINISH_SENDING_TIMEOUT) {
+        eprintln!(
+            "some TaskManagers were not told to shut down within {:?}; they will try to register again",
+            strom_scheduler::cluster::FINISH_SENDING_TIMEOUT
+        );
+    }
     rest.stop();
     match result {
         Ok(result) => {
