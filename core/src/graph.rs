@@ -5,7 +5,10 @@
 //! Chaining rule (as Flink's): an edge `a -> b` is chained, so that `a` calls
 //! `b` directly inside one task, when
 //! 1. its partitioning is forward (explicit, or by default because both have
-//!    the same parallelism),
+//!    the same parallelism), or it is a `key_by` between two operators of
+//!    parallelism 1: its one receiver gets every record, as over a forward
+//!    edge, and a keyed operator finds each record's key itself (Flink
+//!    does not chain there, and pays a serialization per record for it),
 //! 2. `b` is a one-input operator and this is its only input,
 //! 3. both are in the same slot sharing group,
 //! 4. neither opted out (`disable_chaining`) and `b` does not start a new
@@ -562,7 +565,15 @@ impl JobGraph {
                 .filter(|other| other.target == edge.target)
                 .count()
                 == 1;
-            matches!(stream.resolved_partitioning(edge), Partitioning::Forward)
+            let pointwise = match stream.resolved_partitioning(edge) {
+                Partitioning::Forward => true,
+                Partitioning::Hash(_) => {
+                    stream.parallelism_of(edge.source) == 1
+                        && stream.parallelism_of(edge.target) == 1
+                }
+                Partitioning::Rebalance | Partitioning::Broadcast => false,
+            };
+            pointwise
                 && matches!(target.kind, NodeKind::OneInput { .. })
                 && single_input
                 && source.slot_sharing_group == target.slot_sharing_group
