@@ -561,14 +561,22 @@ fn merge_partial<K: Key, A, R, F: AggregateFunction<WindowPartial<K, A>, A, R>>(
 type FxHashbrownMap<K, V> = hashbrown::HashMap<K, V, rustc_hash::FxBuildHasher>;
 
 /// The global phase of a two-phase window aggregation without allowed
-/// lateness (Flink SQL's slicing window aggregate). State is held per pane
-/// and key group, not per window: a partial is merged once whatever the
-/// number of windows holding its pane, and firing a window touches only
-/// the panes of that window, however far ahead of the watermark other
-/// panes are. When the watermark passes a window's end, its panes are
-/// merged per key (a single pane is emitted as it is), the results are
+/// lateness (Flink SQL's slicing window aggregate). State is held per pane,
+/// not per window: a partial is added once whatever the number of windows
+/// holding its pane, and firing a window touches only the panes of that
+/// window, however far ahead of the watermark other panes are. When the
+/// watermark passes a window's end, its panes' partials are merged per key
+/// (a single pane with each key once is emitted as it is), the results are
 /// emitted, and the oldest pane, which no later window holds, is dropped.
 /// No timers: the panes held and the watermark say what fires.
+///
+/// A pane keeps its partials as they come ([`PanePartials`]), so a key
+/// with partials from several local subtasks (or shipped early, or late
+/// at the local phase) is there more than once, and each window holding
+/// the pane merges them all: with sliding windows and several upstream
+/// subtasks, more merges per firing in exchange for no lookup per
+/// partial. The Nexmark source deals blocks of event time to its
+/// subtasks, so a pane's partials mostly come from one.
 ///
 /// Snapshots are keyed state like any other operator's (by key group, so
 /// a job restores at another parallelism): per key, its panes and the end

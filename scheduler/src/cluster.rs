@@ -261,6 +261,10 @@ fn serve_task_manager(
     };
     let (sender, outbox) = mpsc::channel();
     let (registered, answer) = mpsc::channel();
+    // Counted before the JobManager knows the TaskManager, so that its
+    // messages (a `Shutdown` at once, say) are waited for from then on,
+    // while `Registered` is still being sent; every return drops it.
+    let live = senders.enter();
     job_manager
         .send(ToJobManager::RegisterTaskManager {
             task_manager: task_manager_id as usize,
@@ -284,7 +288,6 @@ fn serve_task_manager(
     let writer_sender = control_sender.clone();
     // Ends when the JobManager forgets the TaskManager (dropping its
     // sender), after `Shutdown`, or when a send fails.
-    let live = senders.enter();
     thread::Builder::new()
         .name("strom-control-send".to_string())
         .spawn(move || {
