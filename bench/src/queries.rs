@@ -890,29 +890,47 @@ pub fn build_query(
             .add_sink_with(&sinks);
         }
         Query::Q3 => {
-            // Of a person the join reads only their id and what the row
-            // shows of them (see the auctions below).
-            // Both filters are pushed into the sources: the persons and
-            // auctions they drop go no further.
-            let persons = read_from(
+            // One source of the persons and auctions the join keeps (both
+            // filters pushed into it: those it drops go no further), split
+            // in two. At parallelism 1 the split and the join are then one
+            // task (see the chaining rule in strom-core's graph.rs), where
+            // two sources would each be a task of their own, their records
+            // serialized to the join's.
+            let events = read_from(
                 env,
                 &source,
-                source.records_where(Person::is_q3_selected),
-                &format!("persons in {}", Q3_STATES.join(", ")),
-            )
-            .map(|person| Seller::of(&person))
-            .name("q3 person id and details");
+                source
+                    .only(EventKinds::PERSONS_AND_AUCTIONS)
+                    .records_where(|event: &Event| match event {
+                        Event::Person(person) => person.is_q3_selected(),
+                        Event::Auction(auction) => auction.is_q3_selected(),
+                        Event::Bid(_) => false,
+                    }),
+                &format!(
+                    "persons in {} and auctions in category {Q3_CATEGORY}",
+                    Q3_STATES.join(", ")
+                ),
+            );
+            // Of a person the join reads only their id and what the row
+            // shows of them.
+            let persons = events
+                .clone()
+                .flat_map(|event, out: &mut dyn Collector<Seller>| {
+                    if let Event::Person(person) = event {
+                        out.collect(Seller::of(&person));
+                    }
+                })
+                .name("q3 person id and details");
             // Of an auction the join reads only its id and seller: the
             // rest is left out before the shuffle, as Flink SQL projects a
             // join's inputs to the columns it uses.
-            let auctions = read_from(
-                env,
-                &source,
-                source.records_where(Auction::is_q3_selected),
-                &format!("auctions in category {Q3_CATEGORY}"),
-            )
-            .map(|auction| SoldAuction::of(&auction))
-            .name("q3 auction id and seller");
+            let auctions = events
+                .flat_map(|event, out: &mut dyn Collector<SoldAuction>| {
+                    if let Event::Auction(auction) = event {
+                        out.collect(SoldAuction::of(&auction));
+                    }
+                })
+                .name("q3 auction id and seller");
             persons
                 .key_by(|seller| seller.id)
                 .connect(auctions.key_by(|auction| auction.seller))

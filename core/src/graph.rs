@@ -9,7 +9,11 @@
 //!    parallelism 1: its one receiver gets every record, as over a forward
 //!    edge, and a keyed operator finds each record's key itself (Flink
 //!    does not chain there, and pays a serialization per record for it),
-//! 2. `b` is a one-input operator and this is its only input,
+//! 2. `b` is a one-input operator and this is its only input, or a
+//!    two-input operator both of whose inputs are chained to one task
+//!    (Flink's multiple-input chaining, for one chain split in two and
+//!    joined again): the two inputs meet in a `Junction`, which combines
+//!    their watermarks as a task combines its channels',
 //! 3. both are in the same slot sharing group,
 //! 4. neither opted out (`disable_chaining`) and `b` does not start a new
 //!    chain (`start_new_chain`).
@@ -42,6 +46,10 @@ pub const DEFAULT_SLOT_SHARING_GROUP: &str = "default";
 pub(crate) type ErasedOutput = Box<dyn Any>;
 pub(crate) type ChainFactory =
     Arc<dyn Fn(&OperatorContext, ErasedOutput) -> ErasedOutput + Send + Sync>;
+/// A chained two-input operator's two inputs: `Box<dyn Output<I1>>`,
+/// `Box<dyn Output<I2>>`.
+pub(crate) type TwoInputChainFactory =
+    Arc<dyn Fn(&OperatorContext, ErasedOutput) -> [ErasedOutput; 2] + Send + Sync>;
 pub(crate) type HeadFactory =
     Arc<dyn Fn(&OperatorContext, ErasedOutput) -> Box<dyn TaskHead> + Send + Sync>;
 pub(crate) type SourceFactory =
@@ -172,7 +180,10 @@ pub(crate) enum NodeKind {
         chained: ChainFactory,
         head: HeadFactory,
     },
-    TwoInput(HeadFactory),
+    TwoInput {
+        chained: TwoInputChainFactory,
+        head: HeadFactory,
+    },
     Union(HeadFactory),
 }
 
@@ -181,7 +192,7 @@ impl NodeKind {
         match self {
             NodeKind::Source(_) => Some(0),
             NodeKind::OneInput { .. } => Some(1),
-            NodeKind::TwoInput(_) => Some(2),
+            NodeKind::TwoInput { .. } => Some(2),
             NodeKind::Union(_) => None,
         }
     }
@@ -556,15 +567,11 @@ pub struct JobGraph {
 
 impl JobGraph {
     fn fuse(stream: StreamGraph, order: Vec<NodeId>) -> JobGraph {
+        // Whether `edge` may be a direct call inside one task, whatever
+        // the operator's other inputs.
         let chainable = |edge: &StreamEdge| -> bool {
             let source = &stream.nodes[edge.source];
             let target = &stream.nodes[edge.target];
-            let single_input = stream
-                .edges
-                .iter()
-                .filter(|other| other.target == edge.target)
-                .count()
-                == 1;
             let pointwise = match stream.resolved_partitioning(edge) {
                 Partitioning::Forward => true,
                 Partitioning::Hash(_) => {
@@ -574,8 +581,6 @@ impl JobGraph {
                 Partitioning::Rebalance | Partitioning::Broadcast => false,
             };
             pointwise
-                && matches!(target.kind, NodeKind::OneInput { .. })
-                && single_input
                 && source.slot_sharing_group == target.slot_sharing_group
                 && source.chaining != ChainingStrategy::Never
                 && target.chaining == ChainingStrategy::Always
@@ -583,13 +588,28 @@ impl JobGraph {
         let mut vertex_of_node = vec![usize::MAX; stream.nodes.len()];
         let mut vertices: Vec<JobVertex> = Vec::new();
         for node in order {
-            let chained_input = stream
+            let inputs: Vec<&StreamEdge> = stream
                 .edges
                 .iter()
-                .find(|edge| edge.target == node && chainable(edge));
-            match chained_input {
-                Some(edge) => {
-                    let vertex = vertex_of_node[edge.source];
+                .filter(|edge| edge.target == node)
+                .collect();
+            // A one-input operator chains to its one input; a two-input
+            // operator to both, when both come from one chain.
+            let chained_to = match (&stream.nodes[node].kind, inputs.as_slice()) {
+                (NodeKind::OneInput { .. }, [input]) if chainable(input) => {
+                    Some(vertex_of_node[input.source])
+                }
+                (NodeKind::TwoInput { .. }, [first, second])
+                    if chainable(first)
+                        && chainable(second)
+                        && vertex_of_node[first.source] == vertex_of_node[second.source] =>
+                {
+                    Some(vertex_of_node[first.source])
+                }
+                _ => None,
+            };
+            match chained_to {
+                Some(vertex) => {
                     vertex_of_node[node] = vertex;
                     vertices[vertex].operators.push(node);
                 }
@@ -820,7 +840,9 @@ impl JobGraph {
             channel_bases.insert(*edge, next_base);
             next_base += self.consumers_of(*edge, subtask).len();
         }
-        let mut built: BTreeMap<NodeId, ErasedOutput> = BTreeMap::new();
+        // The inputs of the chained operators built so far, by operator and
+        // input (a two-input operator's two are both in the chain).
+        let mut built: BTreeMap<(NodeId, usize), ErasedOutput> = BTreeMap::new();
         for (position, node_id) in vertex.operators.iter().enumerate().rev() {
             let node = &self.stream.nodes[*node_id];
             let mut outputs = Vec::new();
@@ -832,7 +854,7 @@ impl JobGraph {
                 .filter(|(_, edge)| edge.source == *node_id)
             {
                 if let Some(input) = built
-                    .remove(&edge.target)
+                    .remove(&(edge.target, edge.input))
                     .filter(|_| vertex.operators.contains(&edge.target))
                 {
                     outputs.push(input);
@@ -877,16 +899,24 @@ impl JobGraph {
                     NodeKind::OneInput { head, .. } => {
                         TaskInstance::Input(head(&context, downstream))
                     }
-                    NodeKind::TwoInput(head) | NodeKind::Union(head) => {
+                    NodeKind::TwoInput { head, .. } | NodeKind::Union(head) => {
                         TaskInstance::Input(head(&context, downstream))
                     }
                 };
             }
-            let NodeKind::OneInput { chained, .. } = &node.kind else {
-                unreachable!("only one-input operators are chained behind a head")
-            };
-            let input = chained(&context, downstream);
-            built.insert(*node_id, input);
+            match &node.kind {
+                NodeKind::OneInput { chained, .. } => {
+                    built.insert((*node_id, 0), chained(&context, downstream));
+                }
+                NodeKind::TwoInput { chained, .. } => {
+                    let [first, second] = chained(&context, downstream);
+                    built.insert((*node_id, 0), first);
+                    built.insert((*node_id, 1), second);
+                }
+                NodeKind::Source(_) | NodeKind::Union(_) => {
+                    unreachable!("sources and unions are not chained behind a head")
+                }
+            }
         }
         unreachable!("a vertex has at least one operator")
     }

@@ -759,6 +759,246 @@ impl<T: Record> TaskHead for DecodingHead<T> {
     }
 }
 
+/// A two-input operator (a connected keyed process, a window join): the
+/// records of either input, and the event time of both combined. As the
+/// head of its task, [`TwoInputHead`] decodes its channels' buffers into
+/// it; chained behind operators of its own task (both inputs come from one
+/// chain, see graph.rs), a [`Junction`] combines what its two inputs
+/// deliver.
+pub(crate) trait TwoInputOperator<I1, I2> {
+    /// Records of the first input, in order; `batch` is left empty.
+    fn push_batch1(&mut self, batch: &mut Vec<StreamRecord<I1>>);
+    /// Records of the second input, in order; `batch` is left empty.
+    fn push_batch2(&mut self, batch: &mut Vec<StreamRecord<I2>>);
+    /// The watermark of both inputs combined.
+    fn watermark(&mut self, watermark: Timestamp);
+    /// Whether both inputs are idle.
+    fn idle(&mut self, idle: bool);
+    fn flush(&mut self);
+    /// Both inputs have ended.
+    fn end_of_input(&mut self);
+    fn snapshot(&mut self, barrier: &CheckpointBarrier, snapshot: &mut TaskSnapshot);
+    fn checkpoint_complete(&mut self, checkpoint_id: u64);
+}
+
+/// The head of a task whose first operator has two inputs: decodes each
+/// buffer whole, then hands its records over at once.
+pub(crate) struct TwoInputHead<I1, I2, Op> {
+    pub(crate) operator: Op,
+    /// Decoded records (empty between calls).
+    pub(crate) batch1: Vec<StreamRecord<I1>>,
+    pub(crate) batch2: Vec<StreamRecord<I2>>,
+}
+
+impl<I1, I2, Op> TwoInputHead<I1, I2, Op> {
+    pub(crate) fn new(operator: Op) -> Self {
+        TwoInputHead {
+            operator,
+            batch1: Vec::new(),
+            batch2: Vec::new(),
+        }
+    }
+}
+
+impl<I1: Record, I2: Record, Op: TwoInputOperator<I1, I2>> TaskHead for TwoInputHead<I1, I2, Op> {
+    fn on_buffer(&mut self, input: usize, bytes: &[u8]) -> Result<(), String> {
+        if input == 0 {
+            let batch = &mut self.batch1;
+            let decoded = I1::decode(bytes, &mut |value, timestamp| {
+                batch.push(StreamRecord { timestamp, value })
+            });
+            self.operator.push_batch1(batch);
+            batch.clear();
+            decoded
+        } else {
+            let batch = &mut self.batch2;
+            let decoded = I2::decode(bytes, &mut |value, timestamp| {
+                batch.push(StreamRecord { timestamp, value })
+            });
+            self.operator.push_batch2(batch);
+            batch.clear();
+            decoded
+        }
+    }
+    fn on_watermark(&mut self, watermark: Timestamp) {
+        self.operator.watermark(watermark);
+    }
+    fn on_idle(&mut self, idle: bool) {
+        self.operator.idle(idle);
+    }
+    fn flush(&mut self) {
+        self.operator.flush();
+    }
+    fn end_of_input(&mut self) {
+        self.operator.end_of_input();
+    }
+    fn on_barrier(&mut self, barrier: &CheckpointBarrier, snapshot: &mut TaskSnapshot) {
+        self.operator.snapshot(barrier, snapshot);
+    }
+    fn checkpoint_complete(&mut self, checkpoint_id: u64) {
+        self.operator.checkpoint_complete(checkpoint_id);
+    }
+}
+
+/// A two-input operator chained behind operators of its own task: each
+/// input is an [`Output`] ([`JunctionInput`]) of the operator before it,
+/// and this combines what the two deliver, as a task's input channels are
+/// combined. Event time goes by the slower input (a watermark valve of
+/// two); the end comes when both inputs have ended. Both inputs come from
+/// one chain, so a barrier, a flush or a checkpoint's completion reaches
+/// the operator through each: it acts on the first.
+pub(crate) struct Junction<Op> {
+    operator: Op,
+    valve: crate::time::WatermarkValve,
+    ended: [bool; 2],
+    /// The checkpoint last snapshotted, and the one last completed.
+    snapshotted: Option<u64>,
+    completed: Option<u64>,
+}
+
+impl<Op> Junction<Op> {
+    /// The two inputs of `operator`, for the operators before it.
+    pub(crate) fn inputs<I1, I2>(
+        operator: Op,
+    ) -> (JunctionInput<I1, I2, Op, 0>, JunctionInput<I1, I2, Op, 1>)
+    where
+        Op: TwoInputOperator<I1, I2>,
+    {
+        let junction = Rc::new(RefCell::new(Junction {
+            operator,
+            valve: crate::time::WatermarkValve::new(2),
+            ended: [false; 2],
+            snapshotted: None,
+            completed: None,
+        }));
+        (
+            JunctionInput::new(junction.clone()),
+            JunctionInput::new(junction),
+        )
+    }
+}
+
+impl<Op> Junction<Op> {
+    fn apply<I1, I2>(&mut self, output: crate::time::ValveOutput)
+    where
+        Op: TwoInputOperator<I1, I2>,
+    {
+        // In the order a task applies its valve's output (see the
+        // scheduler's task runtime): turning idle, the flushed watermark
+        // goes first.
+        if output.idle == Some(true) {
+            if let Some(watermark) = output.watermark {
+                self.operator.watermark(watermark);
+            }
+            self.operator.idle(true);
+            return;
+        }
+        if let Some(idle) = output.idle {
+            self.operator.idle(idle);
+        }
+        if let Some(watermark) = output.watermark {
+            self.operator.watermark(watermark);
+        }
+    }
+}
+
+/// Input `INPUT` (0 or 1) of a [`Junction`].
+pub(crate) struct JunctionInput<I1, I2, Op, const INPUT: usize> {
+    junction: Rc<RefCell<Junction<Op>>>,
+    /// A record pushed alone, as a batch of one (empty between calls).
+    one1: Vec<StreamRecord<I1>>,
+    one2: Vec<StreamRecord<I2>>,
+}
+
+impl<I1, I2, Op, const INPUT: usize> JunctionInput<I1, I2, Op, INPUT> {
+    fn new(junction: Rc<RefCell<Junction<Op>>>) -> Self {
+        JunctionInput {
+            junction,
+            one1: Vec::new(),
+            one2: Vec::new(),
+        }
+    }
+}
+
+/// What the two inputs of a junction do alike, whatever their record type.
+macro_rules! junction_control {
+    ($input:expr) => {
+        fn watermark(&mut self, watermark: Timestamp) {
+            let mut junction = self.junction.borrow_mut();
+            let output = junction.valve.on_watermark($input, watermark);
+            junction.apply::<I1, I2>(output);
+        }
+        fn idle(&mut self, idle: bool) {
+            let mut junction = self.junction.borrow_mut();
+            let output = junction.valve.on_idle($input, idle);
+            junction.apply::<I1, I2>(output);
+        }
+        fn flush(&mut self) {
+            self.junction.borrow_mut().operator.flush();
+        }
+        fn end_of_input(&mut self) {
+            let mut junction = self.junction.borrow_mut();
+            let already = junction.ended == [true; 2];
+            junction.ended[$input] = true;
+            if !already && junction.ended == [true; 2] {
+                junction.operator.end_of_input();
+            }
+        }
+        fn snapshot(&mut self, barrier: &CheckpointBarrier, snapshot: &mut TaskSnapshot) {
+            let mut junction = self.junction.borrow_mut();
+            if junction.snapshotted != Some(barrier.checkpoint_id) {
+                junction.snapshotted = Some(barrier.checkpoint_id);
+                junction.operator.snapshot(barrier, snapshot);
+            }
+        }
+        fn checkpoint_complete(&mut self, checkpoint_id: u64) {
+            let mut junction = self.junction.borrow_mut();
+            if junction.completed != Some(checkpoint_id) {
+                junction.completed = Some(checkpoint_id);
+                junction.operator.checkpoint_complete(checkpoint_id);
+            }
+        }
+    };
+}
+
+impl<I1, I2, Op: TwoInputOperator<I1, I2>> Output<I1> for JunctionInput<I1, I2, Op, 0> {
+    fn push(&mut self, record: I1, timestamp: Timestamp) {
+        self.one1.push(StreamRecord {
+            timestamp,
+            value: record,
+        });
+        self.junction
+            .borrow_mut()
+            .operator
+            .push_batch1(&mut self.one1);
+        self.one1.clear();
+    }
+    fn push_batch(&mut self, batch: &mut Vec<StreamRecord<I1>>) {
+        self.junction.borrow_mut().operator.push_batch1(batch);
+        batch.clear();
+    }
+    junction_control!(0);
+}
+
+impl<I1, I2, Op: TwoInputOperator<I1, I2>> Output<I2> for JunctionInput<I1, I2, Op, 1> {
+    fn push(&mut self, record: I2, timestamp: Timestamp) {
+        self.one2.push(StreamRecord {
+            timestamp,
+            value: record,
+        });
+        self.junction
+            .borrow_mut()
+            .operator
+            .push_batch2(&mut self.one2);
+        self.one2.clear();
+    }
+    fn push_batch(&mut self, batch: &mut Vec<StreamRecord<I2>>) {
+        self.junction.borrow_mut().operator.push_batch2(batch);
+        batch.clear();
+    }
+    junction_control!(1);
+}
+
 /// Turns a source reader into the head of a task: assigns timestamps,
 /// generates watermarks after every poll, and marks the subtask idle.
 pub(crate) struct SourceTask<T> {
@@ -1087,7 +1327,7 @@ impl<K: Key, I, O, F: KeyedProcessFunction<K, I, O>> Output<I>
 }
 
 /// Runs a [`KeyedCoProcessFunction`] as the head of a two-input task.
-pub(crate) struct KeyedCoProcessHead<K, I1, I2, O, F> {
+pub(crate) struct KeyedCoProcessOperator<K, I1, I2, O, F> {
     pub(crate) context: OperatorContext,
     pub(crate) key_selector1: Arc<dyn Fn(&I1) -> K + Send + Sync>,
     pub(crate) key_selector2: Arc<dyn Fn(&I2) -> K + Send + Sync>,
@@ -1096,39 +1336,32 @@ pub(crate) struct KeyedCoProcessHead<K, I1, I2, O, F> {
     pub(crate) next: Box<dyn Output<O>>,
 }
 
-impl<K, I1, I2, O, F> TaskHead for KeyedCoProcessHead<K, I1, I2, O, F>
+impl<K, I1, I2, O, F> TwoInputOperator<I1, I2> for KeyedCoProcessOperator<K, I1, I2, O, F>
 where
     K: Key,
-    I1: Record,
-    I2: Record,
     F: KeyedCoProcessFunction<K, I1, I2, O>,
 {
-    fn on_buffer(&mut self, input: usize, bytes: &[u8]) -> Result<(), String> {
+    fn push_batch1(&mut self, batch: &mut Vec<StreamRecord<I1>>) {
         let (runtime, function, next) = (&mut self.runtime, &mut self.function, &mut self.next);
-        if input == 0 {
-            let selector = &self.key_selector1;
-            I1::decode(bytes, &mut |record, timestamp| {
-                runtime.call(
-                    &selector(&record),
-                    timestamp,
-                    &mut **next,
-                    |context, out| function.process_element1(record, context, out),
-                );
-            })
-        } else {
-            let selector = &self.key_selector2;
-            I2::decode(bytes, &mut |record, timestamp| {
-                runtime.call(
-                    &selector(&record),
-                    timestamp,
-                    &mut **next,
-                    |context, out| function.process_element2(record, context, out),
-                );
-            })
+        let selector = &self.key_selector1;
+        for StreamRecord { timestamp, value } in batch.drain(..) {
+            runtime.call(&selector(&value), timestamp, &mut **next, |context, out| {
+                function.process_element1(value, context, out)
+            });
         }
     }
 
-    fn on_watermark(&mut self, watermark: Timestamp) {
+    fn push_batch2(&mut self, batch: &mut Vec<StreamRecord<I2>>) {
+        let (runtime, function, next) = (&mut self.runtime, &mut self.function, &mut self.next);
+        let selector = &self.key_selector2;
+        for StreamRecord { timestamp, value } in batch.drain(..) {
+            runtime.call(&selector(&value), timestamp, &mut **next, |context, out| {
+                function.process_element2(value, context, out)
+            });
+        }
+    }
+
+    fn watermark(&mut self, watermark: Timestamp) {
         let function = &mut self.function;
         self.runtime
             .advance(watermark, &mut *self.next, |timestamp, context, out| {
@@ -1136,7 +1369,7 @@ where
             });
     }
 
-    fn on_idle(&mut self, idle: bool) {
+    fn idle(&mut self, idle: bool) {
         self.next.idle(idle);
     }
     fn flush(&mut self) {
@@ -1145,7 +1378,7 @@ where
     fn end_of_input(&mut self) {
         self.next.end_of_input();
     }
-    fn on_barrier(&mut self, barrier: &CheckpointBarrier, snapshot: &mut TaskSnapshot) {
+    fn snapshot(&mut self, barrier: &CheckpointBarrier, snapshot: &mut TaskSnapshot) {
         snapshot.add(self.runtime.capture(&self.context));
         self.next.snapshot(barrier, snapshot);
     }
@@ -1179,6 +1412,94 @@ mod tests {
             );
         }
         ignore_control!();
+    }
+
+    /// What a two-input operator was handed, in order.
+    #[derive(Default)]
+    struct Calls(Rc<RefCell<Vec<String>>>);
+
+    impl TwoInputOperator<u64, String> for Calls {
+        fn push_batch1(&mut self, batch: &mut Vec<StreamRecord<u64>>) {
+            for record in batch.drain(..) {
+                self.0.borrow_mut().push(format!("1:{}", record.value));
+            }
+        }
+        fn push_batch2(&mut self, batch: &mut Vec<StreamRecord<String>>) {
+            for record in batch.drain(..) {
+                self.0.borrow_mut().push(format!("2:{}", record.value));
+            }
+        }
+        fn watermark(&mut self, watermark: Timestamp) {
+            self.0.borrow_mut().push(format!("watermark {watermark}"));
+        }
+        fn idle(&mut self, idle: bool) {
+            self.0.borrow_mut().push(format!("idle {idle}"));
+        }
+        fn flush(&mut self) {}
+        fn end_of_input(&mut self) {
+            self.0.borrow_mut().push("end".to_string());
+        }
+        fn snapshot(&mut self, barrier: &CheckpointBarrier, _snapshot: &mut TaskSnapshot) {
+            let id = barrier.checkpoint_id;
+            self.0.borrow_mut().push(format!("snapshot {id}"));
+        }
+        fn checkpoint_complete(&mut self, checkpoint_id: u64) {
+            self.0
+                .borrow_mut()
+                .push(format!("complete {checkpoint_id}"));
+        }
+    }
+
+    #[test]
+    fn a_junction_combines_its_two_inputs_as_a_task_combines_its_channels() {
+        let calls = Calls::default();
+        let seen = calls.0.clone();
+        let (mut first, mut second) = Junction::inputs::<u64, String>(calls);
+        first.push(7, 1);
+        second.push("x".to_string(), 2);
+        // Event time goes by the slower input.
+        first.watermark(10);
+        second.watermark(5);
+        second.watermark(20);
+        // An idle input does not hold the other back; both idle, the
+        // operator is.
+        first.idle(true);
+        second.watermark(30);
+        second.idle(true);
+        second.idle(false);
+        // A barrier, and its completion, reach it through both inputs:
+        // once each.
+        let barrier = CheckpointBarrier {
+            checkpoint_id: 3,
+            timestamp_ms: 0,
+            target: Arc::new(std::path::PathBuf::new()),
+            is_savepoint: false,
+        };
+        let mut snapshot = TaskSnapshot::default();
+        first.snapshot(&barrier, &mut snapshot);
+        second.snapshot(&barrier, &mut snapshot);
+        second.checkpoint_complete(3);
+        first.checkpoint_complete(3);
+        // The end, once both inputs have ended.
+        first.end_of_input();
+        first.end_of_input();
+        second.end_of_input();
+        assert_eq!(
+            *seen.borrow(),
+            [
+                "1:7",
+                "2:x",
+                "watermark 5",
+                "watermark 10",
+                "watermark 20",
+                "watermark 30",
+                "idle true",
+                "idle false",
+                "snapshot 3",
+                "complete 3",
+                "end",
+            ]
+        );
     }
 
     #[test]

@@ -26,12 +26,13 @@ use crate::error::GraphError;
 use crate::function::{Collector, KeyedCoProcessFunction, KeyedProcessFunction, SinkFunction};
 use crate::graph::{
     erase, unerase, ChainFactory, ChainingStrategy, HeadFactory, JobGraph, NodeId, NodeKind,
-    Partitioning, SourceFactory, StreamGraph, TypedStream,
+    Partitioning, SourceFactory, StreamGraph, TwoInputChainFactory, TypedStream,
 };
 use crate::key::{Key, RecordKeyHash};
 use crate::operator::{
-    DecodingHead, FilterOperator, FlatMapOperator, KeyedCoProcessHead, KeyedProcessOperator,
-    KeyedRuntime, MapOperator, Output, SinkOperator, SourceTask, Tracked,
+    DecodingHead, FilterOperator, FlatMapOperator, Junction, KeyedCoProcessOperator,
+    KeyedProcessOperator, KeyedRuntime, MapOperator, Output, SinkOperator, SourceTask, Tracked,
+    TwoInputHead, TwoInputOperator,
 };
 use crate::record::Record;
 use crate::source::{CollectionSource, Source};
@@ -39,7 +40,7 @@ use crate::state::ValueCodec;
 use crate::time::{Timestamp, WatermarkStrategy};
 use crate::window::{
     AggregateFunction, LocalWindowAggregate, MergePartials, SlicingWindowOperator, TimeWindow,
-    WindowAggregation, WindowAssigner, WindowJoinHead, WindowOperator, WindowPartial,
+    WindowAggregation, WindowAssigner, WindowJoinOperator, WindowOperator, WindowPartial,
 };
 
 /// Where a job is built: holds the StreamGraph and the job's defaults.
@@ -161,6 +162,59 @@ impl StreamExecutionEnvironment {
 
     fn record_error(&self, error: GraphError) {
         self.graph.borrow_mut().errors.push(error);
+    }
+
+    /// Adds a two-input operator fed by `inputs` (input 0, then input 1).
+    /// `make` builds its concrete type, the head of its task or, chained,
+    /// behind a [`Junction`] whose two inputs are each [`Tracked`].
+    fn add_two_input<I1: Record, I2: Record, O: Record, Op: TwoInputOperator<I1, I2> + 'static>(
+        &self,
+        name: &str,
+        inputs: [(NodeId, Option<Partitioning>); 2],
+        make: impl Fn(&crate::operator::OperatorContext, Box<dyn Output<O>>) -> Op
+            + Send
+            + Sync
+            + 'static,
+    ) -> NodeId {
+        let make = Arc::new(make);
+        let chained: TwoInputChainFactory = {
+            let make = make.clone();
+            Arc::new(move |context, output| {
+                let (first, second) = Junction::inputs(make(context, unerase::<O>(output)));
+                let (index, tracker) = (context.chain_position, context.tracker.clone());
+                [
+                    erase::<I1>(Box::new(Tracked {
+                        index,
+                        tracker: tracker.clone(),
+                        inner: first,
+                        _input: PhantomData,
+                    })),
+                    erase::<I2>(Box::new(Tracked {
+                        index,
+                        tracker,
+                        inner: second,
+                        _input: PhantomData,
+                    })),
+                ]
+            })
+        };
+        let head: HeadFactory = Arc::new(move |context, output| {
+            Box::new(TwoInputHead::<I1, I2, Op>::new(make(
+                context,
+                unerase::<O>(output),
+            )))
+        });
+        let mut graph = self.graph.borrow_mut();
+        let node = graph.add_node(
+            name,
+            NodeKind::TwoInput { chained, head },
+            TypedStream::<O>::shared(),
+            vec![type_of::<I1>(), type_of::<I2>()],
+        );
+        for (input, (source, partitioning)) in inputs.into_iter().enumerate() {
+            graph.add_edge(source, node, input, partitioning);
+        }
+        node
     }
 
     /// Adds a one-input operator. `make` builds its concrete type, so that
@@ -816,38 +870,28 @@ impl<K: Key, T1: Record, T2: Record> ConnectedStreams<K, T1, T2> {
             self.left.key_selector.clone(),
             self.right.key_selector.clone(),
         );
-        let head: HeadFactory = Arc::new(move |context, output| {
-            let mut function = function.clone();
-            let runtime = KeyedRuntime::new(context, |store| function.open(store));
-            Box::new(KeyedCoProcessHead {
-                context: context.clone(),
-                key_selector1: selector1.clone(),
-                key_selector2: selector2.clone(),
-                function,
-                runtime,
-                next: unerase::<O>(output),
-            })
-        });
-        let node = env.graph.borrow_mut().add_node(
+        let node = env.add_two_input(
             "KeyedCoProcess",
-            NodeKind::TwoInput(head),
-            TypedStream::<O>::shared(),
-            vec![type_of::<T1>(), type_of::<T2>()],
+            [
+                (self.left.stream.node, self.left.stream.partitioning.clone()),
+                (
+                    self.right.stream.node,
+                    self.right.stream.partitioning.clone(),
+                ),
+            ],
+            move |context, next| {
+                let mut function = function.clone();
+                let runtime = KeyedRuntime::new(context, |store| function.open(store));
+                KeyedCoProcessOperator {
+                    context: context.clone(),
+                    key_selector1: selector1.clone(),
+                    key_selector2: selector2.clone(),
+                    function,
+                    runtime,
+                    next,
+                }
+            },
         );
-        let mut graph = env.graph.borrow_mut();
-        graph.add_edge(
-            self.left.stream.node,
-            node,
-            0,
-            self.left.stream.partitioning.clone(),
-        );
-        graph.add_edge(
-            self.right.stream.node,
-            node,
-            1,
-            self.right.stream.partitioning.clone(),
-        );
-        drop(graph);
         DataStream::new(env, node)
     }
 }
@@ -936,36 +980,29 @@ impl<K: Key, L: Record, R: Record> WindowedJoin<K, L, R> {
         let hash_right = right_key.clone();
         let left_hash = RecordKeyHash::new(move |record: &L| hash_left(record));
         let right_hash = RecordKeyHash::new(move |record: &R| hash_right(record));
-        let head: HeadFactory = Arc::new(move |context, output| {
-            Box::new(WindowJoinHead::new(
-                left_key.clone(),
-                right_key.clone(),
-                assigner,
-                function.clone(),
-                context,
-                unerase::<O>(output),
-            ))
-        });
-        let node = env.graph.borrow_mut().add_node(
+        let node = env.add_two_input(
             "Window Join",
-            NodeKind::TwoInput(head),
-            TypedStream::<O>::shared(),
-            vec![type_of::<L>(), type_of::<R>()],
+            [
+                (
+                    joined.left.node,
+                    Some(Partitioning::Hash(Arc::new(left_hash))),
+                ),
+                (
+                    joined.right.node,
+                    Some(Partitioning::Hash(Arc::new(right_hash))),
+                ),
+            ],
+            move |context, next| {
+                WindowJoinOperator::new(
+                    left_key.clone(),
+                    right_key.clone(),
+                    assigner,
+                    function.clone(),
+                    context,
+                    next,
+                )
+            },
         );
-        let mut graph = env.graph.borrow_mut();
-        graph.add_edge(
-            joined.left.node,
-            node,
-            0,
-            Some(Partitioning::Hash(Arc::new(left_hash))),
-        );
-        graph.add_edge(
-            joined.right.node,
-            node,
-            1,
-            Some(Partitioning::Hash(Arc::new(right_hash))),
-        );
-        drop(graph);
         DataStream::new(env, node)
     }
 }

@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use crate::function::{Collector, TimestampedCollector};
 use crate::key::Key;
-use crate::operator::{OperatorContext, Output, ShippingCollector, TaskHead};
+use crate::operator::{OperatorContext, Output, ShippingCollector, TwoInputOperator};
 use crate::record::Record;
 use crate::record::StreamRecord;
 use crate::snapshot::{CheckpointBarrier, StateReader, StateWriter, TaskSnapshot};
@@ -1437,9 +1437,9 @@ where
 /// and the window is dropped whole. No per-key timers. Snapshots are keyed state like any other operator's:
 /// per key, its windows with their records ([`JoinContents`], the table
 /// `join-contents`), so a job restores at another parallelism.
-pub(crate) struct WindowJoinHead<K, L, R, O, J> {
-    pub(crate) left_key: Arc<dyn Fn(&L) -> K + Send + Sync>,
-    pub(crate) right_key: Arc<dyn Fn(&R) -> K + Send + Sync>,
+pub(crate) struct WindowJoinOperator<K, L, R, O, J> {
+    pub(crate) left_key: KeySelector<L, K>,
+    pub(crate) right_key: KeySelector<R, K>,
     pub(crate) assigner: WindowAssigner,
     pub(crate) join: Arc<J>,
     /// Only for key groups and their keys' group indices.
@@ -1451,31 +1451,18 @@ pub(crate) struct WindowJoinHead<K, L, R, O, J> {
     pub(crate) watermark: Timestamp,
     /// Scratch: the windows of the record being added.
     pub(crate) scratch: Vec<TimeWindow>,
-    /// Scratch: a buffer's records, decoded, each with its timestamp,
-    /// its key and its key's group index (empty between buffers).
-    pub(crate) lefts: Vec<Decoded<K, L>>,
-    pub(crate) rights: Vec<Decoded<K, R>>,
     pub(crate) next: Box<dyn Output<O>>,
     pub(crate) operator_name: String,
     pub(crate) context: OperatorContext,
 }
 
-/// Decodes the records of `bytes` into `decoded`, each with its
-/// timestamp, its key's group index in `store`, and its key.
-fn decode_keyed<K: Key, T: Record>(
-    bytes: &[u8],
-    key_of: &(dyn Fn(&T) -> K + Send + Sync),
-    store: &KeyedStateStore<K>,
-    decoded: &mut Vec<Decoded<K, T>>,
-) -> Result<(), String> {
-    T::decode(bytes, &mut |value, timestamp| {
-        let key = key_of(&value);
-        decoded.push((timestamp, store.group_index(&key) as u32, key, value));
-    })
-}
-
 /// How one side's records go into a window of the join.
 trait JoinInput<K, L, R, T> {
+    /// The key of this side's records, of the join's two.
+    fn key_of<'a>(
+        left: &'a KeySelector<L, K>,
+        right: &'a KeySelector<R, K>,
+    ) -> &'a (dyn Fn(&T) -> K + Send + Sync);
     /// Adds `run`'s records: `(group index, key, record)`.
     fn add_run(window: &mut JoinWindow<K, L, R>, run: impl Iterator<Item = (u32, K, T)>);
 }
@@ -1484,6 +1471,12 @@ trait JoinInput<K, L, R, T> {
 struct LeftSide;
 
 impl<K: Key, L: Clone, R> JoinInput<K, L, R, L> for LeftSide {
+    fn key_of<'a>(
+        left: &'a KeySelector<L, K>,
+        _: &'a KeySelector<R, K>,
+    ) -> &'a (dyn Fn(&L) -> K + Send + Sync) {
+        &**left
+    }
     #[inline]
     fn add_run(window: &mut JoinWindow<K, L, R>, run: impl Iterator<Item = (u32, K, L)>) {
         for (group, key, record) in run {
@@ -1502,15 +1495,20 @@ impl<K: Key, L: Clone, R> JoinInput<K, L, R, L> for LeftSide {
 struct RightSide;
 
 impl<K: Clone, L, R: Clone> JoinInput<K, L, R, R> for RightSide {
+    fn key_of<'a>(
+        _: &'a KeySelector<L, K>,
+        right: &'a KeySelector<R, K>,
+    ) -> &'a (dyn Fn(&R) -> K + Send + Sync) {
+        &**right
+    }
     #[inline]
     fn add_run(window: &mut JoinWindow<K, L, R>, run: impl Iterator<Item = (u32, K, R)>) {
         std::rc::Rc::make_mut(&mut window.rights).extend(run);
     }
 }
 
-/// A record of the join, decoded: its timestamp, its key's group index,
-/// its key, and itself.
-pub(crate) type Decoded<K, T> = (Timestamp, u32, K, T);
+/// How the join finds a side's key.
+type KeySelector<T, K> = Arc<dyn Fn(&T) -> K + Send + Sync>;
 
 /// One side of a key's window in the join. Most keys hold one record a
 /// side in a window (a person and their auction), so one is kept inline
@@ -1671,7 +1669,7 @@ fn join_contents_codec<L: Record, R: Record>() -> ValueCodec<JoinContents<L, R>>
     )
 }
 
-impl<K, L, R, O, J> WindowJoinHead<K, L, R, O, J>
+impl<K, L, R, O, J> WindowJoinOperator<K, L, R, O, J>
 where
     K: Key,
     L: Record,
@@ -1686,7 +1684,7 @@ where
         context: &OperatorContext,
         next: Box<dyn Output<O>>,
     ) -> Self {
-        let mut head = WindowJoinHead {
+        let mut head = WindowJoinOperator {
             left_key,
             right_key,
             assigner,
@@ -1696,8 +1694,6 @@ where
             windows: OpenJoinWindows::new(context.key_groups.count()),
             watermark: MIN_WATERMARK,
             scratch: Vec::new(),
-            lefts: Vec::new(),
-            rights: Vec::new(),
             next,
             operator_name: context.operator_name.clone(),
             context: context.clone(),
@@ -1729,22 +1725,29 @@ where
         head
     }
 
-    /// Adds the decoded records of one buffer (each with its key's group)
-    /// to their windows, with `S`. Tumbling windows take a run of records
-    /// in one window at once: the window found, and the list of right
-    /// records made writable, once per run rather than once per record.
-    fn add_batch<T: Clone, S: JoinInput<K, L, R, T>>(&mut self, records: &mut Vec<Decoded<K, T>>) {
+    /// Adds a batch of one side's records to their windows, with `S`.
+    /// Tumbling windows take a run of records in one window at once: the
+    /// window found, and the list of right records made writable, once per
+    /// run rather than once per record.
+    fn add_batch<T: Clone, S: JoinInput<K, L, R, T>>(
+        &mut self,
+        records: &mut Vec<StreamRecord<T>>,
+    ) {
         let WindowAssigner::Tumbling { size, offset } = self.assigner else {
-            for (timestamp, group, key, value) in records.drain(..) {
+            for StreamRecord { timestamp, value } in records.drain(..) {
+                let key = S::key_of(&self.left_key, &self.right_key)(&value);
+                let group = self.store.group_index(&key) as u32;
                 self.add(timestamp, value, |window, value| {
                     S::add_run(window, std::iter::once((group, key.clone(), value)));
                 });
             }
             return;
         };
+        let key_of = S::key_of(&self.left_key, &self.right_key);
+        let (store, windows) = (&self.store, &mut self.windows);
         let mut records = records.drain(..).peekable();
-        while let Some((timestamp, group, key, value)) = records.next() {
-            self.assert_timestamped(timestamp);
+        while let Some(StreamRecord { timestamp, value }) = records.next() {
+            assert_timestamped(timestamp, &self.operator_name);
             let start = window_start(timestamp, offset, size);
             let window = TimeWindow {
                 start,
@@ -1753,32 +1756,27 @@ where
             // The first record, then those after it in the same window (a
             // record without a timestamp ends the run, to be judged as the
             // first of the next).
-            let run = std::iter::once((group, key, value)).chain(
-                std::iter::from_fn(|| {
-                    records.next_if(|&(timestamp, ..)| {
-                        timestamp != NO_TIMESTAMP
-                            && window.start <= timestamp
-                            && timestamp < window.end
-                    })
-                })
-                .map(|(_, group, key, value)| (group, key, value)),
-            );
+            let run = std::iter::once(value)
+                .chain(std::iter::from_fn(|| {
+                    records
+                        .next_if(|record| {
+                            record.timestamp != NO_TIMESTAMP
+                                && window.start <= record.timestamp
+                                && record.timestamp < window.end
+                        })
+                        .map(|record| record.value)
+                }))
+                .map(|value| {
+                    let key = key_of(&value);
+                    (store.group_index(&key) as u32, key, value)
+                });
             if window.max_timestamp() > self.watermark {
-                S::add_run(self.windows.window(&window), run);
+                S::add_run(windows.window(&window), run);
             } else {
                 // Late: dropped, as the window has fired.
                 run.for_each(drop);
             }
         }
-    }
-
-    /// Panics, naming the operator, at a record without a timestamp.
-    fn assert_timestamped(&self, timestamp: Timestamp) {
-        assert!(
-            timestamp != NO_TIMESTAMP,
-            "window join '{}' received a record without a timestamp: give the source a WatermarkStrategy with a timestamp assigner",
-            self.operator_name
-        );
     }
 
     /// Adds `record` to each of its windows (of a sliding assigner) that
@@ -1789,7 +1787,7 @@ where
         record: T,
         side: impl Fn(&mut JoinWindow<K, L, R>, T),
     ) {
-        self.assert_timestamped(timestamp);
+        assert_timestamped(timestamp, &self.operator_name);
         let mut windows = std::mem::take(&mut self.scratch);
         windows.clear();
         self.assigner.assign(timestamp, &mut windows);
@@ -1804,6 +1802,14 @@ where
         }
         self.scratch = windows;
     }
+}
+
+/// Panics, naming the window join, at a record without a timestamp.
+fn assert_timestamped(timestamp: Timestamp, operator_name: &str) {
+    assert!(
+        timestamp != NO_TIMESTAMP,
+        "window join '{operator_name}' received a record without a timestamp: give the source a WatermarkStrategy with a timestamp assigner"
+    );
 }
 
 /// A snapshot of the window join, in the layout of a keyed state store
@@ -1889,32 +1895,22 @@ fn write_keyed_group<K: Key, V>(
     Ok(Some((key_groups.start + group_index as u32, writer.bytes)))
 }
 
-impl<K, L, R, O, J> TaskHead for WindowJoinHead<K, L, R, O, J>
+impl<K, L, R, O, J> TwoInputOperator<L, R> for WindowJoinOperator<K, L, R, O, J>
 where
     K: Key,
     L: Record,
     R: Record,
     J: Fn(L, R) -> O,
 {
-    fn on_buffer(&mut self, input: usize, bytes: &[u8]) -> Result<(), String> {
-        // Decoded whole first, each record with its key's group, then
-        // added a window's run at a time.
-        if input == 0 {
-            let mut lefts = std::mem::take(&mut self.lefts);
-            let decoded = decode_keyed(bytes, &*self.left_key, &self.store, &mut lefts);
-            self.add_batch::<L, LeftSide>(&mut lefts);
-            self.lefts = lefts;
-            decoded
-        } else {
-            let mut rights = std::mem::take(&mut self.rights);
-            let decoded = decode_keyed(bytes, &*self.right_key, &self.store, &mut rights);
-            self.add_batch::<R, RightSide>(&mut rights);
-            self.rights = rights;
-            decoded
-        }
+    fn push_batch1(&mut self, batch: &mut Vec<StreamRecord<L>>) {
+        self.add_batch::<L, LeftSide>(batch);
     }
 
-    fn on_watermark(&mut self, watermark: Timestamp) {
+    fn push_batch2(&mut self, batch: &mut Vec<StreamRecord<R>>) {
+        self.add_batch::<R, RightSide>(batch);
+    }
+
+    fn watermark(&mut self, watermark: Timestamp) {
         self.watermark = watermark;
         let (join, next) = (&self.join, &mut self.next);
         self.windows.fire_through(watermark, |window, state| {
@@ -1949,7 +1945,7 @@ where
         self.next.watermark(watermark);
     }
 
-    fn on_idle(&mut self, idle: bool) {
+    fn idle(&mut self, idle: bool) {
         self.next.idle(idle);
     }
     fn flush(&mut self) {
@@ -1958,7 +1954,7 @@ where
     fn end_of_input(&mut self) {
         self.next.end_of_input();
     }
-    fn on_barrier(&mut self, barrier: &CheckpointBarrier, snapshot: &mut TaskSnapshot) {
+    fn snapshot(&mut self, barrier: &CheckpointBarrier, snapshot: &mut TaskSnapshot) {
         let capture = JoinCapture {
             key_groups: self.store.key_groups(),
             windows: self

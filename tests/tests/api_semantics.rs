@@ -1240,8 +1240,8 @@ fn build_co_process(env: &StreamExecutionEnvironment, _: &ArgMatches) -> Result<
 
 const CO_PROCESS_PROGRAM: Program = program(CO_PROCESS, build_co_process);
 
-#[test]
-fn connected_keyed_streams_share_keyed_state_and_timers() {
+/// What the co-process of orders and payments emits.
+fn expected_matches() -> Vec<String> {
     let orders: BTreeMap<u64, Order> = (0..ORDER_COUNT)
         .map(|index| (index, order(index)))
         .collect();
@@ -1271,11 +1271,93 @@ fn connected_keyed_streams_share_keyed_state_and_timers() {
             order.timestamp + MATCH_TIMEOUT_MS
         ));
     }
+    expected
+}
+
+#[test]
+fn connected_keyed_streams_share_keyed_state_and_timers() {
+    let expected = expected_matches();
     for parallelism in [1, 2] {
         let rows = run(CO_PROCESS_PROGRAM, parallelism);
         assert_rows(
             &rows,
             expected.clone(),
+            &format!("parallelism {parallelism}"),
+        );
+    }
+}
+
+const SPLIT_CO_PROCESS: &str = "split-co-process";
+
+/// Orders and payments from one source (event `2i` is order `i`, `2i + 1`
+/// payment `i`), split in two and connected again: at parallelism 1 the
+/// split and the co-process are one task, the co-process fed directly by
+/// both flat maps.
+fn build_split_co_process(env: &StreamExecutionEnvironment, _: &ArgMatches) -> Result<(), String> {
+    let events = env.from_source(
+        GeneratorSource::bounded(2 * ORDER_COUNT, |event| event),
+        WatermarkStrategy::for_monotonous_timestamps().with_timestamp_assigner(|event: &u64| {
+            if event & 1 == 0 {
+                order(event / 2).timestamp
+            } else {
+                payment(event / 2).timestamp
+            }
+        }),
+        "orders and payments",
+    );
+    let orders = events
+        .clone()
+        .flat_map(|event: u64, out: &mut dyn Collector<Order>| {
+            if event & 1 == 0 {
+                out.collect(order(event / 2));
+            }
+        })
+        .name("orders");
+    let payments = events
+        .flat_map(|event: u64, out: &mut dyn Collector<Payment>| {
+            if event & 1 == 1 {
+                out.collect(payment(event / 2));
+            }
+        })
+        .name("payments");
+    orders
+        .key_by(|order| order.id)
+        .connect(payments.key_by(|payment| payment.order))
+        .process(MatchPayments::default())
+        .name("match payments")
+        .add_sink(strings(SPLIT_CO_PROCESS))
+        .name("sink");
+    Ok(())
+}
+
+const SPLIT_CO_PROCESS_PROGRAM: Program = program(SPLIT_CO_PROCESS, build_split_co_process);
+
+#[test]
+fn a_co_process_of_one_split_stream_is_chained_at_parallelism_1_with_the_same_results() {
+    let names = |parallelism: u32| -> Vec<String> {
+        job_graph(SPLIT_CO_PROCESS_PROGRAM, parallelism)
+            .vertices
+            .iter()
+            .map(|vertex| vertex.name.clone())
+            .collect()
+    };
+    assert_eq!(
+        names(1),
+        ["orders and payments -> orders -> payments -> match payments -> sink"]
+    );
+    assert_eq!(
+        names(2),
+        [
+            "orders and payments -> orders -> payments",
+            "match payments -> sink"
+        ]
+    );
+    // Timers fire as the co-process's two inputs' watermarks pass them, as
+    // with two sources.
+    for parallelism in [1, 2] {
+        assert_rows(
+            &run(SPLIT_CO_PROCESS_PROGRAM, parallelism),
+            expected_matches(),
             &format!("parallelism {parallelism}"),
         );
     }
@@ -1326,8 +1408,8 @@ fn build_window_join(env: &StreamExecutionEnvironment, _: &ArgMatches) -> Result
 
 const WINDOW_JOIN_PROGRAM: Program = program(WINDOW_JOIN, build_window_join);
 
-#[test]
-fn window_join_pairs_records_with_equal_keys_in_the_same_window() {
+/// What the window join of the left and right records emits.
+fn expected_pairs() -> Vec<String> {
     let window_of = |timestamp: i64| timestamp - timestamp.rem_euclid(JOIN_WINDOW_MS);
     let mut expected = Vec::new();
     for left in (0..LEFT_COUNT).map(left_record) {
@@ -1343,12 +1425,72 @@ fn window_join_pairs_records_with_equal_keys_in_the_same_window() {
             }
         }
     }
+    expected
+}
+
+#[test]
+fn window_join_pairs_records_with_equal_keys_in_the_same_window() {
+    let expected = expected_pairs();
     assert!(expected.len() > 20, "the test data should join");
     for parallelism in [1, 2] {
         let rows = run(WINDOW_JOIN_PROGRAM, parallelism);
         assert_rows(
             &rows,
             expected.clone(),
+            &format!("parallelism {parallelism}"),
+        );
+    }
+}
+
+const SPLIT_WINDOW_JOIN: &str = "split-window-join";
+
+/// The window join's left and right records from one source, in event
+/// time order, split in two and joined again (chained at parallelism 1).
+fn build_split_window_join(env: &StreamExecutionEnvironment, _: &ArgMatches) -> Result<(), String> {
+    let mut sides: Vec<(bool, Named)> = (0..LEFT_COUNT)
+        .map(|index| (true, left_record(index)))
+        .chain((0..RIGHT_COUNT).map(|index| (false, right_record(index))))
+        .collect();
+    sides.sort_by_key(|(_, record)| record.1);
+    let count = sides.len() as u64;
+    let events = env.from_source(
+        GeneratorSource::bounded(count, move |index| sides[index as usize].clone()),
+        WatermarkStrategy::for_monotonous_timestamps()
+            .with_timestamp_assigner(|event: &(bool, Named)| event.1 .1),
+        "left and right",
+    );
+    let side = |left: bool| {
+        move |(is_left, record): (bool, Named), out: &mut dyn Collector<Named>| {
+            if is_left == left {
+                out.collect(record);
+            }
+        }
+    };
+    let left = events.clone().flat_map(side(true)).name("left");
+    let right = events.flat_map(side(false)).name("right");
+    left.join(right)
+        .where_key(|left| left.0)
+        .equal_to(|right| right.0)
+        .window(WindowAssigner::tumbling(Duration::from_millis(
+            JOIN_WINDOW_MS as u64,
+        )))
+        .apply(|left, right| format!("key {} {} {}", left.0, left.2, right.2))
+        .add_sink(stamped(SPLIT_WINDOW_JOIN));
+    Ok(())
+}
+
+const SPLIT_WINDOW_JOIN_PROGRAM: Program = program(SPLIT_WINDOW_JOIN, build_split_window_join);
+
+#[test]
+fn a_window_join_of_one_split_stream_is_chained_at_parallelism_1_with_the_same_results() {
+    assert_eq!(job_graph(SPLIT_WINDOW_JOIN_PROGRAM, 1).vertices.len(), 1);
+    assert_eq!(job_graph(SPLIT_WINDOW_JOIN_PROGRAM, 2).vertices.len(), 2);
+    // Two sources are two tasks, whatever the parallelism.
+    assert_eq!(job_graph(WINDOW_JOIN_PROGRAM, 1).vertices.len(), 3);
+    for parallelism in [1, 2] {
+        assert_rows(
+            &run(SPLIT_WINDOW_JOIN_PROGRAM, parallelism),
+            expected_pairs(),
             &format!("parallelism {parallelism}"),
         );
     }

@@ -324,25 +324,36 @@ fn q5_stopped_with_a_savepoint_resumes_at_another_parallelism_with_the_uninterru
 }
 
 #[test]
-fn q8_stopped_with_a_savepoint_resumes_at_another_parallelism_with_the_uninterrupted_answer() {
-    // The window join's state: each key's records per window, spread over
-    // the windows of the subtasks that own its key group after the change.
-    let scratch = TempDir::new("savepoint-rescale-q8");
-    let job = start_rate_limited("q8", "2", &[], &scratch.join("checkpoints"));
-    let savepoint = stop_with_savepoint(job, &scratch.join("savepoints"));
-    let resumed = restore("q8", "3", &savepoint, &["--allow-oversubscribe"]);
-    assert!(
-        resumed
-            .stderr
-            .contains(&format!("restoring from {savepoint}")),
-        "q8 does not say it restores from {savepoint}: {resumed:?}"
-    );
-    assert_eq!(resumed.code, Some(0), "{resumed:?}");
-    assert_eq!(
-        resumed.stdout.lines().next().unwrap_or_default(),
-        reference_answer(Query::Q8),
-        "q8 stopped at parallelism 2 and resumed at 3 does not print the uninterrupted answer: {resumed:?}"
-    );
+fn joins_stopped_with_a_savepoint_resume_at_another_parallelism_with_the_uninterrupted_answer() {
+    // The window join's state (q8): each key's records per window, spread
+    // over the windows of the subtasks that own its key group after the
+    // change; the connected keyed process's (q3): keyed state. At
+    // parallelism 1 the join is chained behind the split of its one
+    // source (a junction of its two inputs, snapshotted once), at more it
+    // heads a task of its own: each is restored into the other.
+    for (query, from, to) in [
+        (Query::Q8, "2", "3"),
+        (Query::Q8, "1", "2"),
+        (Query::Q3, "1", "2"),
+    ] {
+        let name = query.name();
+        let scratch = TempDir::new(&format!("savepoint-rescale-{name}-{from}-{to}"));
+        let job = start_rate_limited(name, from, &[], &scratch.join("checkpoints"));
+        let savepoint = stop_with_savepoint(job, &scratch.join("savepoints"));
+        let resumed = restore(name, to, &savepoint, &["--allow-oversubscribe"]);
+        assert!(
+            resumed
+                .stderr
+                .contains(&format!("restoring from {savepoint}")),
+            "{name} does not say it restores from {savepoint}: {resumed:?}"
+        );
+        assert_eq!(resumed.code, Some(0), "{resumed:?}");
+        assert_eq!(
+            resumed.stdout.lines().next().unwrap_or_default(),
+            reference_answer(query),
+            "{name} stopped at parallelism {from} and resumed at {to} does not print the uninterrupted answer: {resumed:?}"
+        );
+    }
 }
 
 #[test]
