@@ -715,6 +715,31 @@ impl<T> Output<T> for Discard {
     ignore_control!();
 }
 
+/// A task head's event time, end and checkpoints, handed to `$field` (the
+/// chain's first operator).
+macro_rules! head_control {
+    ($field:ident) => {
+        fn on_watermark(&mut self, watermark: Timestamp) {
+            self.$field.watermark(watermark);
+        }
+        fn on_idle(&mut self, idle: bool) {
+            self.$field.idle(idle);
+        }
+        fn flush(&mut self) {
+            self.$field.flush();
+        }
+        fn end_of_input(&mut self) {
+            self.$field.end_of_input();
+        }
+        fn on_barrier(&mut self, barrier: &CheckpointBarrier, snapshot: &mut TaskSnapshot) {
+            self.$field.snapshot(barrier, snapshot);
+        }
+        fn checkpoint_complete(&mut self, checkpoint_id: u64) {
+            self.$field.checkpoint_complete(checkpoint_id);
+        }
+    };
+}
+
 /// The head of a one-input task (or a union): decodes buffers into records
 /// for the chain.
 pub(crate) struct DecodingHead<T> {
@@ -739,24 +764,7 @@ impl<T: Record> TaskHead for DecodingHead<T> {
         }
         decoded
     }
-    fn on_watermark(&mut self, watermark: Timestamp) {
-        self.next.watermark(watermark);
-    }
-    fn on_idle(&mut self, idle: bool) {
-        self.next.idle(idle);
-    }
-    fn flush(&mut self) {
-        self.next.flush();
-    }
-    fn end_of_input(&mut self) {
-        self.next.end_of_input();
-    }
-    fn on_barrier(&mut self, barrier: &CheckpointBarrier, snapshot: &mut TaskSnapshot) {
-        self.next.snapshot(barrier, snapshot);
-    }
-    fn checkpoint_complete(&mut self, checkpoint_id: u64) {
-        self.next.checkpoint_complete(checkpoint_id);
-    }
+    head_control!(next);
 }
 
 /// A two-input operator (a connected keyed process, a window join): the
@@ -820,24 +828,7 @@ impl<I1: Record, I2: Record, Op: TwoInputOperator<I1, I2>> TaskHead for TwoInput
             decoded
         }
     }
-    fn on_watermark(&mut self, watermark: Timestamp) {
-        self.operator.watermark(watermark);
-    }
-    fn on_idle(&mut self, idle: bool) {
-        self.operator.idle(idle);
-    }
-    fn flush(&mut self) {
-        self.operator.flush();
-    }
-    fn end_of_input(&mut self) {
-        self.operator.end_of_input();
-    }
-    fn on_barrier(&mut self, barrier: &CheckpointBarrier, snapshot: &mut TaskSnapshot) {
-        self.operator.snapshot(barrier, snapshot);
-    }
-    fn checkpoint_complete(&mut self, checkpoint_id: u64) {
-        self.operator.checkpoint_complete(checkpoint_id);
-    }
+    head_control!(operator);
 }
 
 /// A two-input operator chained behind operators of its own task: each
