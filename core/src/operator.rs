@@ -837,13 +837,16 @@ impl<I1: Record, I2: Record, Op: TwoInputOperator<I1, I2>> TaskHead for TwoInput
 /// combined. Event time goes by the slower input (a watermark valve of
 /// two); the end comes when both inputs have ended. Both inputs come from
 /// one chain, so a barrier, a flush or a checkpoint's completion reaches
-/// the operator through each: it acts on the first.
+/// it through each: it snapshots once the barrier has come through both
+/// (what an operator before it emits as it snapshots is then in the
+/// state, as with barrier alignment), and passes the rest on the first.
 pub(crate) struct Junction<Op> {
     operator: Op,
     valve: crate::time::WatermarkValve,
     ended: [bool; 2],
-    /// The checkpoint last snapshotted, and the one last completed.
-    snapshotted: Option<u64>,
+    /// The barrier being aligned, and the inputs it has come through.
+    barrier: (Option<u64>, [bool; 2]),
+    /// The checkpoint last completed.
     completed: Option<u64>,
 }
 
@@ -859,7 +862,7 @@ impl<Op> Junction<Op> {
             operator,
             valve: crate::time::WatermarkValve::new(2),
             ended: [false; 2],
-            snapshotted: None,
+            barrier: (None, [false; 2]),
             completed: None,
         }));
         (
@@ -937,8 +940,17 @@ macro_rules! junction_control {
         }
         fn snapshot(&mut self, barrier: &CheckpointBarrier, snapshot: &mut TaskSnapshot) {
             let mut junction = self.junction.borrow_mut();
-            if junction.snapshotted != Some(barrier.checkpoint_id) {
-                junction.snapshotted = Some(barrier.checkpoint_id);
+            let id = barrier.checkpoint_id;
+            if junction.barrier.0 != Some(id) {
+                junction.barrier = (Some(id), [false; 2]);
+            }
+            junction.barrier.1[$input] = true;
+            // Aligned: every input that has not ended has passed the
+            // barrier on, and with it what the operators before it
+            // emitted as they snapshotted.
+            let (arrived, ended) = (junction.barrier.1, junction.ended);
+            if (0..2).all(|input| arrived[input] || ended[input]) {
+                junction.barrier.1 = [false; 2];
                 junction.operator.snapshot(barrier, snapshot);
             }
         }
@@ -1468,6 +1480,9 @@ mod tests {
         };
         let mut snapshot = TaskSnapshot::default();
         first.snapshot(&barrier, &mut snapshot);
+        // What the other input's operators emit before the barrier comes
+        // through it is in the snapshot.
+        second.push("y".to_string(), 40);
         second.snapshot(&barrier, &mut snapshot);
         second.checkpoint_complete(3);
         first.checkpoint_complete(3);
@@ -1486,6 +1501,7 @@ mod tests {
                 "watermark 30",
                 "idle true",
                 "idle false",
+                "2:y",
                 "snapshot 3",
                 "complete 3",
                 "end",
