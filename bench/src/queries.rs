@@ -913,24 +913,11 @@ pub fn build_query(
             );
             // Of a person the join reads only their id and what the row
             // shows of them.
-            let persons = events
-                .clone()
-                .flat_map(|event, out: &mut dyn Collector<Seller>| {
-                    if let Event::Person(person) = event {
-                        out.collect(Seller::of(&person));
-                    }
-                })
-                .name("q3 person id and details");
-            // Of an auction the join reads only its id and seller: the
-            // rest is left out before the shuffle, as Flink SQL projects a
-            // join's inputs to the columns it uses.
-            let auctions = events
-                .flat_map(|event, out: &mut dyn Collector<SoldAuction>| {
-                    if let Event::Auction(auction) = event {
-                        out.collect(SoldAuction::of(&auction));
-                    }
-                })
-                .name("q3 auction id and seller");
+            let (persons, auctions) = split_persons_and_auctions(
+                events,
+                |person| Seller::of(&person),
+                ["q3 person id and details", "q3 auction id and seller"],
+            );
             persons
                 .key_by(|seller| seller.id)
                 .connect(auctions.key_by(|auction| auction.seller))
@@ -1013,22 +1000,8 @@ pub fn build_query(
                 &source.only(EventKinds::PERSONS_AND_AUCTIONS),
                 "persons and auctions",
             );
-            let persons = events
-                .clone()
-                .flat_map(|event, out: &mut dyn Collector<Person>| {
-                    if let Event::Person(person) = event {
-                        out.collect(person);
-                    }
-                })
-                .name("persons");
-            // Of an auction the join reads only its id and seller (see q3).
-            let auctions = events
-                .flat_map(|event, out: &mut dyn Collector<SoldAuction>| {
-                    if let Event::Auction(auction) = event {
-                        out.collect(SoldAuction::of(&auction));
-                    }
-                })
-                .name("auctions");
+            let (persons, auctions) =
+                split_persons_and_auctions(events, |person| person, ["persons", "auctions"]);
             let size = Q8_WINDOW_SIZE_MS;
             persons
                 .join(auctions)
@@ -1046,6 +1019,33 @@ pub fn build_query(
                 .add_sink_with(&sinks);
         }
     }
+}
+
+/// Splits a stream of persons and auctions in two: `person` of each
+/// person, and of each auction only its id and seller (the rest is left
+/// out before the shuffle, as Flink SQL projects a join's inputs to the
+/// columns it uses). The two flat maps are named `names`.
+fn split_persons_and_auctions<P: strom_core::Record>(
+    events: DataStream<Event>,
+    person: impl Fn(Person) -> P + Send + Sync + 'static,
+    [persons_name, auctions_name]: [&str; 2],
+) -> (DataStream<P>, DataStream<SoldAuction>) {
+    let persons = events
+        .clone()
+        .flat_map(move |event, out: &mut dyn Collector<P>| {
+            if let Event::Person(kept) = event {
+                out.collect(person(kept));
+            }
+        })
+        .name(persons_name);
+    let auctions = events
+        .flat_map(|event, out: &mut dyn Collector<SoldAuction>| {
+            if let Event::Auction(auction) = event {
+                out.collect(SoldAuction::of(&auction));
+            }
+        })
+        .name(auctions_name);
+    (persons, auctions)
 }
 
 /// Counts the records of a window.

@@ -431,6 +431,19 @@ pub(crate) struct Tracked<T, Op> {
     pub(crate) _input: PhantomData<fn(T)>,
 }
 
+impl<T: 'static, Op: Output<T> + 'static> Tracked<T, Op> {
+    /// `inner`, chained at its operator's place in `context`'s chain, as
+    /// the chain builds it (a type-erased `Box<dyn Output<T>>`).
+    pub(crate) fn erased(context: &OperatorContext, inner: Op) -> crate::graph::ErasedOutput {
+        crate::graph::erase::<T>(Box::new(Tracked {
+            index: context.chain_position,
+            tracker: context.tracker.clone(),
+            inner,
+            _input: PhantomData,
+        }))
+    }
+}
+
 impl<T, Op: Output<T>> Output<T> for Tracked<T, Op> {
     #[inline]
     fn push(&mut self, record: T, timestamp: Timestamp) {
@@ -854,7 +867,10 @@ impl<Op> Junction<Op> {
     /// The two inputs of `operator`, for the operators before it.
     pub(crate) fn inputs<I1, I2>(
         operator: Op,
-    ) -> (JunctionInput<I1, I2, Op, 0>, JunctionInput<I1, I2, Op, 1>)
+    ) -> (
+        JunctionInput<I1, I1, I2, Op, 0>,
+        JunctionInput<I2, I1, I2, Op, 1>,
+    )
     where
         Op: TwoInputOperator<I1, I2>,
     {
@@ -873,134 +889,114 @@ impl<Op> Junction<Op> {
 }
 
 impl<Op> Junction<Op> {
+    /// Applies what the valve's output changed, as a task applies its
+    /// valve's.
     fn apply<I1, I2>(&mut self, output: crate::time::ValveOutput)
     where
         Op: TwoInputOperator<I1, I2>,
     {
-        // In the order a task applies its valve's output (see the
-        // scheduler's task runtime): turning idle, the flushed watermark
-        // goes first.
-        if output.idle == Some(true) {
-            if let Some(watermark) = output.watermark {
-                self.operator.watermark(watermark);
+        for change in output.in_order() {
+            match change {
+                crate::time::ValveChange::Watermark(watermark) => {
+                    self.operator.watermark(watermark)
+                }
+                crate::time::ValveChange::Idle(idle) => self.operator.idle(idle),
             }
-            self.operator.idle(true);
-            return;
-        }
-        if let Some(idle) = output.idle {
-            self.operator.idle(idle);
-        }
-        if let Some(watermark) = output.watermark {
-            self.operator.watermark(watermark);
         }
     }
 }
 
-/// Input `INPUT` (0 or 1) of a [`Junction`].
-pub(crate) struct JunctionInput<I1, I2, Op, const INPUT: usize> {
+/// Input `INPUT` (0 or 1) of a [`Junction`], of records `T` (`I1` or
+/// `I2`).
+pub(crate) struct JunctionInput<T, I1, I2, Op, const INPUT: usize> {
     junction: Rc<RefCell<Junction<Op>>>,
     /// A record pushed alone, as a batch of one (empty between calls).
-    one1: Vec<StreamRecord<I1>>,
-    one2: Vec<StreamRecord<I2>>,
+    one: Vec<StreamRecord<T>>,
+    _inputs: PhantomData<fn(I1, I2)>,
 }
 
-impl<I1, I2, Op, const INPUT: usize> JunctionInput<I1, I2, Op, INPUT> {
+impl<T, I1, I2, Op, const INPUT: usize> JunctionInput<T, I1, I2, Op, INPUT> {
     fn new(junction: Rc<RefCell<Junction<Op>>>) -> Self {
         JunctionInput {
             junction,
-            one1: Vec::new(),
-            one2: Vec::new(),
+            one: Vec::new(),
+            _inputs: PhantomData,
         }
     }
 }
 
-/// What the two inputs of a junction do alike, whatever their record type.
-macro_rules! junction_control {
-    ($input:expr) => {
-        fn watermark(&mut self, watermark: Timestamp) {
-            let mut junction = self.junction.borrow_mut();
-            let output = junction.valve.on_watermark($input, watermark);
-            junction.apply::<I1, I2>(output);
-        }
-        fn idle(&mut self, idle: bool) {
-            let mut junction = self.junction.borrow_mut();
-            let output = junction.valve.on_idle($input, idle);
-            junction.apply::<I1, I2>(output);
-        }
-        fn flush(&mut self) {
-            self.junction.borrow_mut().operator.flush();
-        }
-        fn end_of_input(&mut self) {
-            let mut junction = self.junction.borrow_mut();
-            let already = junction.ended == [true; 2];
-            junction.ended[$input] = true;
-            if !already && junction.ended == [true; 2] {
-                junction.operator.end_of_input();
+/// The [`Output`] of input `$input` of a junction, of records `$record`,
+/// which it hands to its operator's `$push_batch`.
+macro_rules! junction_input {
+    ($input:literal, $record:ident, $push_batch:ident) => {
+        impl<I1, I2, Op: TwoInputOperator<I1, I2>> Output<$record>
+            for JunctionInput<$record, I1, I2, Op, $input>
+        {
+            fn push(&mut self, record: $record, timestamp: Timestamp) {
+                self.one.push(StreamRecord {
+                    timestamp,
+                    value: record,
+                });
+                self.junction
+                    .borrow_mut()
+                    .operator
+                    .$push_batch(&mut self.one);
+                self.one.clear();
             }
-        }
-        fn snapshot(&mut self, barrier: &CheckpointBarrier, snapshot: &mut TaskSnapshot) {
-            let mut junction = self.junction.borrow_mut();
-            let id = barrier.checkpoint_id;
-            if junction.barrier.0 != Some(id) {
-                junction.barrier = (Some(id), [false; 2]);
+            fn push_batch(&mut self, batch: &mut Vec<StreamRecord<$record>>) {
+                self.junction.borrow_mut().operator.$push_batch(batch);
+                batch.clear();
             }
-            junction.barrier.1[$input] = true;
-            // Aligned: every input that has not ended has passed the
-            // barrier on, and with it what the operators before it
-            // emitted as they snapshotted.
-            let (arrived, ended) = (junction.barrier.1, junction.ended);
-            if (0..2).all(|input| arrived[input] || ended[input]) {
-                junction.barrier.1 = [false; 2];
-                junction.operator.snapshot(barrier, snapshot);
+            fn watermark(&mut self, watermark: Timestamp) {
+                let mut junction = self.junction.borrow_mut();
+                let output = junction.valve.on_watermark($input, watermark);
+                junction.apply::<I1, I2>(output);
             }
-        }
-        fn checkpoint_complete(&mut self, checkpoint_id: u64) {
-            let mut junction = self.junction.borrow_mut();
-            if junction.completed != Some(checkpoint_id) {
-                junction.completed = Some(checkpoint_id);
-                junction.operator.checkpoint_complete(checkpoint_id);
+            fn idle(&mut self, idle: bool) {
+                let mut junction = self.junction.borrow_mut();
+                let output = junction.valve.on_idle($input, idle);
+                junction.apply::<I1, I2>(output);
+            }
+            fn flush(&mut self) {
+                self.junction.borrow_mut().operator.flush();
+            }
+            fn end_of_input(&mut self) {
+                let mut junction = self.junction.borrow_mut();
+                let already = junction.ended == [true; 2];
+                junction.ended[$input] = true;
+                if !already && junction.ended == [true; 2] {
+                    junction.operator.end_of_input();
+                }
+            }
+            fn snapshot(&mut self, barrier: &CheckpointBarrier, snapshot: &mut TaskSnapshot) {
+                let mut junction = self.junction.borrow_mut();
+                let id = barrier.checkpoint_id;
+                if junction.barrier.0 != Some(id) {
+                    junction.barrier = (Some(id), [false; 2]);
+                }
+                junction.barrier.1[$input] = true;
+                // Aligned: every input that has not ended has passed the
+                // barrier on, and with it what the operators before it
+                // emitted as they snapshotted.
+                let (arrived, ended) = (junction.barrier.1, junction.ended);
+                if (0..2).all(|input| arrived[input] || ended[input]) {
+                    junction.barrier.1 = [false; 2];
+                    junction.operator.snapshot(barrier, snapshot);
+                }
+            }
+            fn checkpoint_complete(&mut self, checkpoint_id: u64) {
+                let mut junction = self.junction.borrow_mut();
+                if junction.completed != Some(checkpoint_id) {
+                    junction.completed = Some(checkpoint_id);
+                    junction.operator.checkpoint_complete(checkpoint_id);
+                }
             }
         }
     };
 }
 
-impl<I1, I2, Op: TwoInputOperator<I1, I2>> Output<I1> for JunctionInput<I1, I2, Op, 0> {
-    fn push(&mut self, record: I1, timestamp: Timestamp) {
-        self.one1.push(StreamRecord {
-            timestamp,
-            value: record,
-        });
-        self.junction
-            .borrow_mut()
-            .operator
-            .push_batch1(&mut self.one1);
-        self.one1.clear();
-    }
-    fn push_batch(&mut self, batch: &mut Vec<StreamRecord<I1>>) {
-        self.junction.borrow_mut().operator.push_batch1(batch);
-        batch.clear();
-    }
-    junction_control!(0);
-}
-
-impl<I1, I2, Op: TwoInputOperator<I1, I2>> Output<I2> for JunctionInput<I1, I2, Op, 1> {
-    fn push(&mut self, record: I2, timestamp: Timestamp) {
-        self.one2.push(StreamRecord {
-            timestamp,
-            value: record,
-        });
-        self.junction
-            .borrow_mut()
-            .operator
-            .push_batch2(&mut self.one2);
-        self.one2.clear();
-    }
-    fn push_batch(&mut self, batch: &mut Vec<StreamRecord<I2>>) {
-        self.junction.borrow_mut().operator.push_batch2(batch);
-        batch.clear();
-    }
-    junction_control!(1);
-}
+junction_input!(0, I1, push_batch1);
+junction_input!(1, I2, push_batch2);
 
 /// Turns a source reader into the head of a task: assigns timestamps,
 /// generates watermarks after every poll, and marks the subtask idle.

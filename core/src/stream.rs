@@ -25,8 +25,8 @@ use std::time::Duration;
 use crate::error::GraphError;
 use crate::function::{Collector, KeyedCoProcessFunction, KeyedProcessFunction, SinkFunction};
 use crate::graph::{
-    erase, unerase, ChainFactory, ChainingStrategy, HeadFactory, JobGraph, NodeId, NodeKind,
-    Partitioning, SourceFactory, StreamGraph, TwoInputChainFactory, TypedStream,
+    unerase, ChainFactory, ChainingStrategy, HeadFactory, JobGraph, NodeId, NodeKind, Partitioning,
+    SourceFactory, StreamGraph, TwoInputChainFactory, TypedStream,
 };
 use crate::key::{Key, RecordKeyHash};
 use crate::operator::{
@@ -181,20 +181,9 @@ impl StreamExecutionEnvironment {
             let make = make.clone();
             Arc::new(move |context, output| {
                 let (first, second) = Junction::inputs(make(context, unerase::<O>(output)));
-                let (index, tracker) = (context.chain_position, context.tracker.clone());
                 [
-                    erase::<I1>(Box::new(Tracked {
-                        index,
-                        tracker: tracker.clone(),
-                        inner: first,
-                        _input: PhantomData,
-                    })),
-                    erase::<I2>(Box::new(Tracked {
-                        index,
-                        tracker,
-                        inner: second,
-                        _input: PhantomData,
-                    })),
+                    Tracked::erased(context, first),
+                    Tracked::erased(context, second),
                 ]
             })
         };
@@ -234,13 +223,7 @@ impl StreamExecutionEnvironment {
         let chained: ChainFactory = {
             let make = make.clone();
             Arc::new(move |context, output| {
-                let operator = make(context, unerase::<O>(output));
-                erase::<I>(Box::new(Tracked {
-                    index: context.chain_position,
-                    tracker: context.tracker.clone(),
-                    inner: operator,
-                    _input: PhantomData,
-                }))
+                Tracked::<I, Op>::erased(context, make(context, unerase::<O>(output)))
             })
         };
         let head: HeadFactory = Arc::new(move |context, output| {

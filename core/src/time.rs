@@ -177,6 +177,31 @@ pub struct ValveOutput {
     pub idle: Option<bool>,
 }
 
+/// One change of a valve's output, for its consumer to apply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ValveChange {
+    Watermark(Timestamp),
+    Idle(bool),
+}
+
+impl ValveOutput {
+    /// What changed, in the order to apply it: turning idle, the watermark
+    /// the valve flushes goes first, as in Flink, so that what it fires,
+    /// and the watermark itself, reach the consumers while the task still
+    /// counts as active for them; otherwise a change of idleness goes
+    /// first.
+    pub fn in_order(self) -> impl Iterator<Item = ValveChange> {
+        let watermark = self.watermark.map(ValveChange::Watermark);
+        let idle = self.idle.map(ValveChange::Idle);
+        let (first, second) = if self.idle == Some(true) {
+            (watermark, idle)
+        } else {
+            (idle, watermark)
+        };
+        first.into_iter().chain(second)
+    }
+}
+
 impl WatermarkValve {
     pub fn new(channel_count: usize) -> Self {
         WatermarkValve {

@@ -1677,8 +1677,8 @@ where
     J: Fn(L, R) -> O,
 {
     pub(crate) fn new(
-        left_key: Arc<dyn Fn(&L) -> K + Send + Sync>,
-        right_key: Arc<dyn Fn(&R) -> K + Send + Sync>,
+        left_key: KeySelector<L, K>,
+        right_key: KeySelector<R, K>,
         assigner: WindowAssigner,
         join: Arc<J>,
         context: &OperatorContext,

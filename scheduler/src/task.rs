@@ -46,7 +46,7 @@ use strom_core::operator::{OutputQueue, SourceHead, TaskHead};
 use strom_core::record::{buffer_record_count, StreamElement};
 use strom_core::snapshot::{CheckpointBarrier, TaskRestore, TaskSnapshot};
 use strom_core::source::SourceStatus;
-use strom_core::time::{ValveOutput, WatermarkValve};
+use strom_core::time::{ValveChange, ValveOutput, WatermarkValve};
 use strom_core::JobGraph;
 use strom_net::channel::{
     ChannelReceiver, ChannelSender, ConnectedChannelReceiver, ConnectedChannelSender,
@@ -572,22 +572,14 @@ impl TaskRun<'_> {
     }
 
     fn apply(&self, head: &mut dyn TaskHead, output: ValveOutput) -> Result<(), Stop> {
-        // Turning idle, the watermark the valve flushes goes first, as in
-        // Flink, so that what it fires, and the watermark itself, reach the
-        // consumers while this task still counts as active for them.
-        if output.idle == Some(true) {
-            if let Some(watermark) = output.watermark {
-                self.metrics.watermark.store(watermark, Ordering::Relaxed);
-                self.guarded(|| head.on_watermark(watermark))?;
+        for change in output.in_order() {
+            match change {
+                ValveChange::Watermark(watermark) => {
+                    self.metrics.watermark.store(watermark, Ordering::Relaxed);
+                    self.guarded(|| head.on_watermark(watermark))?;
+                }
+                ValveChange::Idle(idle) => self.guarded(|| head.on_idle(idle))?,
             }
-            return self.guarded(|| head.on_idle(true));
-        }
-        if let Some(idle) = output.idle {
-            self.guarded(|| head.on_idle(idle))?;
-        }
-        if let Some(watermark) = output.watermark {
-            self.metrics.watermark.store(watermark, Ordering::Relaxed);
-            self.guarded(|| head.on_watermark(watermark))?;
         }
         Ok(())
     }
