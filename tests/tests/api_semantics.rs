@@ -26,9 +26,9 @@ use strom_core::source::{
 use strom_core::state::KeyedStateStore;
 use strom_core::time::MAX_WATERMARK;
 use strom_core::{
-    AggregateFunction, JobGraph, KeyedCoProcessFunction, KeyedProcessFunction, ListState, MapState,
-    ReducingState, StreamExecutionEnvironment, TimeWindow, Timestamp, ValueState,
-    WatermarkStrategy, WindowAssigner,
+    AggregateFunction, DataStream, JobGraph, KeyedCoProcessFunction, KeyedProcessFunction,
+    ListState, MapState, ReducingState, StreamExecutionEnvironment, TimeWindow, Timestamp,
+    ValueState, WatermarkStrategy, WindowAssigner,
 };
 use strom_scheduler::{LocalCluster, LocalClusterConfig};
 
@@ -1395,6 +1395,13 @@ fn build_window_join(env: &StreamExecutionEnvironment, _: &ArgMatches) -> Result
         named_time(),
         "right",
     );
+    join_left_and_right(left, right, WINDOW_JOIN);
+    Ok(())
+}
+
+/// The window join of the tests: left and right records with equal keys in
+/// the same tumbling window, into the sink `key`.
+fn join_left_and_right(left: DataStream<Named>, right: DataStream<Named>, key: &'static str) {
     left.join(right)
         .where_key(|left| left.0)
         .equal_to(|right| right.0)
@@ -1402,8 +1409,7 @@ fn build_window_join(env: &StreamExecutionEnvironment, _: &ArgMatches) -> Result
             JOIN_WINDOW_MS as u64,
         )))
         .apply(|left, right| format!("key {} {} {}", left.0, left.2, right.2))
-        .add_sink(stamped(WINDOW_JOIN));
-    Ok(())
+        .add_sink(stamped(key));
 }
 
 const WINDOW_JOIN_PROGRAM: Program = program(WINDOW_JOIN, build_window_join);
@@ -1468,14 +1474,7 @@ fn build_split_window_join(env: &StreamExecutionEnvironment, _: &ArgMatches) -> 
     };
     let left = events.clone().flat_map(side(true)).name("left");
     let right = events.flat_map(side(false)).name("right");
-    left.join(right)
-        .where_key(|left| left.0)
-        .equal_to(|right| right.0)
-        .window(WindowAssigner::tumbling(Duration::from_millis(
-            JOIN_WINDOW_MS as u64,
-        )))
-        .apply(|left, right| format!("key {} {} {}", left.0, left.2, right.2))
-        .add_sink(stamped(SPLIT_WINDOW_JOIN));
+    join_left_and_right(left, right, SPLIT_WINDOW_JOIN);
     Ok(())
 }
 
