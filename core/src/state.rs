@@ -163,6 +163,28 @@ impl<K: Key, V: Clone + 'static> StateTable<K, V> {
             .1
     }
 
+    /// Adds `item` to the value of `key` with `add`, or, when it has none,
+    /// inserts `make(item)`: one hash and one probe either way. A new
+    /// entry is written whole, not made empty and then added to (which
+    /// read back what had just been written to a bucket the cache did not
+    /// hold: most of q3's `ListState::add`).
+    #[inline]
+    pub fn add_or_insert<T>(
+        &mut self,
+        group_index: usize,
+        key: &K,
+        item: T,
+        add: impl FnOnce(&mut V, T),
+        make: impl FnOnce(T) -> V,
+    ) {
+        match self.group_mut(group_index).raw_entry_mut().from_key(key) {
+            RawEntryMut::Occupied(mut entry) => add(entry.get_mut(), item),
+            RawEntryMut::Vacant(entry) => {
+                entry.insert(key.clone(), make(item));
+            }
+        }
+    }
+
     /// Sets the value of `key`: one hash and one probe whether the key is
     /// there or not; the key is cloned only when the entry is new.
     pub fn insert(&mut self, group_index: usize, key: &K, value: V) {
@@ -612,10 +634,13 @@ impl<V: Record> ListState<V> {
 
     pub fn add<K: Key>(&self, context: &mut KeyedContext<'_, K>, value: V) {
         let (store, group, key) = context.state_scope_mut();
-        store
-            .table_mut::<ListValues<V>>(self.index)
-            .get_or_insert_with(group, key, ListValues::new)
-            .push(value);
+        store.table_mut::<ListValues<V>>(self.index).add_or_insert(
+            group,
+            key,
+            value,
+            |values, value| values.push(value),
+            |value| smallvec::smallvec![value],
+        );
     }
 
     /// Removes the list of the current key and returns its values, in the

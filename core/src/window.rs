@@ -607,7 +607,7 @@ pub(crate) struct SlicingWindowOperator<K, A, R, O, F, W> {
     pub(crate) size: i64,
     pub(crate) pane_size: i64,
     pub(crate) pane_offset: i64,
-    /// Only for key groups and their keys' group indices.
+    /// Only for the subtask's key groups (snapshots and restores).
     pub(crate) store: KeyedStateStore<K>,
     pub(crate) codec: ValueCodec<KeyPanes<A>>,
     /// Open panes, in ascending start order (a handful: firing drops the
@@ -851,12 +851,6 @@ where
             self.spare.push(pane);
         }
     }
-}
-
-/// Empty state for each of `group_count` key groups (a join window's left
-/// records).
-fn new_groups<T: Default>(group_count: usize) -> Vec<std::rc::Rc<T>> {
-    (0..group_count).map(|_| std::rc::Rc::default()).collect()
 }
 
 /// Empties state shared copy-on-write with snapshots, for reuse: in place,
@@ -1430,13 +1424,16 @@ where
 /// record, emitted when the window fires (Flink's
 /// `join(...).where(...).equalTo(...).window(...).apply(...)`).
 ///
-/// State is held per window and key group (as Flink SQL's window join
-/// keeps it per window), as a hash join builds it: left records by key,
-/// right records in a list. When the watermark passes a window's end, each
-/// right record probes the left records of its key, the pairs are emitted
-/// and the window is dropped whole. No per-key timers. Snapshots are keyed state like any other operator's:
-/// per key, its windows with their records ([`JoinContents`], the table
-/// `join-contents`), so a job restores at another parallelism.
+/// State is held per window (as Flink SQL's window join keeps it), as a
+/// hash join builds it: left records by key, right records in a list. When
+/// the watermark passes a window's end, each right record probes the left
+/// records of its key, the pairs are emitted and the window is dropped
+/// whole. No per-key timers, and no key group looked up per record: as the
+/// slicing window operator's panes, a window is shared whole with a
+/// snapshot, which finds each key's group as it writes. Snapshots are
+/// keyed state like any other operator's: per key, its windows with their
+/// records ([`JoinContents`], the table `join-contents`), so a job restores
+/// at another parallelism.
 pub(crate) struct WindowJoinOperator<K, L, R, O, J> {
     pub(crate) left_key: KeySelector<L, K>,
     pub(crate) right_key: KeySelector<R, K>,
@@ -1446,7 +1443,7 @@ pub(crate) struct WindowJoinOperator<K, L, R, O, J> {
     pub(crate) store: KeyedStateStore<K>,
     pub(crate) codec: ValueCodec<JoinContents<L, R>>,
     /// Open windows, in firing order (by end, then start), each with its
-    /// keys' records per key group.
+    /// keys' records.
     pub(crate) windows: OpenJoinWindows<K, L, R>,
     pub(crate) watermark: Timestamp,
     /// Scratch: the windows of the record being added.
@@ -1463,8 +1460,8 @@ trait JoinInput<K, L, R, T> {
         left: &'a KeySelector<L, K>,
         right: &'a KeySelector<R, K>,
     ) -> &'a (dyn Fn(&T) -> K + Send + Sync);
-    /// Adds `run`'s records: `(group index, key, record)`.
-    fn add_run(window: &mut JoinWindow<K, L, R>, run: impl Iterator<Item = (u32, K, T)>);
+    /// Adds `run`'s records, each with its key.
+    fn add_run(window: &mut JoinWindow<K, L, R>, run: impl Iterator<Item = (K, T)>);
 }
 
 /// The left side: the build side, by key in its key group's map.
@@ -1478,13 +1475,15 @@ impl<K: Key, L: Clone, R> JoinInput<K, L, R, L> for LeftSide {
         &**left
     }
     #[inline]
-    fn add_run(window: &mut JoinWindow<K, L, R>, run: impl Iterator<Item = (u32, K, L)>) {
-        for (group, key, record) in run {
-            let lefts = std::rc::Rc::make_mut(&mut window.lefts[group as usize]);
-            match lefts.get_mut(&key) {
-                Some(lefts) => lefts.push(record),
-                None => {
-                    lefts.insert(key, smallvec::smallvec![record]);
+    fn add_run(window: &mut JoinWindow<K, L, R>, run: impl Iterator<Item = (K, L)>) {
+        let lefts = std::rc::Rc::make_mut(&mut window.lefts);
+        for (key, record) in run {
+            match lefts.entry(key) {
+                std::collections::hash_map::Entry::Occupied(mut lefts) => {
+                    lefts.get_mut().push(record)
+                }
+                std::collections::hash_map::Entry::Vacant(entry) => {
+                    entry.insert(smallvec::smallvec![record]);
                 }
             }
         }
@@ -1502,7 +1501,7 @@ impl<K: Clone, L, R: Clone> JoinInput<K, L, R, R> for RightSide {
         &**right
     }
     #[inline]
-    fn add_run(window: &mut JoinWindow<K, L, R>, run: impl Iterator<Item = (u32, K, R)>) {
+    fn add_run(window: &mut JoinWindow<K, L, R>, run: impl Iterator<Item = (K, R)>) {
         std::rc::Rc::make_mut(&mut window.rights).extend(run);
     }
 }
@@ -1519,19 +1518,19 @@ type JoinSide<T> = smallvec::SmallVec<[T; 1]>;
 /// form of join state in snapshots.
 type JoinContents<L, R> = Vec<(TimeWindow, JoinSide<L>, JoinSide<R>)>;
 
-/// One key group's share of a window's left records, by key (the build
-/// side of the hash join).
+/// A window's left records, by key (the build side of the hash join).
 type JoinLefts<K, L> = rustc_hash::FxHashMap<K, JoinSide<L>>;
 
-/// One window of the join: the left records per key group of the subtask
-/// (each group shared copy-on-write with snapshots), and the right records
-/// as they came (the probe side), each with its key's group index, in one
-/// list for the window (shared copy-on-write as a whole). A right record
-/// is appended where the one before it went, rather than to one of many
-/// lists: the rights are most of q8's records.
+/// One window of the join: its left records by key, and its right records
+/// as they came (the probe side), each with its key, in one list (a right
+/// record is appended where the one before it went, rather than to one of
+/// many lists: the rights are most of q8's records). Each is shared
+/// copy-on-write with snapshots as a whole, as a pane of the slicing
+/// window operator is: a run of records makes it writable once, and no
+/// record's key group is looked up until a snapshot writes it.
 pub(crate) struct JoinWindow<K, L, R> {
-    lefts: Vec<std::rc::Rc<JoinLefts<K, L>>>,
-    rights: std::rc::Rc<Vec<(u32, K, R)>>,
+    lefts: std::rc::Rc<JoinLefts<K, L>>,
+    rights: std::rc::Rc<Vec<(K, R)>>,
 }
 
 impl<K, L, R> Clone for JoinWindow<K, L, R> {
@@ -1544,18 +1543,16 @@ impl<K, L, R> Clone for JoinWindow<K, L, R> {
 }
 
 impl<K, L, R> JoinWindow<K, L, R> {
-    fn new(group_count: usize) -> Self {
+    fn new() -> Self {
         JoinWindow {
-            lefts: new_groups(group_count),
+            lefts: std::rc::Rc::default(),
             rights: std::rc::Rc::default(),
         }
     }
 
     /// Empties it for reuse, keeping what no snapshot still reads.
     fn clear(&mut self) {
-        for lefts in &mut self.lefts {
-            empty_for_reuse(lefts, |lefts| lefts.clear());
-        }
+        empty_for_reuse(&mut self.lefts, |lefts| lefts.clear());
         empty_for_reuse(&mut self.rights, |rights| rights.clear());
     }
 }
@@ -1572,16 +1569,14 @@ pub(crate) struct OpenJoinWindows<K, L, R> {
     /// The emptied maps of fired windows, for new windows to reuse: a
     /// window's maps then start with the room the last one grew to.
     spare: Vec<JoinWindow<K, L, R>>,
-    group_count: usize,
 }
 
 impl<K, L, R> OpenJoinWindows<K, L, R> {
-    fn new(group_count: usize) -> Self {
+    fn new() -> Self {
         OpenJoinWindows {
             windows: Vec::new(),
             last: 0,
             spare: Vec::new(),
-            group_count,
         }
     }
 
@@ -1597,10 +1592,7 @@ impl<K, L, R> OpenJoinWindows<K, L, R> {
             {
                 Ok(found) => found,
                 Err(at) => {
-                    let state = self
-                        .spare
-                        .pop()
-                        .unwrap_or_else(|| JoinWindow::new(self.group_count));
+                    let state = self.spare.pop().unwrap_or_else(JoinWindow::new);
                     self.windows.insert(at, (id, state));
                     at
                 }
@@ -1691,7 +1683,7 @@ where
             join,
             store: KeyedStateStore::new(context.key_groups, context.max_parallelism),
             codec: join_contents_codec(),
-            windows: OpenJoinWindows::new(context.key_groups.count()),
+            windows: OpenJoinWindows::new(),
             watermark: MIN_WATERMARK,
             scratch: Vec::new(),
             next,
@@ -1701,24 +1693,20 @@ where
         if let Some(restored) = context.take_restored() {
             // Read the snapshot as the keyed state it is, then spread each
             // key's windows over the window maps.
-            let mut store = KeyedStateStore::new(context.key_groups, context.max_parallelism);
+            let mut store: KeyedStateStore<K> =
+                KeyedStateStore::new(context.key_groups, context.max_parallelism);
             let table = store.table_index::<JoinContents<L, R>>(JOIN_STATE, join_contents_codec());
             store
                 .restore_without_timers(&restored.key_groups)
                 .unwrap_or_else(|error| context.restore_failed(&error));
             for (key, contents) in store.table::<JoinContents<L, R>>(table).iter() {
-                let group = head.store.group_index(key);
                 for (window, lefts, rights) in contents {
                     let state = head.windows.window(window);
                     if !lefts.is_empty() {
-                        std::rc::Rc::make_mut(&mut state.lefts[group])
-                            .insert(key.clone(), lefts.clone());
+                        std::rc::Rc::make_mut(&mut state.lefts).insert(key.clone(), lefts.clone());
                     }
-                    std::rc::Rc::make_mut(&mut state.rights).extend(
-                        rights
-                            .iter()
-                            .map(|right| (group as u32, key.clone(), right.clone())),
-                    );
+                    std::rc::Rc::make_mut(&mut state.rights)
+                        .extend(rights.iter().map(|right| (key.clone(), right.clone())));
                 }
             }
         }
@@ -1736,15 +1724,14 @@ where
         let WindowAssigner::Tumbling { size, offset } = self.assigner else {
             for StreamRecord { timestamp, value } in records.drain(..) {
                 let key = S::key_of(&self.left_key, &self.right_key)(&value);
-                let group = self.store.group_index(&key) as u32;
                 self.add(timestamp, value, |window, value| {
-                    S::add_run(window, std::iter::once((group, key.clone(), value)));
+                    S::add_run(window, std::iter::once((key.clone(), value)));
                 });
             }
             return;
         };
         let key_of = S::key_of(&self.left_key, &self.right_key);
-        let (store, windows) = (&self.store, &mut self.windows);
+        let windows = &mut self.windows;
         let mut records = records.drain(..).peekable();
         while let Some(StreamRecord { timestamp, value }) = records.next() {
             assert_timestamped(timestamp, &self.operator_name);
@@ -1766,10 +1753,7 @@ where
                         })
                         .map(|record| record.value)
                 }))
-                .map(|value| {
-                    let key = key_of(&value);
-                    (store.group_index(&key) as u32, key, value)
-                });
+                .map(|value| (key_of(&value), value));
             if window.max_timestamp() > self.watermark {
                 S::add_run(windows.window(&window), run);
             } else {
@@ -1815,57 +1799,82 @@ fn assert_timestamped(timestamp: Timestamp, operator_name: &str) {
 /// A snapshot of the window join, in the layout of a keyed state store
 /// with one table ([`JOIN_STATE`]) and no timers.
 struct JoinCapture<K, L, R> {
-    key_groups: crate::key::KeyGroupRange,
+    /// The key groups, and each key's group.
+    grouping: KeyedStateStore<K>,
     windows: Vec<(TimeWindow, JoinWindow<K, L, R>)>,
     codec: ValueCodec<JoinContents<L, R>>,
-    /// Per key group, where its right records are: `(window, position)`,
-    /// in order. Made at the first group's serialization, in one pass over
-    /// every window's rights, so that each group then reads only its own.
-    rights_by_group: std::cell::RefCell<Option<Vec<Vec<(u32, u32)>>>>,
+    /// Per key group, its records: `(window, entry)`, in window order.
+    /// Made at the first group's serialization, in one pass over every
+    /// window, so that each group then reads only its own.
+    entries_by_group: std::cell::RefCell<Option<Vec<Vec<(u32, JoinEntry<K>)>>>>,
+}
+
+/// Where a key group's records are in a window of a [`JoinCapture`].
+enum JoinEntry<K> {
+    /// The left records of this key.
+    Left(K),
+    /// The right record at this position.
+    Right(u32),
 }
 
 impl<K: Key, L: Record, R: Record> crate::snapshot::KeyedCapture for JoinCapture<K, L, R> {
     fn group_count(&self) -> usize {
-        self.key_groups.count()
+        self.grouping.key_groups().count()
     }
 
     fn serialize_group(&self, group_index: usize) -> Result<Option<(u32, Vec<u8>)>, String> {
-        let mut rights_by_group = self.rights_by_group.borrow_mut();
-        let rights_by_group = rights_by_group.get_or_insert_with(|| {
-            let rights = self
+        let mut entries_by_group = self.entries_by_group.borrow_mut();
+        let entries_by_group = entries_by_group.get_or_insert_with(|| {
+            let grouping = &self.grouping;
+            let entries = self
                 .windows
                 .iter()
                 .enumerate()
                 .flat_map(|(index, (_, state))| {
-                    state
-                        .rights
-                        .iter()
-                        .enumerate()
-                        .map(move |(position, (group, _, _))| {
-                            (*group, (index as u32, position as u32))
-                        })
+                    let lefts = state.lefts.keys().map(move |key| {
+                        let group = grouping.group_index(key) as u32;
+                        (group, (index as u32, JoinEntry::Left(key.clone())))
+                    });
+                    let rights =
+                        state
+                            .rights
+                            .iter()
+                            .enumerate()
+                            .map(move |(position, (key, _))| {
+                                let group = grouping.group_index(key) as u32;
+                                (group, (index as u32, JoinEntry::Right(position as u32)))
+                            });
+                    lefts.chain(rights)
                 });
-            by_key_group(self.key_groups.count(), rights)
+            by_key_group(self.group_count(), entries)
         });
-        let mut rights = rights_by_group[group_index].iter().peekable();
         let mut keys: rustc_hash::FxHashMap<&K, JoinContents<L, R>> = Default::default();
-        for (window_index, (window, state)) in self.windows.iter().enumerate() {
-            let mut per_key: rustc_hash::FxHashMap<&K, (JoinSide<L>, JoinSide<R>)> =
-                Default::default();
-            for (key, lefts) in state.lefts[group_index].iter() {
-                per_key.entry(key).or_default().0 = lefts.clone();
+        let mut per_key: rustc_hash::FxHashMap<&K, (JoinSide<L>, JoinSide<R>)> = Default::default();
+        let mut entries = entries_by_group[group_index].iter().peekable();
+        while let Some(&&(window_index, _)) = entries.peek() {
+            let (window, state) = &self.windows[window_index as usize];
+            while let Some((_, entry)) = entries.next_if(|(window, _)| *window == window_index) {
+                match entry {
+                    JoinEntry::Left(key) => {
+                        per_key.entry(key).or_default().0 = state.lefts[key].clone();
+                    }
+                    JoinEntry::Right(position) => {
+                        let (key, right) = &state.rights[*position as usize];
+                        per_key.entry(key).or_default().1.push(right.clone());
+                    }
+                }
             }
-            while let Some(&(_, position)) =
-                rights.next_if(|(window, _)| *window as usize == window_index)
-            {
-                let (_, key, right) = &state.rights[position as usize];
-                per_key.entry(key).or_default().1.push(right.clone());
-            }
-            for (key, (lefts, rights)) in per_key {
+            for (key, (lefts, rights)) in per_key.drain() {
                 keys.entry(key).or_default().push((*window, lefts, rights));
             }
         }
-        write_keyed_group(self.key_groups, group_index, JOIN_STATE, &keys, &self.codec)
+        write_keyed_group(
+            self.grouping.key_groups(),
+            group_index,
+            JOIN_STATE,
+            &keys,
+            &self.codec,
+        )
     }
 }
 
@@ -1915,12 +1924,9 @@ where
         let (join, next) = (&self.join, &mut self.next);
         self.windows.fire_through(watermark, |window, state| {
             let timestamp = window.max_timestamp();
-            let lefts = &state.lefts;
-            let mut probe = |group: u32, key: &K, right: R| {
-                if let Some((last, rest)) = lefts[group as usize]
-                    .get(key)
-                    .and_then(|lefts| lefts.split_last())
-                {
+            let lefts = &*state.lefts;
+            let mut probe = |key: &K, right: R| {
+                if let Some((last, rest)) = lefts.get(key).and_then(|lefts| lefts.split_last()) {
                     for left in rest {
                         next.push(join(left.clone(), right.clone()), timestamp);
                     }
@@ -1929,15 +1935,15 @@ where
             };
             match std::rc::Rc::get_mut(&mut state.rights) {
                 Some(rights) => {
-                    for (group, key, right) in rights.drain(..) {
-                        probe(group, &key, right);
+                    for (key, right) in rights.drain(..) {
+                        probe(&key, right);
                     }
                 }
                 // A snapshot still holds them: read them (the window is
                 // emptied afresh after).
                 None => {
-                    for (group, key, right) in state.rights.iter() {
-                        probe(*group, key, right.clone());
+                    for (key, right) in state.rights.iter() {
+                        probe(key, right.clone());
                     }
                 }
             }
@@ -1956,7 +1962,7 @@ where
     }
     fn snapshot(&mut self, barrier: &CheckpointBarrier, snapshot: &mut TaskSnapshot) {
         let capture = JoinCapture {
-            key_groups: self.store.key_groups(),
+            grouping: KeyedStateStore::new(self.store.key_groups(), self.context.max_parallelism),
             windows: self
                 .windows
                 .windows
@@ -1972,7 +1978,7 @@ where
                 })
                 .collect(),
             codec: self.codec.clone(),
-            rights_by_group: Default::default(),
+            entries_by_group: Default::default(),
         };
         snapshot.add(self.context.capture(Some(Box::new(capture)), Vec::new()));
         self.next.snapshot(barrier, snapshot);
