@@ -607,7 +607,7 @@ pub(crate) struct SlicingWindowOperator<K, A, R, O, F, W> {
     pub(crate) size: i64,
     pub(crate) pane_size: i64,
     pub(crate) pane_offset: i64,
-    /// Only for the subtask's key groups (snapshots and restores).
+    /// Only for key groups and their keys' group indices.
     pub(crate) store: KeyedStateStore<K>,
     pub(crate) codec: ValueCodec<KeyPanes<A>>,
     /// Open panes, in ascending start order (a handful: firing drops the
@@ -1439,7 +1439,7 @@ pub(crate) struct WindowJoinOperator<K, L, R, O, J> {
     pub(crate) right_key: KeySelector<R, K>,
     pub(crate) assigner: WindowAssigner,
     pub(crate) join: Arc<J>,
-    /// Only for key groups and their keys' group indices.
+    /// Only for the subtask's key groups (snapshots and restores).
     pub(crate) store: KeyedStateStore<K>,
     pub(crate) codec: ValueCodec<JoinContents<L, R>>,
     /// Open windows, in firing order (by end, then start), each with its
@@ -1464,7 +1464,7 @@ trait JoinInput<K, L, R, T> {
     fn add_run(window: &mut JoinWindow<K, L, R>, run: impl Iterator<Item = (K, T)>);
 }
 
-/// The left side: the build side, by key in its key group's map.
+/// The left side: the build side, by key in its window's map.
 struct LeftSide;
 
 impl<K: Key, L: Clone, R> JoinInput<K, L, R, L> for LeftSide {
@@ -1715,8 +1715,8 @@ where
 
     /// Adds a batch of one side's records to their windows, with `S`.
     /// Tumbling windows take a run of records in one window at once: the
-    /// window found, and the list of right records made writable, once per
-    /// run rather than once per record.
+    /// window found, and its map or list made writable, once per run rather
+    /// than once per record.
     fn add_batch<T: Clone, S: JoinInput<K, L, R, T>>(
         &mut self,
         records: &mut Vec<StreamRecord<T>>,
@@ -2377,6 +2377,144 @@ mod tests {
             restored.push(*record, *timestamp);
         }
         restored.watermark(crate::time::MAX_WATERMARK);
+        let mut resumed: Vec<_> = before
+            .borrow()
+            .iter()
+            .chain(after.borrow().iter())
+            .copied()
+            .collect();
+        let mut expected = uninterrupted.borrow().clone();
+        resumed.sort();
+        expected.sort();
+        assert_eq!(resumed, expected);
+    }
+
+    /// A tumbling window join of `u64`s keyed by their last digit, each
+    /// pair emitted as `left * 1_000 + right`, as subtask `subtask` of
+    /// `parallelism`.
+    fn digit_join(
+        emitted: &Emissions,
+        restore: crate::snapshot::TaskRestore,
+        parallelism: u32,
+        subtask: u32,
+    ) -> WindowJoinOperator<u64, u64, u64, u64, impl Fn(u64, u64) -> u64> {
+        let mut context = test_context(restore);
+        context.parallelism = parallelism;
+        context.subtask_index = subtask;
+        context.key_groups = crate::key::KeyGroupRange::for_subtask(128, parallelism, subtask);
+        WindowJoinOperator::new(
+            Arc::new(|left: &u64| left % 10),
+            Arc::new(|right: &u64| right % 10),
+            WindowAssigner::tumbling(Duration::from_millis(100)),
+            Arc::new(|left: u64, right: u64| left * 1_000 + right),
+            &context,
+            Box::new(Emitted(emitted.clone())),
+        )
+    }
+
+    fn records(values: &[(u64, Timestamp)]) -> Vec<StreamRecord<u64>> {
+        values
+            .iter()
+            .map(|&(value, timestamp)| StreamRecord { value, timestamp })
+            .collect()
+    }
+
+    #[test]
+    fn a_window_join_restored_at_another_parallelism_emits_what_it_would_have() {
+        // Six rounds of ten left and ten right records, 5 ms apart, over
+        // the windows [0, 100), [100, 200) and [200, 300); one left ahead
+        // in [200, 300), so that two windows are open at the snapshot.
+        let round = |round: u64| -> [Vec<(u64, Timestamp)>; 2] {
+            let at = |index: u64, offset: i64| index as i64 * 5 + offset;
+            [
+                (10 * round..10 * round + 10)
+                    .map(|index| (index, at(index, 0)))
+                    .collect(),
+                (10 * round..10 * round + 10)
+                    .map(|index| (500 + index, at(index, 2)))
+                    .collect(),
+            ]
+        };
+        let ahead = (7, 260);
+        let run = |operator: &mut WindowJoinOperator<_, _, _, _, _>,
+                   rounds: std::ops::Range<u64>| {
+            for [lefts, rights] in rounds.map(round) {
+                operator.push_batch1(&mut records(&lefts));
+                operator.push_batch2(&mut records(&rights));
+            }
+        };
+        let uninterrupted = Emissions::default();
+        let mut operator = digit_join(&uninterrupted, Default::default(), 1, 0);
+        run(&mut operator, 0..3);
+        operator.watermark(99);
+        operator.push_batch1(&mut records(&[ahead]));
+        run(&mut operator, 3..6);
+        operator.watermark(crate::time::MAX_WATERMARK);
+        assert!(uninterrupted.borrow().len() > 100);
+
+        let before = Emissions::default();
+        let mut operator = digit_join(&before, Default::default(), 1, 0);
+        run(&mut operator, 0..3);
+        operator.watermark(99);
+        operator.push_batch1(&mut records(&[ahead]));
+        let mut snapshot = TaskSnapshot::default();
+        let barrier = CheckpointBarrier {
+            checkpoint_id: 1,
+            timestamp_ms: 0,
+            target: Default::default(),
+            is_savepoint: false,
+        };
+        operator.snapshot(&barrier, &mut snapshot);
+        // Written after the barrier, to both sides of an open window that
+        // holds records of key 0: the snapshot must not see them.
+        operator.push_batch1(&mut records(&[(980, 120)]));
+        operator.push_batch2(&mut records(&[(990, 130)]));
+        let serialized = snapshot.serialize().unwrap();
+        assert_eq!(serialized.len(), 1);
+
+        // Restored as two subtasks, each with its key groups' share.
+        let parallelism = 2;
+        let after = Emissions::default();
+        let mut subtasks: Vec<_> = (0..parallelism)
+            .map(|subtask| {
+                let owned = crate::key::KeyGroupRange::for_subtask(128, parallelism, subtask);
+                let mut restore = crate::snapshot::TaskRestore::default();
+                restore.operators.insert(
+                    "1:window".to_string(),
+                    crate::snapshot::OperatorRestore {
+                        key_groups: serialized[0]
+                            .key_groups
+                            .iter()
+                            .filter(|(group, _)| owned.contains(*group))
+                            .cloned()
+                            .collect(),
+                        operator_state: Vec::new(),
+                    },
+                );
+                (owned, digit_join(&after, restore, parallelism, subtask))
+            })
+            .collect();
+        let ranges: Vec<_> = subtasks.iter().map(|(owned, _)| *owned).collect();
+        let owner = |value: u64| {
+            let group = crate::key::key_group_of(&(value % 10), 128);
+            ranges
+                .iter()
+                .position(|owned| owned.contains(group))
+                .expect("an owner")
+        };
+        for [lefts, rights] in (3..6).map(round) {
+            for left in lefts {
+                subtasks[owner(left.0)].1.push_batch1(&mut records(&[left]));
+            }
+            for right in rights {
+                subtasks[owner(right.0)]
+                    .1
+                    .push_batch2(&mut records(&[right]));
+            }
+        }
+        for (_, subtask) in &mut subtasks {
+            subtask.watermark(crate::time::MAX_WATERMARK);
+        }
         let mut resumed: Vec<_> = before
             .borrow()
             .iter()
