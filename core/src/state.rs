@@ -187,13 +187,15 @@ impl<K: Key, V: Clone + 'static> StateTable<K, V> {
 
     /// Sets the value of `key`: one hash and one probe whether the key is
     /// there or not; the key is cloned only when the entry is new.
+    #[inline]
     pub fn insert(&mut self, group_index: usize, key: &K, value: V) {
-        match self.group_mut(group_index).raw_entry_mut().from_key(key) {
-            RawEntryMut::Occupied(mut entry) => *entry.get_mut() = value,
-            RawEntryMut::Vacant(entry) => {
-                entry.insert(key.clone(), value);
-            }
-        }
+        self.add_or_insert(
+            group_index,
+            key,
+            value,
+            |old, value| *old = value,
+            |value| value,
+        );
     }
 
     pub fn remove(&mut self, group_index: usize, key: &K) -> Option<V> {

@@ -2352,31 +2352,53 @@ mod tests {
             }
         }
         operator.watermark(200);
-        let barrier = CheckpointBarrier {
-            checkpoint_id: 1,
-            timestamp_ms: 0,
-            target: Default::default(),
-            is_savepoint: false,
-        };
+        let barrier = first_barrier();
         let mut snapshot = TaskSnapshot::default();
         operator.snapshot(&barrier, &mut snapshot);
         operator.push(1_000, 500);
         let serialized = snapshot.serialize().unwrap();
         assert_eq!(serialized.len(), 1);
-        let mut restore = crate::snapshot::TaskRestore::default();
-        restore.operators.insert(
-            "1:window".to_string(),
-            crate::snapshot::OperatorRestore {
-                key_groups: serialized[0].key_groups.clone(),
-                operator_state: Vec::new(),
-            },
-        );
+        let restore = restore_of(serialized[0].key_groups.clone());
         let after = Emissions::default();
         let mut restored = two_phase_summing_operator(assigner, &after, by_digit, restore);
         for (record, timestamp) in &records[121..] {
             restored.push(*record, *timestamp);
         }
         restored.watermark(crate::time::MAX_WATERMARK);
+        assert_resumed_as_uninterrupted(&before, &after, &uninterrupted);
+    }
+
+    /// The barrier of the tests' one checkpoint.
+    fn first_barrier() -> CheckpointBarrier {
+        CheckpointBarrier {
+            checkpoint_id: 1,
+            timestamp_ms: 0,
+            target: Default::default(),
+            is_savepoint: false,
+        }
+    }
+
+    /// What a subtask of the test operator ("1:window", [`test_context`])
+    /// restores: `key_groups`.
+    fn restore_of(key_groups: Vec<(u32, Vec<u8>)>) -> crate::snapshot::TaskRestore {
+        let mut restore = crate::snapshot::TaskRestore::default();
+        restore.operators.insert(
+            "1:window".to_string(),
+            crate::snapshot::OperatorRestore {
+                key_groups,
+                operator_state: Vec::new(),
+            },
+        );
+        restore
+    }
+
+    /// Asserts that what was emitted before a snapshot and after its
+    /// restore is, as a multiset, what a run without either emitted.
+    fn assert_resumed_as_uninterrupted(
+        before: &Emissions,
+        after: &Emissions,
+        uninterrupted: &Emissions,
+    ) {
         let mut resumed: Vec<_> = before
             .borrow()
             .iter()
@@ -2458,12 +2480,7 @@ mod tests {
         operator.watermark(99);
         operator.push_batch1(&mut records(&[ahead]));
         let mut snapshot = TaskSnapshot::default();
-        let barrier = CheckpointBarrier {
-            checkpoint_id: 1,
-            timestamp_ms: 0,
-            target: Default::default(),
-            is_savepoint: false,
-        };
+        let barrier = first_barrier();
         operator.snapshot(&barrier, &mut snapshot);
         // Written after the barrier, to both sides of an open window that
         // holds records of key 0: the snapshot must not see them.
@@ -2478,18 +2495,13 @@ mod tests {
         let mut subtasks: Vec<_> = (0..parallelism)
             .map(|subtask| {
                 let owned = crate::key::KeyGroupRange::for_subtask(128, parallelism, subtask);
-                let mut restore = crate::snapshot::TaskRestore::default();
-                restore.operators.insert(
-                    "1:window".to_string(),
-                    crate::snapshot::OperatorRestore {
-                        key_groups: serialized[0]
-                            .key_groups
-                            .iter()
-                            .filter(|(group, _)| owned.contains(*group))
-                            .cloned()
-                            .collect(),
-                        operator_state: Vec::new(),
-                    },
+                let restore = restore_of(
+                    serialized[0]
+                        .key_groups
+                        .iter()
+                        .filter(|(group, _)| owned.contains(*group))
+                        .cloned()
+                        .collect(),
                 );
                 (owned, digit_join(&after, restore, parallelism, subtask))
             })
@@ -2515,16 +2527,7 @@ mod tests {
         for (_, subtask) in &mut subtasks {
             subtask.watermark(crate::time::MAX_WATERMARK);
         }
-        let mut resumed: Vec<_> = before
-            .borrow()
-            .iter()
-            .chain(after.borrow().iter())
-            .copied()
-            .collect();
-        let mut expected = uninterrupted.borrow().clone();
-        resumed.sort();
-        expected.sort();
-        assert_eq!(resumed, expected);
+        assert_resumed_as_uninterrupted(&before, &after, &uninterrupted);
     }
 
     #[test]
@@ -2552,12 +2555,7 @@ mod tests {
             operator.push(*record, *timestamp);
         }
         operator.watermark(200);
-        let barrier = CheckpointBarrier {
-            checkpoint_id: 1,
-            timestamp_ms: 0,
-            target: Default::default(),
-            is_savepoint: false,
-        };
+        let barrier = first_barrier();
         operator.snapshot(&barrier, &mut snapshot);
         // Written after the barrier: the snapshot must not see it.
         operator.push(1_000, 500);
@@ -2565,29 +2563,13 @@ mod tests {
         assert_eq!(serialized.len(), 1);
         assert!(!serialized[0].key_groups.is_empty());
 
-        let mut restore = crate::snapshot::TaskRestore::default();
-        restore.operators.insert(
-            "1:window".to_string(),
-            crate::snapshot::OperatorRestore {
-                key_groups: serialized[0].key_groups.clone(),
-                operator_state: Vec::new(),
-            },
-        );
+        let restore = restore_of(serialized[0].key_groups.clone());
         let after = Emissions::default();
         let mut restored = summing_operator_from(sliding, 0, &after, restore, by_digit);
         for (record, timestamp) in &records[121..] {
             restored.push(*record, *timestamp);
         }
         restored.watermark(crate::time::MAX_WATERMARK);
-        let mut resumed: Vec<_> = before
-            .borrow()
-            .iter()
-            .chain(after.borrow().iter())
-            .copied()
-            .collect();
-        let mut expected = uninterrupted.borrow().clone();
-        resumed.sort();
-        expected.sort();
-        assert_eq!(resumed, expected);
+        assert_resumed_as_uninterrupted(&before, &after, &uninterrupted);
     }
 }
