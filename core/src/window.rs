@@ -2258,10 +2258,7 @@ mod tests {
             let tumbling = WindowAssigner::tumbling(Duration::from_millis(100));
             let mut operator =
                 two_phase_summing_operator(tumbling, &emitted, |_| 0, Default::default());
-            let mut records: Vec<StreamRecord<u64>> = batch
-                .iter()
-                .map(|&(value, timestamp)| StreamRecord { value, timestamp })
-                .collect();
+            let mut records = records(&batch);
             let panic = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 operator.push_batch(&mut records)
             }))
