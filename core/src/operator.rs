@@ -1326,23 +1326,28 @@ impl<K: Key, I, O, F: KeyedProcessFunction<K, I, O>> Output<I>
 }
 
 /// Runs a [`KeyedCoProcessFunction`] as the head of a two-input task.
-pub(crate) struct KeyedCoProcessOperator<K, I1, I2, O, F> {
+pub(crate) struct KeyedCoProcessOperator<K, I1, I2, O, F, S1, S2> {
     pub(crate) context: OperatorContext,
-    pub(crate) key_selector1: Arc<dyn Fn(&I1) -> K + Send + Sync>,
-    pub(crate) key_selector2: Arc<dyn Fn(&I2) -> K + Send + Sync>,
+    /// The key selectors, each of its own type: called inlined.
+    pub(crate) key_selector1: Arc<S1>,
+    pub(crate) key_selector2: Arc<S2>,
+    pub(crate) _inputs: PhantomData<fn(&I1, &I2)>,
     pub(crate) function: F,
     pub(crate) runtime: KeyedRuntime<K>,
     pub(crate) next: Box<dyn Output<O>>,
 }
 
-impl<K, I1, I2, O, F> TwoInputOperator<I1, I2> for KeyedCoProcessOperator<K, I1, I2, O, F>
+impl<K, I1, I2, O, F, S1, S2> TwoInputOperator<I1, I2>
+    for KeyedCoProcessOperator<K, I1, I2, O, F, S1, S2>
 where
     K: Key,
     F: KeyedCoProcessFunction<K, I1, I2, O>,
+    S1: Fn(&I1) -> K,
+    S2: Fn(&I2) -> K,
 {
     fn push_batch1(&mut self, batch: &mut Vec<StreamRecord<I1>>) {
         let (runtime, function, next) = (&mut self.runtime, &mut self.function, &mut self.next);
-        let selector = &self.key_selector1;
+        let selector = &*self.key_selector1;
         for StreamRecord { timestamp, value } in batch.drain(..) {
             runtime.call(&selector(&value), timestamp, &mut **next, |context, out| {
                 function.process_element1(value, context, out)
@@ -1352,7 +1357,7 @@ where
 
     fn push_batch2(&mut self, batch: &mut Vec<StreamRecord<I2>>) {
         let (runtime, function, next) = (&mut self.runtime, &mut self.function, &mut self.next);
-        let selector = &self.key_selector2;
+        let selector = &*self.key_selector2;
         for StreamRecord { timestamp, value } in batch.drain(..) {
             runtime.call(&selector(&value), timestamp, &mut **next, |context, out| {
                 function.process_element2(value, context, out)

@@ -389,10 +389,14 @@ impl<T: Record> DataStream<T> {
 
     /// Partitions the stream by key: records with equal keys go to the same
     /// subtask, by key group.
-    pub fn key_by<K: Key>(
+    ///
+    /// The stream keeps the selector's own type (`S`), so that the keyed
+    /// operators after it call it directly, inlined into their loops,
+    /// rather than through a `dyn Fn` per record.
+    pub fn key_by<K: Key, S: Fn(&T) -> K + Send + Sync + 'static>(
         self,
-        key_selector: impl Fn(&T) -> K + Send + Sync + 'static,
-    ) -> KeyedStream<K, T> {
+        key_selector: S,
+    ) -> KeyedStream<K, T, S> {
         let key_selector = Arc::new(key_selector);
         let hash_selector = key_selector.clone();
         let key_hash_of = RecordKeyHash::new(move |record: &T| hash_selector(record));
@@ -401,6 +405,7 @@ impl<T: Record> DataStream<T> {
             stream: self.with_partitioning(Partitioning::Hash(Arc::new(key_hash_of))),
             key_selector,
             unkeyed_partitioning,
+            _key: PhantomData,
         }
     }
 
@@ -482,19 +487,20 @@ impl<T: std::fmt::Debug> SinkFunction<T> for PrintSink {
     }
 }
 
-/// A stream partitioned by key.
-pub struct KeyedStream<K, T> {
+/// A stream partitioned by key, by the key selector `S`.
+pub struct KeyedStream<K, T, S> {
     stream: DataStream<T>,
-    key_selector: Arc<dyn Fn(&T) -> K + Send + Sync>,
+    key_selector: Arc<S>,
     /// How the stream was partitioned before `key_by` (for an operator
     /// chained before the shuffle, as a local aggregation is).
     unkeyed_partitioning: Option<Partitioning>,
+    _key: PhantomData<fn() -> K>,
 }
 
-impl<K: Key, T: Record> KeyedStream<K, T> {
+impl<K: Key, T: Record, S: Fn(&T) -> K + Send + Sync + 'static> KeyedStream<K, T, S> {
     /// Applies a keyed process function (keyed state, event-time timers).
     pub fn process<O: Record>(self, function: impl KeyedProcessFunction<K, T, O>) -> DataStream<O> {
-        let selector = self.key_selector.clone();
+        let selector: Arc<dyn Fn(&T) -> K + Send + Sync> = self.key_selector.clone();
         let env = self.stream.env.clone();
         let node = env.add_one_input::<T, O, _>(
             self.stream.node,
@@ -517,7 +523,7 @@ impl<K: Key, T: Record> KeyedStream<K, T> {
     }
 
     /// Groups each key's records into event-time windows.
-    pub fn window(self, assigner: WindowAssigner) -> WindowedStream<K, T> {
+    pub fn window(self, assigner: WindowAssigner) -> WindowedStream<K, T, S> {
         WindowedStream {
             keyed: self,
             assigner,
@@ -527,7 +533,10 @@ impl<K: Key, T: Record> KeyedStream<K, T> {
     }
 
     /// Connects two keyed streams for a keyed co-process function.
-    pub fn connect<T2: Record>(self, other: KeyedStream<K, T2>) -> ConnectedStreams<K, T, T2> {
+    pub fn connect<T2: Record, S2: Fn(&T2) -> K + Send + Sync + 'static>(
+        self,
+        other: KeyedStream<K, T2, S2>,
+    ) -> ConnectedStreams<K, T, T2, S, S2> {
         ConnectedStreams {
             left: self,
             right: other,
@@ -570,14 +579,14 @@ impl<K: Key, T: Record> KeyedProcessFunction<K, T, T> for RollingReduce<T> {
 }
 
 /// A keyed stream grouped into windows.
-pub struct WindowedStream<K, T> {
-    keyed: KeyedStream<K, T>,
+pub struct WindowedStream<K, T, S> {
+    keyed: KeyedStream<K, T, S>,
     assigner: WindowAssigner,
     allowed_lateness: i64,
     local_aggregation: bool,
 }
 
-impl<K: Key, T: Record> WindowedStream<K, T> {
+impl<K: Key, T: Record, S: Fn(&T) -> K + Send + Sync + 'static> WindowedStream<K, T, S> {
     /// Keeps windows this long after they fired; records for them fire the
     /// window again. 0 (the default) drops late records.
     pub fn allowed_lateness(mut self, lateness: Duration) -> Self {
@@ -723,7 +732,7 @@ impl<K: Key, T: Record> WindowedStream<K, T> {
             allowed_lateness,
             local_aggregation: _,
         } = self;
-        let selector = keyed.key_selector.clone();
+        let selector: Arc<dyn Fn(&T) -> K + Send + Sync> = keyed.key_selector.clone();
         let env = keyed.stream.env.clone();
         let window_function = Arc::new(window_function);
         let node = env.add_one_input::<T, O, _>(
@@ -838,12 +847,19 @@ impl<T: Clone + 'static> AggregateFunction<T, Vec<T>, Vec<T>> for CollectAggrega
 }
 
 /// Two keyed streams with one keyed state.
-pub struct ConnectedStreams<K, T1, T2> {
-    left: KeyedStream<K, T1>,
-    right: KeyedStream<K, T2>,
+pub struct ConnectedStreams<K, T1, T2, S1, S2> {
+    left: KeyedStream<K, T1, S1>,
+    right: KeyedStream<K, T2, S2>,
 }
 
-impl<K: Key, T1: Record, T2: Record> ConnectedStreams<K, T1, T2> {
+impl<K, T1, T2, S1, S2> ConnectedStreams<K, T1, T2, S1, S2>
+where
+    K: Key,
+    T1: Record,
+    T2: Record,
+    S1: Fn(&T1) -> K + Send + Sync + 'static,
+    S2: Fn(&T2) -> K + Send + Sync + 'static,
+{
     pub fn process<O: Record>(
         self,
         function: impl KeyedCoProcessFunction<K, T1, T2, O>,
@@ -869,6 +885,7 @@ impl<K: Key, T1: Record, T2: Record> ConnectedStreams<K, T1, T2> {
                     context: context.clone(),
                     key_selector1: selector1.clone(),
                     key_selector2: selector2.clone(),
+                    _inputs: PhantomData,
                     function,
                     runtime,
                     next,
@@ -886,45 +903,51 @@ pub struct JoinedStreams<L, R> {
 }
 
 impl<L: Record, R: Record> JoinedStreams<L, R> {
-    pub fn where_key<K: Key>(
+    /// The left side's key. The join keeps each selector's own type, so
+    /// that it calls them inlined rather than through a `dyn Fn`.
+    pub fn where_key<K: Key, SL: Fn(&L) -> K + Send + Sync + 'static>(
         self,
-        left_key: impl Fn(&L) -> K + Send + Sync + 'static,
-    ) -> JoinWhere<K, L, R> {
+        left_key: SL,
+    ) -> JoinWhere<K, L, R, SL> {
         JoinWhere {
             joined: self,
             left_key: Arc::new(left_key),
+            _key: PhantomData,
         }
     }
 }
 
 /// `left.join(right).where_key(...)`: the right key next.
-pub struct JoinWhere<K, L, R> {
+pub struct JoinWhere<K, L, R, SL> {
     joined: JoinedStreams<L, R>,
-    left_key: Arc<dyn Fn(&L) -> K + Send + Sync>,
+    left_key: Arc<SL>,
+    _key: PhantomData<fn() -> K>,
 }
 
-impl<K: Key, L: Record, R: Record> JoinWhere<K, L, R> {
-    pub fn equal_to(
+impl<K: Key, L: Record, R: Record, SL: Fn(&L) -> K + Send + Sync + 'static> JoinWhere<K, L, R, SL> {
+    pub fn equal_to<SR: Fn(&R) -> K + Send + Sync + 'static>(
         self,
-        right_key: impl Fn(&R) -> K + Send + Sync + 'static,
-    ) -> JoinEqual<K, L, R> {
+        right_key: SR,
+    ) -> JoinEqual<K, L, R, SL, SR> {
         JoinEqual {
             joined: self.joined,
             left_key: self.left_key,
             right_key: Arc::new(right_key),
+            _key: PhantomData,
         }
     }
 }
 
 /// `left.join(right).where_key(...).equal_to(...)`: the window next.
-pub struct JoinEqual<K, L, R> {
+pub struct JoinEqual<K, L, R, SL, SR> {
     joined: JoinedStreams<L, R>,
-    left_key: Arc<dyn Fn(&L) -> K + Send + Sync>,
-    right_key: Arc<dyn Fn(&R) -> K + Send + Sync>,
+    left_key: Arc<SL>,
+    right_key: Arc<SR>,
+    _key: PhantomData<fn() -> K>,
 }
 
-impl<K: Key, L: Record, R: Record> JoinEqual<K, L, R> {
-    pub fn window(self, assigner: WindowAssigner) -> WindowedJoin<K, L, R> {
+impl<K, L, R, SL, SR> JoinEqual<K, L, R, SL, SR> {
+    pub fn window(self, assigner: WindowAssigner) -> WindowedJoin<K, L, R, SL, SR> {
         WindowedJoin {
             join: self,
             assigner,
@@ -933,12 +956,19 @@ impl<K: Key, L: Record, R: Record> JoinEqual<K, L, R> {
 }
 
 /// A window join ready for its join function.
-pub struct WindowedJoin<K, L, R> {
-    join: JoinEqual<K, L, R>,
+pub struct WindowedJoin<K, L, R, SL, SR> {
+    join: JoinEqual<K, L, R, SL, SR>,
     assigner: WindowAssigner,
 }
 
-impl<K: Key, L: Record, R: Record> WindowedJoin<K, L, R> {
+impl<K, L, R, SL, SR> WindowedJoin<K, L, R, SL, SR>
+where
+    K: Key,
+    L: Record,
+    R: Record,
+    SL: Fn(&L) -> K + Send + Sync + 'static,
+    SR: Fn(&R) -> K + Send + Sync + 'static,
+{
     /// Emits `function(left, right)` for every pair with equal keys in the
     /// same window, when the window fires.
     pub fn apply<O: Record>(
@@ -949,6 +979,7 @@ impl<K: Key, L: Record, R: Record> WindowedJoin<K, L, R> {
             joined,
             left_key,
             right_key,
+            _key,
         } = self.join;
         let env = joined.left.env.clone();
         let assigner = self.assigner;

@@ -226,8 +226,9 @@ pub(crate) const LOCAL_AGGREGATION_MAX_ENTRIES: usize = 1 << 16;
 /// [`LOCAL_AGGREGATION_MAX_ENTRIES`], and a record for a pane the watermark
 /// has passed goes out at once, for the global phase to judge as late or
 /// not, as it would judge the record itself.
-pub(crate) struct LocalWindowAggregate<K, I, A, R, F> {
-    pub(crate) key_selector: Arc<dyn Fn(&I) -> K + Send + Sync>,
+pub(crate) struct LocalWindowAggregate<K, I, A, R, F, S> {
+    /// The key selector, of its own type: called inlined.
+    pub(crate) key_selector: Arc<S>,
     pub(crate) aggregate: F,
     /// Pane size and offset (see [`WindowAssigner::panes`]).
     pub(crate) pane_size: i64,
@@ -246,12 +247,12 @@ pub(crate) struct LocalWindowAggregate<K, I, A, R, F> {
     pub(crate) shipped: Vec<StreamRecord<WindowPartial<K, A>>>,
     pub(crate) next: Box<dyn Output<WindowPartial<K, A>>>,
     pub(crate) operator_name: String,
-    pub(crate) _result: PhantomData<fn() -> R>,
+    pub(crate) _types: PhantomData<fn(&I) -> R>,
 }
 
-impl<K, I, A, R, F> LocalWindowAggregate<K, I, A, R, F> {
+impl<K, I, A, R, F, S> LocalWindowAggregate<K, I, A, R, F, S> {
     pub(crate) fn new(
-        key_selector: Arc<dyn Fn(&I) -> K + Send + Sync>,
+        key_selector: Arc<S>,
         aggregate: F,
         (pane_size, pane_offset): (i64, i64),
         operator_name: String,
@@ -270,7 +271,7 @@ impl<K, I, A, R, F> LocalWindowAggregate<K, I, A, R, F> {
             shipped: Vec::new(),
             next,
             operator_name,
-            _result: PhantomData,
+            _types: PhantomData,
         }
     }
 
@@ -304,11 +305,12 @@ impl<K, I, A, R, F> LocalWindowAggregate<K, I, A, R, F> {
     }
 }
 
-impl<K, I, A, R, F> LocalWindowAggregate<K, I, A, R, F>
+impl<K, I, A, R, F, S> LocalWindowAggregate<K, I, A, R, F, S>
 where
     K: Key,
     I: Clone,
     F: AggregateFunction<I, A, R>,
+    S: Fn(&I) -> K,
 {
     /// The index in `panes` of the pane of `timestamp`, opened if need be;
     /// when the watermark has passed that pane, its last millisecond.
@@ -407,11 +409,12 @@ where
     }
 }
 
-impl<K, I, A, R, F> Output<I> for LocalWindowAggregate<K, I, A, R, F>
+impl<K, I, A, R, F, S> Output<I> for LocalWindowAggregate<K, I, A, R, F, S>
 where
     K: Key,
     I: Clone,
     F: AggregateFunction<I, A, R>,
+    S: Fn(&I) -> K,
 {
     #[inline]
     fn push(&mut self, record: I, timestamp: Timestamp) {
@@ -1434,9 +1437,10 @@ where
 /// keyed state like any other operator's: per key, its windows with their
 /// records ([`JoinContents`], the table `join-contents`), so a job restores
 /// at another parallelism.
-pub(crate) struct WindowJoinOperator<K, L, R, O, J> {
-    pub(crate) left_key: KeySelector<L, K>,
-    pub(crate) right_key: KeySelector<R, K>,
+pub(crate) struct WindowJoinOperator<K, L, R, O, J, SL, SR> {
+    /// The key selectors, each of its own type: called inlined.
+    pub(crate) left_key: Arc<SL>,
+    pub(crate) right_key: Arc<SR>,
     pub(crate) assigner: WindowAssigner,
     pub(crate) join: Arc<J>,
     /// Only for the subtask's key groups (snapshots and restores).
@@ -1455,11 +1459,8 @@ pub(crate) struct WindowJoinOperator<K, L, R, O, J> {
 
 /// How one side's records go into a window of the join.
 trait JoinInput<K, L, R, T> {
-    /// The key of this side's records, of the join's two.
-    fn key_of<'a>(
-        left: &'a KeySelector<L, K>,
-        right: &'a KeySelector<R, K>,
-    ) -> &'a (dyn Fn(&T) -> K + Send + Sync);
+    /// The key of `record`, one of this side's, by the join's selectors.
+    fn key_of(left: &impl Fn(&L) -> K, right: &impl Fn(&R) -> K, record: &T) -> K;
     /// Adds `run`'s records, each with its key.
     fn add_run(window: &mut JoinWindow<K, L, R>, run: impl Iterator<Item = (K, T)>);
 }
@@ -1468,11 +1469,9 @@ trait JoinInput<K, L, R, T> {
 struct LeftSide;
 
 impl<K: Key, L: Clone, R> JoinInput<K, L, R, L> for LeftSide {
-    fn key_of<'a>(
-        left: &'a KeySelector<L, K>,
-        _: &'a KeySelector<R, K>,
-    ) -> &'a (dyn Fn(&L) -> K + Send + Sync) {
-        &**left
+    #[inline(always)]
+    fn key_of(left: &impl Fn(&L) -> K, _: &impl Fn(&R) -> K, record: &L) -> K {
+        left(record)
     }
     #[inline]
     fn add_run(window: &mut JoinWindow<K, L, R>, run: impl Iterator<Item = (K, L)>) {
@@ -1494,20 +1493,15 @@ impl<K: Key, L: Clone, R> JoinInput<K, L, R, L> for LeftSide {
 struct RightSide;
 
 impl<K: Clone, L, R: Clone> JoinInput<K, L, R, R> for RightSide {
-    fn key_of<'a>(
-        _: &'a KeySelector<L, K>,
-        right: &'a KeySelector<R, K>,
-    ) -> &'a (dyn Fn(&R) -> K + Send + Sync) {
-        &**right
+    #[inline(always)]
+    fn key_of(_: &impl Fn(&L) -> K, right: &impl Fn(&R) -> K, record: &R) -> K {
+        right(record)
     }
     #[inline]
     fn add_run(window: &mut JoinWindow<K, L, R>, run: impl Iterator<Item = (K, R)>) {
         std::rc::Rc::make_mut(&mut window.rights).extend(run);
     }
 }
-
-/// How the join finds a side's key.
-type KeySelector<T, K> = Arc<dyn Fn(&T) -> K + Send + Sync>;
 
 /// One side of a key's window in the join. Most keys hold one record a
 /// side in a window (a person and their auction), so one is kept inline
@@ -1661,16 +1655,18 @@ fn join_contents_codec<L: Record, R: Record>() -> ValueCodec<JoinContents<L, R>>
     )
 }
 
-impl<K, L, R, O, J> WindowJoinOperator<K, L, R, O, J>
+impl<K, L, R, O, J, SL, SR> WindowJoinOperator<K, L, R, O, J, SL, SR>
 where
     K: Key,
     L: Record,
     R: Record,
     J: Fn(L, R) -> O,
+    SL: Fn(&L) -> K,
+    SR: Fn(&R) -> K,
 {
     pub(crate) fn new(
-        left_key: KeySelector<L, K>,
-        right_key: KeySelector<R, K>,
+        left_key: Arc<SL>,
+        right_key: Arc<SR>,
         assigner: WindowAssigner,
         join: Arc<J>,
         context: &OperatorContext,
@@ -1723,14 +1719,15 @@ where
     ) {
         let WindowAssigner::Tumbling { size, offset } = self.assigner else {
             for StreamRecord { timestamp, value } in records.drain(..) {
-                let key = S::key_of(&self.left_key, &self.right_key)(&value);
+                let key = S::key_of(&*self.left_key, &*self.right_key, &value);
                 self.add(timestamp, value, |window, value| {
                     S::add_run(window, std::iter::once((key.clone(), value)));
                 });
             }
             return;
         };
-        let key_of = S::key_of(&self.left_key, &self.right_key);
+        let (left_key, right_key) = (&*self.left_key, &*self.right_key);
+        let key_of = |value: &T| S::key_of(left_key, right_key, value);
         let windows = &mut self.windows;
         let mut records = records.drain(..).peekable();
         while let Some(StreamRecord { timestamp, value }) = records.next() {
@@ -1904,12 +1901,14 @@ fn write_keyed_group<K: Key, V>(
     Ok(Some((key_groups.start + group_index as u32, writer.bytes)))
 }
 
-impl<K, L, R, O, J> TwoInputOperator<L, R> for WindowJoinOperator<K, L, R, O, J>
+impl<K, L, R, O, J, SL, SR> TwoInputOperator<L, R> for WindowJoinOperator<K, L, R, O, J, SL, SR>
 where
     K: Key,
     L: Record,
     R: Record,
     J: Fn(L, R) -> O,
+    SL: Fn(&L) -> K,
+    SR: Fn(&R) -> K,
 {
     fn push_batch1(&mut self, batch: &mut Vec<StreamRecord<L>>) {
         self.add_batch::<L, LeftSide>(batch);
@@ -2139,7 +2138,7 @@ mod tests {
         emitted: &Emissions,
         key: fn(&u64) -> u64,
         restore: crate::snapshot::TaskRestore,
-    ) -> LocalWindowAggregate<u64, u64, u64, u64, Sum> {
+    ) -> LocalWindowAggregate<u64, u64, u64, u64, Sum, fn(&u64) -> u64> {
         let context = test_context(restore);
         let panes = assigner.panes().expect("the assigner has panes");
         let global = SlicingWindowOperator::new(
@@ -2416,7 +2415,15 @@ mod tests {
         restore: crate::snapshot::TaskRestore,
         parallelism: u32,
         subtask: u32,
-    ) -> WindowJoinOperator<u64, u64, u64, u64, impl Fn(u64, u64) -> u64> {
+    ) -> WindowJoinOperator<
+        u64,
+        u64,
+        u64,
+        u64,
+        impl Fn(u64, u64) -> u64,
+        impl Fn(&u64) -> u64,
+        impl Fn(&u64) -> u64,
+    > {
         let mut context = test_context(restore);
         context.parallelism = parallelism;
         context.subtask_index = subtask;
@@ -2455,7 +2462,7 @@ mod tests {
             ]
         };
         let ahead = (7, 260);
-        let run = |operator: &mut WindowJoinOperator<_, _, _, _, _>,
+        let run = |operator: &mut WindowJoinOperator<_, _, _, _, _, _, _>,
                    rounds: std::ops::Range<u64>| {
             for [lefts, rights] in rounds.map(round) {
                 operator.push_batch1(&mut records(&lefts));
