@@ -53,6 +53,20 @@ pub trait Output<T> {
             self.push(record.value, record.timestamp);
         }
     }
+    /// A copy of each record of `batch`, which stays the caller's: the
+    /// same as [`Output::push_batch`] of a copy of it, which is what it
+    /// does (the copy made in `scratch`, empty before and after) unless an
+    /// operator can copy each record as it reads it. Map, filter and flat
+    /// map do, so that a stream that several operators read (a fan-out) is
+    /// not first copied whole, then read again.
+    fn push_batch_cloned(&mut self, batch: &[StreamRecord<T>], scratch: &mut Vec<StreamRecord<T>>)
+    where
+        T: Clone,
+    {
+        scratch.extend_from_slice(batch);
+        self.push_batch(scratch);
+        scratch.clear();
+    }
     /// Event time reached `watermark`: fire what is due, then forward it.
     fn watermark(&mut self, watermark: Timestamp);
     /// The input turned idle or active.
@@ -232,6 +246,18 @@ impl<I, O, F: Fn(I) -> O> Output<I> for MapOperator<I, O, F> {
         self.next.push_batch(&mut self.mapped);
         self.mapped.clear();
     }
+    fn push_batch_cloned(&mut self, batch: &[StreamRecord<I>], _: &mut Vec<StreamRecord<I>>)
+    where
+        I: Clone,
+    {
+        let function = &*self.function;
+        self.mapped.extend(batch.iter().map(|record| StreamRecord {
+            timestamp: record.timestamp,
+            value: function(record.value.clone()),
+        }));
+        self.next.push_batch(&mut self.mapped);
+        self.mapped.clear();
+    }
     forward_control!();
 }
 
@@ -253,6 +279,22 @@ impl<T, F: Fn(&T) -> bool> Output<T> for FilterOperator<T, F> {
             self.next.push_batch(batch);
         }
         batch.clear();
+    }
+    fn push_batch_cloned(&mut self, batch: &[StreamRecord<T>], scratch: &mut Vec<StreamRecord<T>>)
+    where
+        T: Clone,
+    {
+        let function = &*self.function;
+        scratch.extend(
+            batch
+                .iter()
+                .filter(|record| function(&record.value))
+                .cloned(),
+        );
+        if !scratch.is_empty() {
+            self.next.push_batch(scratch);
+        }
+        scratch.clear();
     }
     forward_control!();
 }
@@ -337,6 +379,21 @@ impl<I, O, F: Fn(I, &mut dyn crate::function::Collector<O>)> Output<I>
             function(record.value, &mut collector);
         }
     }
+    fn push_batch_cloned(&mut self, batch: &[StreamRecord<I>], _: &mut Vec<StreamRecord<I>>)
+    where
+        I: Clone,
+    {
+        let function = &*self.function;
+        let mut collector = ShippingCollector {
+            output: &mut *self.next,
+            batch: &mut self.collected,
+            timestamp: NO_TIMESTAMP,
+        };
+        for record in batch {
+            collector.timestamp = record.timestamp;
+            function(record.value.clone(), &mut collector);
+        }
+    }
     forward_control!();
 }
 
@@ -368,7 +425,8 @@ impl<T, S: SinkFunction<T>> Output<T> for SinkOperator<T, S> {
 /// Hands every record to several outputs (a stream consumed twice).
 pub(crate) struct FanOut<T> {
     pub(crate) outputs: Vec<Box<dyn Output<T>>>,
-    /// A batch's copy for each output but the last (empty between calls).
+    /// Scratch for a batch's copy for an output but the last, where it
+    /// cannot copy as it reads (empty between calls).
     pub(crate) copy: Vec<StreamRecord<T>>,
 }
 
@@ -384,9 +442,7 @@ impl<T: Clone> Output<T> for FanOut<T> {
     fn push_batch(&mut self, batch: &mut Vec<StreamRecord<T>>) {
         if let Some((last, rest)) = self.outputs.split_last_mut() {
             for output in rest {
-                self.copy.extend_from_slice(batch);
-                output.push_batch(&mut self.copy);
-                self.copy.clear();
+                output.push_batch_cloned(batch, &mut self.copy);
             }
             last.push_batch(batch);
         }
@@ -454,6 +510,14 @@ impl<T, Op: Output<T>> Output<T> for Tracked<T, Op> {
     fn push_batch(&mut self, batch: &mut Vec<StreamRecord<T>>) {
         let previous = self.tracker.replace(self.index);
         self.inner.push_batch(batch);
+        self.tracker.set(previous);
+    }
+    fn push_batch_cloned(&mut self, batch: &[StreamRecord<T>], scratch: &mut Vec<StreamRecord<T>>)
+    where
+        T: Clone,
+    {
+        let previous = self.tracker.replace(self.index);
+        self.inner.push_batch_cloned(batch, scratch);
         self.tracker.set(previous);
     }
     fn watermark(&mut self, watermark: Timestamp) {
@@ -1550,5 +1614,66 @@ mod tests {
             "batches of at most about {CHAIN_BATCH_RECORDS} records: {sizes:?}"
         );
         assert!(sizes.len() > 1, "{sizes:?}");
+    }
+
+    #[test]
+    #[allow(clippy::manual_is_multiple_of)]
+    fn a_fan_out_hands_every_output_the_whole_batch_whether_it_copies_as_it_reads_or_not() {
+        // Map, filter and flat map copy each record as they read it; a
+        // sink takes a copy made for it; the last output takes the batch.
+        let sinks: Vec<Batches> = (0..5).map(|_| Batches::default()).collect();
+        let records: Vec<_> = sinks.iter().map(|sink| sink.records.clone()).collect();
+        let mut sinks = sinks.into_iter();
+        let mut next = || Box::new(sinks.next().expect("five sinks"));
+        let outputs: Vec<Box<dyn Output<u64>>> = vec![
+            Box::new(MapOperator::new(Arc::new(|value: u64| value + 1), next())),
+            Box::new(FilterOperator {
+                function: Arc::new(|value: &u64| value % 2 == 1),
+                next: next(),
+            }),
+            Box::new(FlatMapOperator::new(
+                Arc::new(|value: u64, out: &mut dyn Collector<u64>| {
+                    out.collect(value);
+                    out.collect(value * 100);
+                }),
+                next(),
+            )),
+            next(),
+            Box::new(MapOperator::new(Arc::new(|value: u64| value * 2), next())),
+        ];
+        let mut fan_out = FanOut {
+            outputs,
+            copy: Vec::new(),
+        };
+        for round in 0..2u64 {
+            let mut batch: Vec<StreamRecord<u64>> = (0..10)
+                .map(|value| StreamRecord {
+                    timestamp: value as Timestamp,
+                    value: round * 10 + value,
+                })
+                .collect();
+            fan_out.push_batch(&mut batch);
+            assert!(batch.is_empty(), "the caller's batch is left empty");
+            assert!(fan_out.copy.is_empty(), "the scratch copy is left empty");
+        }
+        let inputs: Vec<(u64, Timestamp)> =
+            (0..20).map(|value| (value, value as i64 % 10)).collect();
+        let expected: [Vec<(u64, Timestamp)>; 5] = [
+            inputs.iter().map(|&(value, at)| (value + 1, at)).collect(),
+            inputs
+                .iter()
+                .copied()
+                .filter(|(value, _)| value % 2 == 1)
+                .collect(),
+            inputs
+                .iter()
+                .flat_map(|&(value, at)| [(value, at), (value * 100, at)])
+                .collect(),
+            inputs.clone(),
+            inputs.iter().map(|&(value, at)| (value * 2, at)).collect(),
+        ];
+        for (output, (got, expected)) in records.iter().zip(expected).enumerate() {
+            assert_eq!(*got.borrow(), expected, "output {output}");
+        }
     }
 }
