@@ -440,6 +440,93 @@ impl NexmarkRecord for Auction {
     }
 }
 
+/// A person or an auction as q8's join reads them: a person whole, and of
+/// an auction its id and seller, with its time (32 bytes, where an
+/// [`Event`] takes 64): the join's columns pushed into the source, as
+/// Flink SQL pushes a projection into its scan of a table.
+#[derive(Clone, Debug, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub enum PersonOrSoldAuction {
+    Person(Person),
+    Auction {
+        auction: SoldAuction,
+        date_time: u64,
+    },
+}
+
+impl NexmarkRecord for PersonOrSoldAuction {
+    const HAS_BIDS: bool = false;
+    fn kinds(_requested: EventKinds) -> EventKinds {
+        EventKinds::PERSONS_AND_AUCTIONS
+    }
+    #[inline(always)]
+    fn generate(
+        generator: &Generator,
+        kind: EventKind,
+        index: u64,
+        _fields: BidFields,
+        _auction_details: bool,
+    ) -> Self {
+        match kind {
+            EventKind::Person => PersonOrSoldAuction::Person(generator.person(index)),
+            EventKind::Auction => {
+                let auction = generator.auction_with(index, false);
+                PersonOrSoldAuction::Auction {
+                    auction: SoldAuction::of(&auction),
+                    date_time: auction.date_time,
+                }
+            }
+            EventKind::Bid => unreachable!("a source of persons and auctions made a bid"),
+        }
+    }
+    #[inline(always)]
+    fn date_time(&self) -> u64 {
+        match self {
+            PersonOrSoldAuction::Person(person) => person.date_time,
+            PersonOrSoldAuction::Auction { date_time, .. } => *date_time,
+        }
+    }
+}
+
+/// A stream of persons and auctions, for [`split_persons_and_auctions`].
+trait PersonsAndAuctions: NexmarkRecord {
+    fn person(self) -> Option<Person>;
+    fn sold_auction(self) -> Option<SoldAuction>;
+}
+
+impl PersonsAndAuctions for Event {
+    #[inline(always)]
+    fn person(self) -> Option<Person> {
+        match self {
+            Event::Person(person) => Some(person),
+            _ => None,
+        }
+    }
+    #[inline(always)]
+    fn sold_auction(self) -> Option<SoldAuction> {
+        match self {
+            Event::Auction(auction) => Some(SoldAuction::of(&auction)),
+            _ => None,
+        }
+    }
+}
+
+impl PersonsAndAuctions for PersonOrSoldAuction {
+    #[inline(always)]
+    fn person(self) -> Option<Person> {
+        match self {
+            PersonOrSoldAuction::Person(person) => Some(person),
+            PersonOrSoldAuction::Auction { .. } => None,
+        }
+    }
+    #[inline(always)]
+    fn sold_auction(self) -> Option<SoldAuction> {
+        match self {
+            PersonOrSoldAuction::Auction { auction, .. } => Some(auction),
+            PersonOrSoldAuction::Person(_) => None,
+        }
+    }
+}
+
 /// The events in each block of the source's splits: 10 s of event time,
 /// the size of every Nexmark window (q7, q8; q5's windows, and its 2 s
 /// slides, start on its borders). Subtasks take blocks in turn, as readers
@@ -995,7 +1082,7 @@ pub fn build_query(
             // between sources the join would hold the faster one's windows
             // open until the other caught up: at 10,000,000 events that
             // halved q8's throughput.
-            let events = read::<Event>(
+            let events = read::<PersonOrSoldAuction>(
                 env,
                 &source.only(EventKinds::PERSONS_AND_AUCTIONS),
                 "persons and auctions",
@@ -1025,23 +1112,23 @@ pub fn build_query(
 /// person, and of each auction only its id and seller (the rest is left
 /// out before the shuffle, as Flink SQL projects a join's inputs to the
 /// columns it uses). The two flat maps are named `names`.
-fn split_persons_and_auctions<P: strom_core::Record>(
-    events: DataStream<Event>,
+fn split_persons_and_auctions<E: PersonsAndAuctions, P: strom_core::Record>(
+    events: DataStream<E>,
     person: impl Fn(Person) -> P + Send + Sync + 'static,
     [persons_name, auctions_name]: [&str; 2],
 ) -> (DataStream<P>, DataStream<SoldAuction>) {
     let persons = events
         .clone()
-        .flat_map(move |event, out: &mut dyn Collector<P>| {
-            if let Event::Person(kept) = event {
+        .flat_map(move |event: E, out: &mut dyn Collector<P>| {
+            if let Some(kept) = event.person() {
                 out.collect(person(kept));
             }
         })
         .name(persons_name);
     let auctions = events
-        .flat_map(|event, out: &mut dyn Collector<SoldAuction>| {
-            if let Event::Auction(auction) = event {
-                out.collect(SoldAuction::of(&auction));
+        .flat_map(|event: E, out: &mut dyn Collector<SoldAuction>| {
+            if let Some(auction) = event.sold_auction() {
+                out.collect(auction);
             }
         })
         .name(auctions_name);
