@@ -36,6 +36,6 @@ pub use program::{JobArgs, Program};
 pub use record::Record;
 pub use source::{Source, SourceOutput, SourceReader, SourceStatus};
 pub use state::{ListState, MapState, ReducingState, ValueState};
-pub use stream::{DataStream, KeyedStream, StreamExecutionEnvironment};
+pub use stream::{DataStream, KeySelector, KeyedStream, StreamExecutionEnvironment};
 pub use time::{Timestamp, WatermarkStrategy};
 pub use window::{AggregateFunction, TimeWindow, WindowAssigner, WindowPartial};

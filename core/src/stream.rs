@@ -487,6 +487,13 @@ impl<T: std::fmt::Debug> SinkFunction<T> for PrintSink {
     }
 }
 
+/// What selects a record's key: a function a task can call from its slot.
+/// Keyed streams keep their selector's own type (not a `dyn Fn`), so that
+/// the keyed operators after them are compiled with it inlined.
+pub trait KeySelector<T, K>: Fn(&T) -> K + Send + Sync + 'static {}
+
+impl<T, K, F: Fn(&T) -> K + Send + Sync + 'static> KeySelector<T, K> for F {}
+
 /// A stream partitioned by key, by the key selector `S`.
 pub struct KeyedStream<K, T, S> {
     stream: DataStream<T>,
@@ -497,7 +504,7 @@ pub struct KeyedStream<K, T, S> {
     _key: PhantomData<fn() -> K>,
 }
 
-impl<K: Key, T: Record, S: Fn(&T) -> K + Send + Sync + 'static> KeyedStream<K, T, S> {
+impl<K: Key, T: Record, S: KeySelector<T, K>> KeyedStream<K, T, S> {
     /// Applies a keyed process function (keyed state, event-time timers).
     pub fn process<O: Record>(self, function: impl KeyedProcessFunction<K, T, O>) -> DataStream<O> {
         let selector: Arc<dyn Fn(&T) -> K + Send + Sync> = self.key_selector.clone();
@@ -533,7 +540,7 @@ impl<K: Key, T: Record, S: Fn(&T) -> K + Send + Sync + 'static> KeyedStream<K, T
     }
 
     /// Connects two keyed streams for a keyed co-process function.
-    pub fn connect<T2: Record, S2: Fn(&T2) -> K + Send + Sync + 'static>(
+    pub fn connect<T2: Record, S2: KeySelector<T2, K>>(
         self,
         other: KeyedStream<K, T2, S2>,
     ) -> ConnectedStreams<K, T, T2, S, S2> {
@@ -586,7 +593,7 @@ pub struct WindowedStream<K, T, S> {
     local_aggregation: bool,
 }
 
-impl<K: Key, T: Record, S: Fn(&T) -> K + Send + Sync + 'static> WindowedStream<K, T, S> {
+impl<K: Key, T: Record, S: KeySelector<T, K>> WindowedStream<K, T, S> {
     /// Keeps windows this long after they fired; records for them fire the
     /// window again. 0 (the default) drops late records.
     pub fn allowed_lateness(mut self, lateness: Duration) -> Self {
@@ -857,8 +864,8 @@ where
     K: Key,
     T1: Record,
     T2: Record,
-    S1: Fn(&T1) -> K + Send + Sync + 'static,
-    S2: Fn(&T2) -> K + Send + Sync + 'static,
+    S1: KeySelector<T1, K>,
+    S2: KeySelector<T2, K>,
 {
     pub fn process<O: Record>(
         self,
@@ -924,7 +931,7 @@ pub struct JoinWhere<K, L, R, SL> {
     _key: PhantomData<fn() -> K>,
 }
 
-impl<K: Key, L: Record, R: Record, SL: Fn(&L) -> K + Send + Sync + 'static> JoinWhere<K, L, R, SL> {
+impl<K: Key, L: Record, R: Record, SL: KeySelector<L, K>> JoinWhere<K, L, R, SL> {
     pub fn equal_to<SR: Fn(&R) -> K + Send + Sync + 'static>(
         self,
         right_key: SR,
@@ -966,8 +973,8 @@ where
     K: Key,
     L: Record,
     R: Record,
-    SL: Fn(&L) -> K + Send + Sync + 'static,
-    SR: Fn(&R) -> K + Send + Sync + 'static,
+    SL: KeySelector<L, K>,
+    SR: KeySelector<R, K>,
 {
     /// Emits `function(left, right)` for every pair with equal keys in the
     /// same window, when the window fires.
