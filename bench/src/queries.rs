@@ -444,7 +444,7 @@ impl NexmarkRecord for Auction {
 /// an auction its id and seller, with its time (32 bytes, where an
 /// [`Event`] takes 64): the join's columns pushed into the source, as
 /// Flink SQL pushes a projection into its scan of a table.
-#[derive(Clone, Debug, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[derive(Clone, Debug, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub enum PersonOrSoldAuction {
     Person(Person),
     Auction {
@@ -1261,7 +1261,7 @@ pub struct LocalItemSuggestion {
 }
 
 /// An auction as the joins of q3 and q8 read it: its id and seller.
-#[derive(Clone, Copy, Debug, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct SoldAuction {
     pub id: u64,
     pub seller: u64,
@@ -1790,5 +1790,19 @@ mod tests {
             expires: 0,
             ..generator.auction(index)
         });
+        // q8's projection: persons whole, auctions as id, seller and time,
+        // whatever kinds it was asked for.
+        assert_reads_exactly::<PersonOrSoldAuction>(
+            &source.only(EventKinds::ALL),
+            EventKinds::PERSONS_AND_AUCTIONS,
+            |index| match generator.event(index) {
+                Event::Person(person) => PersonOrSoldAuction::Person(person),
+                Event::Auction(auction) => PersonOrSoldAuction::Auction {
+                    auction: SoldAuction::of(&auction),
+                    date_time: auction.date_time,
+                },
+                Event::Bid(bid) => panic!("expected no bids, got {bid:?}"),
+            },
+        );
     }
 }

@@ -231,9 +231,7 @@ pub fn key_hash<K: KeyHash + ?Sized>(key: &K) -> u64 {
 /// The key hash of a record (its key selector's key, hashed), for one
 /// record or for a batch. The batch form is made where the selector's type
 /// is known (`key_by`), so that the selector and the hash are inlined into
-/// its loop: one dynamic call per batch rather than one per record. (A
-/// window join's selectors come to it as `dyn Fn`, so there only the hash
-/// is inlined.)
+/// its loop: one dynamic call per batch rather than one per record.
 pub(crate) struct RecordKeyHash<T> {
     one: std::sync::Arc<dyn Fn(&T) -> u64 + Send + Sync>,
     batch: std::sync::Arc<dyn Fn(&[crate::record::StreamRecord<T>], &mut Vec<u64>) + Send + Sync>,

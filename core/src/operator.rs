@@ -425,8 +425,9 @@ impl<T, S: SinkFunction<T>> Output<T> for SinkOperator<T, S> {
 /// Hands every record to several outputs (a stream consumed twice).
 pub(crate) struct FanOut<T> {
     pub(crate) outputs: Vec<Box<dyn Output<T>>>,
-    /// Scratch for a batch's copy for an output but the last, where it
-    /// cannot copy as it reads (empty between calls).
+    /// Scratch for the outputs but the last, each of which copies what it
+    /// keeps of a batch into it or takes the whole batch's copy made in
+    /// it ([`Output::push_batch_cloned`]; empty between calls).
     pub(crate) copy: Vec<StreamRecord<T>>,
 }
 
@@ -1653,7 +1654,6 @@ mod tests {
                 })
                 .collect();
             fan_out.push_batch(&mut batch);
-            assert!(batch.is_empty(), "the caller's batch is left empty");
             assert!(fan_out.copy.is_empty(), "the scratch copy is left empty");
         }
         let inputs: Vec<(u64, Timestamp)> =
@@ -1675,5 +1675,75 @@ mod tests {
         for (output, (got, expected)) in records.iter().zip(expected).enumerate() {
             assert_eq!(*got.borrow(), expected, "output {output}");
         }
+    }
+
+    #[test]
+    fn map_and_flat_map_behind_a_fan_out_copy_each_record_as_they_read_it_not_the_batch() {
+        // A flat map that emits more than a batch per record, tracked as a
+        // chained operator is, and a map: neither needs the batch copied
+        // whole, so the fan-out's scratch never holds a record.
+        let (map_sink, flat_sink, last_sink) =
+            (Batches::default(), Batches::default(), Batches::default());
+        let (mapped, flat, last) = (
+            map_sink.records.clone(),
+            flat_sink.records.clone(),
+            last_sink.records.clone(),
+        );
+        let flat_sizes = flat_sink.sizes.clone();
+        let tracker = Rc::new(Cell::new(7));
+        let flat_map = Tracked {
+            index: 1,
+            tracker: tracker.clone(),
+            inner: FlatMapOperator::new(
+                Arc::new(|value: u64, out: &mut dyn Collector<u64>| {
+                    for copy in 0..CHAIN_BATCH_RECORDS as u64 + 44 {
+                        out.collect(value * 1_000 + copy);
+                    }
+                }),
+                Box::new(flat_sink),
+            ),
+            _input: PhantomData,
+        };
+        let mut fan_out = FanOut {
+            outputs: vec![
+                Box::new(flat_map),
+                Box::new(MapOperator::new(
+                    Arc::new(|value: u64| value + 1),
+                    Box::new(map_sink),
+                )),
+                Box::new(last_sink),
+            ],
+            copy: Vec::new(),
+        };
+        let mut batch: Vec<StreamRecord<u64>> = (0..3)
+            .map(|value| StreamRecord {
+                timestamp: value as Timestamp,
+                value,
+            })
+            .collect();
+        fan_out.push_batch(&mut batch);
+        assert_eq!(
+            fan_out.copy.capacity(),
+            0,
+            "no output had the batch copied whole"
+        );
+        assert_eq!(tracker.get(), 7, "the tracker is restored");
+        assert_eq!(*last.borrow(), vec![(0, 0), (1, 1), (2, 2)]);
+        assert_eq!(*mapped.borrow(), vec![(1, 0), (2, 1), (3, 2)]);
+        let expected: Vec<(u64, Timestamp)> = (0..3u64)
+            .flat_map(|value| {
+                (0..CHAIN_BATCH_RECORDS as u64 + 44)
+                    .map(move |copy| (value * 1_000 + copy, value as i64))
+            })
+            .collect();
+        assert_eq!(*flat.borrow(), expected);
+        assert!(
+            flat_sizes
+                .borrow()
+                .iter()
+                .all(|size| *size <= CHAIN_BATCH_RECORDS),
+            "{:?}",
+            flat_sizes.borrow()
+        );
     }
 }

@@ -390,9 +390,12 @@ impl<T: Record> DataStream<T> {
     /// Partitions the stream by key: records with equal keys go to the same
     /// subtask, by key group.
     ///
-    /// The stream keeps the selector's own type (`S`), so that the keyed
-    /// operators after it call it directly, inlined into their loops,
-    /// rather than through a `dyn Fn` per record.
+    /// The stream keeps the selector's own type (`S`), so that the local
+    /// phase of a window aggregate, the keyed co-process operator, the
+    /// window join and the shuffle's key hash call it inlined into their
+    /// loops rather than through a `dyn Fn` per record. The one-phase
+    /// window operator and the keyed process operator still take it as a
+    /// `dyn Fn`.
     pub fn key_by<K: Key, S: Fn(&T) -> K + Send + Sync + 'static>(
         self,
         key_selector: S,
@@ -489,7 +492,8 @@ impl<T: std::fmt::Debug> SinkFunction<T> for PrintSink {
 
 /// What selects a record's key: a function a task can call from its slot.
 /// Keyed streams keep their selector's own type (not a `dyn Fn`), so that
-/// the keyed operators after them are compiled with it inlined.
+/// the operators after them can be compiled with it inlined (see
+/// [`DataStream::key_by`]).
 pub trait KeySelector<T, K>: Fn(&T) -> K + Send + Sync + 'static {}
 
 impl<T, K, F: Fn(&T) -> K + Send + Sync + 'static> KeySelector<T, K> for F {}

@@ -32,10 +32,11 @@ pub struct WatermarkAlignment {
 }
 
 /// How often a busy source emits a watermark (Flink's auto-watermark
-/// interval, shorter because our latency budget is). The event time a
-/// watermark lags behind its records is this interval times the source's
-/// rate, and every window it has not yet fired holds its state: at 10 ms,
-/// a Nexmark source at 350M events/s left 35 of q8's 10 s windows open,
+/// interval, shorter because our latency budget is). A watermark lags
+/// behind its records by the event time of the records read in this
+/// interval, and every window it has not yet fired holds its state: at
+/// 10 ms, a Nexmark source at 350M events/s (350 s of its event time a
+/// second) left 35 of q8's 10 s windows open,
 /// 10 MB of join state that no core's cache held. At 1 ms each watermark
 /// still follows hundreds of full buffers; at 100 µs the shuffling queries
 /// lost throughput at parallelism 2 (BENCHMARKS.md, item 50).
@@ -96,8 +97,8 @@ impl<T> WatermarkStrategy<T> {
     }
 
     /// How often a source subtask that keeps producing emits a watermark
-    /// (default 1 ms, [`DEFAULT_WATERMARK_INTERVAL`]). A subtask whose reader pauses or ends emits one at
-    /// once.
+    /// (default 1 ms, [`DEFAULT_WATERMARK_INTERVAL`]). A subtask whose
+    /// reader pauses or ends emits one at once.
     pub fn with_watermark_interval(mut self, interval: Duration) -> Self {
         self.watermark_interval = interval;
         self
