@@ -30,8 +30,8 @@
 //! 2. The call makes a local channel, hands one end to the caller and sends
 //!    the other, in a command over a bounded queue, to the service executor,
 //!    which spawns a forwarding task for it.
-//! 3. The forwarding task connects its local end (a rendezvous with the
-//!    task's end), then waits for the link to the peer. Between two
+//! 3. The forwarding task connects its local end, then waits for the link
+//!    to the peer. Between two
 //!    TaskManagers the one with the lower id connects, lazily, when it first
 //!    needs the link; the other waits up to [`LINK_WAIT_TIMEOUT`] for it to
 //!    arrive. So a pair never has two links.
@@ -57,10 +57,9 @@
 //! [`HANDSHAKE_COUNT_MAX`], the error log by [`ERROR_LOG_CAPACITY`], the
 //! registry by [`REGISTERED_CHANNEL_COUNT_MAX`].
 //!
-//! A forwarding task is never stopped while it connects its local end:
-//! glommio's shared channel leaves the other end waiting forever when a
-//! connect is dropped half way. Cancelling waits until the rendezvous is
-//! over, which it always is once the task's end is connected or dropped.
+//! A forwarding task connects its local end before it can be cancelled
+//! (connecting is immediate), so that a cancelled one still drops a
+//! connected end, which the task's side sees as the channel closed.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -841,22 +840,11 @@ async fn forward_output(
         Ok(Ended::Released)
     })
     .await;
-    close_draining(receiver).await;
+    // The producer sees the channel closed (even one waiting for room).
+    drop(receiver);
     finish(&core, channel_id, &cancel, result, || {
         format!("channel {channel_id} to TaskManager {peer}")
     });
-}
-
-/// Drops the service's end of a producer's channel so that the producer
-/// sees it closed. glommio 0.9's `ConnectedSender::send` waits for room even
-/// after the consumer is gone (it checks only the free space), so a producer
-/// blocked on a full channel would wait forever: emptying the ring first
-/// lets its send go on and fail. (A producer that refills all of the ring
-/// between the last take and the drop still waits; its job attempt is
-/// cancelled anyway.)
-async fn close_draining(receiver: ConnectedChannelReceiver) {
-    while let Some(Some(_)) = future::poll_once(receiver.recv()).await {}
-    drop(receiver);
 }
 
 /// Moves elements from the link into the consumer's local channel.
@@ -888,9 +876,8 @@ async fn forward_input(
                 &element,
             );
             let is_end = matches!(element, StreamElement::EndOfInput);
-            // If the consumer is gone while its ring is full, glommio 0.9
-            // waits here for room that never comes (see `close_draining`);
-            // releasing the channel ends the wait.
+            // A consumer gone, even while its ring is full, ends the wait
+            // for room with the element given back.
             if sender.send(element).await.is_err() {
                 return Ok(Ended::LocalEndDropped);
             }

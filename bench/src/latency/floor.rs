@@ -15,9 +15,12 @@
 //!   echo sends it back on another; the sample is half the round trip, the
 //!   one-way latency. With [`Waiting::Park`] the executors park when they
 //!   wait, as slots do, so each hop wakes a sleeping thread on the other
-//!   core; with [`Waiting::Spin`] they stay awake, which leaves the cost of
-//!   the ring alone. The difference is the cross-core wake-up, which on a
-//!   virtual machine (an idle vCPU woken by an interrupt) is most of it.
+//!   core; with [`Waiting::Spin`] each waits as a busy-polling slot's task
+//!   does, polling the ring itself
+//!   ([`ConnectedChannelReceiver::recv_spinning`]) on an executor that
+//!   spins before it parks, which leaves the cost of the ring alone. The
+//!   difference is the cross-core wake-up, which on a virtual machine (an
+//!   idle vCPU woken by an interrupt) is most of it.
 //! - TCP: the pinger writes [`TCP_MESSAGE_BYTES`] bytes on a loopback
 //!   connection with `TCP_NODELAY` (glommio's io_uring `TcpStream`, as the
 //!   engine's links), the echo reads and writes them back; the sample is
@@ -33,6 +36,7 @@ use glommio::net::{TcpListener, TcpStream};
 use glommio::{LocalExecutorBuilder, Placement};
 use hdrhistogram::Histogram;
 use strom_core::record::StreamElement;
+use strom_net::channel::{ConnectedChannelReceiver, BUSY_POLL_SPIN};
 
 use super::{monotonic_now_ns, new_histogram};
 
@@ -87,6 +91,15 @@ impl Waiting {
             Waiting::Spin(spin) => builder.spin_before_park(spin),
         }
     }
+
+    /// The next element, as a slot's task waits for it: polling the ring
+    /// itself first when busy-polling.
+    async fn recv(self, receiver: &ConnectedChannelReceiver) -> Option<StreamElement> {
+        match self {
+            Waiting::Park => receiver.recv().await,
+            Waiting::Spin(_) => receiver.recv_spinning(BUSY_POLL_SPIN).await,
+        }
+    }
 }
 
 fn record(histogram: &mut Histogram<u64>, value: u64) {
@@ -106,7 +119,7 @@ pub fn ring_one_way(config: FloorConfig, waiting: Waiting) -> anyhow::Result<His
         .spawn(move || async move {
             let pings = ping_receiver.connect().await;
             let pongs = pong_sender.connect().await;
-            while let Some(element) = pings.recv().await {
+            while let Some(element) = waiting.recv(&pings).await {
                 if pongs.send(element).await.is_err() {
                     break;
                 }
@@ -127,7 +140,7 @@ pub fn ring_one_way(config: FloorConfig, waiting: Waiting) -> anyhow::Result<His
                 {
                     return Err("the echo closed its ring".to_string());
                 }
-                if pongs.recv().await.is_none() {
+                if waiting.recv(&pongs).await.is_none() {
                     return Err("the echo closed its ring".to_string());
                 }
                 let round_trip = monotonic_now_ns() - started;
