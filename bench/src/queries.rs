@@ -1407,7 +1407,7 @@ fn nexmark_command() -> clap::Command {
             clap::Arg::new("watermark-alignment")
                 .long("watermark-alignment")
                 .value_name("DRIFT")
-                .default_value(option_env!("STROM_ALIGN").unwrap_or("off"))
+                .default_value("off")
                 .value_parser(clap::builder::ValueParser::new(|value: &str| {
                     match value {
                         "off" => Ok(None),

@@ -25,9 +25,10 @@
 //!   magic over a blocking TCP stream, after the same kind of HMAC handshake.
 //! - [`error`]: [`NetError`], the crate's one error type.
 //!
-//! Depends on strom-core (the element type), glommio (executor-aware
-//! channels, io_uring sockets), crc32fast (frame checksums), rkyv (aligned
-//! record buffers) and hmac/sha2/getrandom (the handshake proof). It never
+//! Depends on strom-core (the element type), crossbeam-queue,
+//! crossbeam-utils and atomic-waker (the rings between slots and their wake-ups), glommio
+//! (io_uring sockets), crc32fast (frame checksums), rkyv (aligned record
+//! buffers) and hmac/sha2/getrandom (the handshake proof). It never
 //! depends on strom-state; strom-scheduler wires the two together.
 #![forbid(unsafe_code)]
 

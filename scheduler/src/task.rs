@@ -1,8 +1,7 @@
 //! The task loop: drives one subtask's operators on its slot.
 //!
 //! Protocol of a task:
-//! 1. connect every output and input channel (a rendezvous with the peers,
-//!    done concurrently so that no order of connections can deadlock);
+//! 1. connect every output and input channel on the task's slot;
 //! 2. a source task polls its reader for a budget of records at a time; an
 //!    input task takes the next element of any input channel: buffers go to
 //!    the head, watermarks and idleness through the watermark valve, and
@@ -74,6 +73,61 @@ thread_local! {
 /// Marks this slot's thread as busy-polling (or not).
 pub(crate) fn set_busy_polling(busy_polling: bool) {
     BUSY_POLLING.with(|flag| flag.set(busy_polling));
+}
+
+thread_local! {
+    /// Whether this slot runs its TaskManager's network service, whose
+    /// sockets need the slot's reactor.
+    static HOSTS_NETWORK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Marks this slot's thread as running the network service: its input
+/// tasks then wait the executor's way, busy-polling or not, since their
+/// records from other TaskManagers arrive through the slot's reactor (a
+/// task spinning on its ring would hold them back for the spin).
+pub(crate) fn set_hosts_network() {
+    HOSTS_NETWORK.with(|flag| flag.set(true));
+}
+
+/// Whether input tasks on this thread poll their rings themselves.
+fn spins_on_input() -> bool {
+    BUSY_POLLING.with(|flag| flag.get()) && !HOSTS_NETWORK.with(|flag| flag.get())
+}
+
+/// How often a busy-polling slot's reactor gets a turn at least.
+const REACTOR_TURN_INTERVAL: Duration = Duration::from_millis(2);
+
+thread_local! {
+    /// When this slot's reactor last got a turn from a spinning task.
+    static LAST_REACTOR_TURN: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
+}
+
+/// Before a busy-polling task spins again: gives the slot's reactor a turn
+/// if it has not had one for [`REACTOR_TURN_INTERVAL`]. A task that spins
+/// yields to the slot's other ready tasks but never lets the executor's
+/// loop run, so timers, sockets and tasks woken from other cores (another
+/// task's input, a command) would wait for the preemption timer (100 ms).
+/// A timer a microsecond away makes the task wait the executor's way,
+/// which runs the reactor before it wakes the task again.
+async fn let_reactor_turn() {
+    let now = Instant::now();
+    let due = LAST_REACTOR_TURN.with(|last| {
+        last.get()
+            .is_none_or(|turn| now.duration_since(turn) >= REACTOR_TURN_INTERVAL)
+    });
+    if due {
+        let mut turn = std::pin::pin!(glommio::timer::sleep(Duration::from_micros(1)));
+        // Due already at its first poll (the thread was descheduled): no
+        // turn was had; the next spin tries again.
+        if futures_lite::future::poll_once(turn.as_mut())
+            .await
+            .is_some()
+        {
+            return;
+        }
+        turn.await;
+        LAST_REACTOR_TURN.with(|last| last.set(Some(Instant::now())));
+    }
 }
 
 /// What the TaskManager tells a running task.
@@ -302,6 +356,7 @@ impl TaskRun<'_> {
                     if wait.is_zero()
                         || (wait < SOURCE_SPIN_WAIT && BUSY_POLLING.with(|flag| flag.get()))
                     {
+                        let_reactor_turn().await;
                         futures_lite::future::yield_now().await;
                     } else {
                         glommio::timer::sleep(wait).await;
@@ -345,7 +400,8 @@ impl TaskRun<'_> {
                     // that it reads the next buffer within a fraction of a
                     // microsecond of its push, not after a turn of the
                     // executor's loop (several microseconds).
-                    let spun = if BUSY_POLLING.with(|flag| flag.get()) {
+                    let spun = if spins_on_input() {
+                        let_reactor_turn().await;
                         spin_until(
                             BUSY_POLL_SPIN,
                             || match try_next(&inputs, &skipped, next_channel) {
@@ -365,6 +421,10 @@ impl TaskRun<'_> {
                     };
                     if let Some(ready) = spun {
                         ready
+                    } else if self.mailbox.has_pending() {
+                        // The spin stopped for a command: take it now (the
+                        // mailbox wakes no one).
+                        continue;
                     } else if !held.contains(&true) {
                         next.await
                     } else {
@@ -681,7 +741,7 @@ impl Future for NextElement<'_> {
     }
 }
 
-/// Connects all channel ends of a task at once.
+/// Connects all channel ends of a task on its slot.
 async fn connect(
     inputs: Vec<(ChannelReceiver, usize)>,
     outputs: Vec<ChannelSender>,
@@ -689,23 +749,13 @@ async fn connect(
     Vec<(ConnectedChannelReceiver, usize)>,
     Vec<ConnectedChannelSender>,
 ) {
-    let output_tasks: Vec<_> = outputs
-        .into_iter()
-        .map(|sender| glommio::spawn_local(sender.connect()))
-        .collect();
-    let input_tasks: Vec<_> = inputs
-        .into_iter()
-        .map(|(receiver, input)| {
-            glommio::spawn_local(async move { (receiver.connect().await, input) })
-        })
-        .collect();
-    let mut connected_outputs = Vec::with_capacity(output_tasks.len());
-    for task in output_tasks {
-        connected_outputs.push(task.await);
+    let mut connected_outputs = Vec::with_capacity(outputs.len());
+    for sender in outputs {
+        connected_outputs.push(sender.connect().await);
     }
-    let mut connected_inputs = Vec::with_capacity(input_tasks.len());
-    for task in input_tasks {
-        connected_inputs.push(task.await);
+    let mut connected_inputs = Vec::with_capacity(inputs.len());
+    for (receiver, input) in inputs {
+        connected_inputs.push((receiver.connect().await, input));
     }
     (connected_inputs, connected_outputs)
 }

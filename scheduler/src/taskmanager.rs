@@ -668,6 +668,9 @@ async fn slot_main(commands: CommandReceiver<SlotCommand>, ready: Sender<()>) {
                 }
             }
             Some(SlotCommand::HostNetwork(service)) => {
+                // Its sockets need the slot's reactor: tasks here do not
+                // spin on their rings (see `task::set_hosts_network`).
+                crate::task::set_hosts_network();
                 glommio::spawn_local(service()).detach();
             }
             Some(SlotCommand::Shutdown) | None => {

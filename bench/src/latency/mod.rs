@@ -12,7 +12,7 @@
 //! 2. Open loop, scheduled stamps. The source ([`PacedBidSource`]) is paced
 //!    at a fixed rate: event `i` (over all source subtasks) is due at
 //!    `start + i / rate`, `start` being the first poll of the subtask's
-//!    reader (after the task connected its channels). Each record carries
+//!    reader (the warm-up covers the consumers' start). Each record carries
 //!    that *scheduled* time, not the time it was actually emitted, so a
 //!    stall anywhere (the source not polled, a full ring, a slow sink) makes
 //!    every record scheduled during it late, as a user would see it: no
