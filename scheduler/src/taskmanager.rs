@@ -150,7 +150,9 @@ pub struct SlotConfig {
     pub cpus: Vec<usize>,
     /// Busy-polling: an idle slot spins this long before it parks its
     /// thread, so that the next element finds it awake instead of waking
-    /// it (tens of microseconds on a VM), and a source whose next record is
+    /// it (tens of microseconds on a VM), a task with no input ready polls
+    /// its rings itself for up to 200 µs before it waits (not in a slot
+    /// that hosts the network service), and a source whose next record is
     /// due within 200 µs polls again instead of setting a timer. Costs a
     /// core per slot while the slot is idle. The network service still
     /// parks when it has its own thread (a TaskManager of several slots);
