@@ -1452,6 +1452,8 @@ pub(crate) struct WindowJoinOperator<K, L, R, O, J, SL, SR> {
     pub(crate) watermark: Timestamp,
     /// Scratch: the windows of the record being added.
     pub(crate) scratch: Vec<TimeWindow>,
+    /// Scratch: a batch's runs of records in one window, and their lengths.
+    pub(crate) runs: Vec<(TimeWindow, usize)>,
     pub(crate) next: Box<dyn Output<O>>,
     pub(crate) operator_name: String,
     pub(crate) context: OperatorContext,
@@ -1476,6 +1478,8 @@ impl<K: Key, L: Clone, R> JoinInput<K, L, R, L> for LeftSide {
     #[inline]
     fn add_run(window: &mut JoinWindow<K, L, R>, run: impl Iterator<Item = (K, L)>) {
         let lefts = std::rc::Rc::make_mut(&mut window.lefts);
+        // Most of a run's keys are new to the window.
+        lefts.reserve(run.size_hint().0);
         for (key, record) in run {
             match lefts.entry(key) {
                 std::collections::hash_map::Entry::Occupied(mut lefts) => {
@@ -1682,6 +1686,7 @@ where
             windows: OpenJoinWindows::new(),
             watermark: MIN_WATERMARK,
             scratch: Vec::new(),
+            runs: Vec::new(),
             next,
             operator_name: context.operator_name.clone(),
             context: context.clone(),
@@ -1729,35 +1734,66 @@ where
         let (left_key, right_key) = (&*self.left_key, &*self.right_key);
         let key_of = |value: &T| S::key_of(left_key, right_key, value);
         let windows = &mut self.windows;
-        let mut records = records.drain(..).peekable();
-        while let Some(StreamRecord { timestamp, value }) = records.next() {
+        let watermark = self.watermark;
+        // Each run of records in one window is found first, by its
+        // timestamps alone, then moved into the window through an iterator
+        // of known length: the window's list grows once per run and is
+        // written without a check per record (moving record by record
+        // through a `Peekable` took 38 instructions per record of q8's
+        // right side).
+        let mut from = 0;
+        let mut runs = std::mem::take(&mut self.runs);
+        runs.clear();
+        while let Some(first) = records.get(from) {
+            let timestamp = first.timestamp;
             assert_timestamped(timestamp, &self.operator_name);
             let start = window_start(timestamp, offset, size);
             let window = TimeWindow {
                 start,
                 end: start + size,
             };
-            // The first record, then those after it in the same window (a
-            // record without a timestamp ends the run, to be judged as the
-            // first of the next).
-            let run = std::iter::once(value)
-                .chain(std::iter::from_fn(|| {
-                    records
-                        .next_if(|record| {
-                            record.timestamp != NO_TIMESTAMP
-                                && window.start <= record.timestamp
-                                && record.timestamp < window.end
-                        })
-                        .map(|record| record.value)
-                }))
-                .map(|value| (key_of(&value), value));
-            if window.max_timestamp() > self.watermark {
+            // Those after it in the same window (a record without a
+            // timestamp ends the run, to be judged as the first of the
+            // next).
+            let in_window = |record: &StreamRecord<T>| {
+                // `start <= timestamp < end` in one comparison.
+                (record.timestamp != NO_TIMESTAMP)
+                    & ((record.timestamp.wrapping_sub(window.start) as u64) < size as u64)
+            };
+            let rest = &records[from + 1..];
+            // Records come in time order, so most batches are one run: eight
+            // at a time, without a branch per record.
+            let mut length = 1;
+            for chunk in rest.chunks_exact(8) {
+                if !chunk
+                    .iter()
+                    .fold(true, |all, record| all & in_window(record))
+                {
+                    break;
+                }
+                length += 8;
+            }
+            length += rest[length - 1..]
+                .iter()
+                .take_while(|r| in_window(r))
+                .count();
+            runs.push((window, length));
+            from += length;
+        }
+        let mut drained = records.drain(..);
+        for &(window, length) in &runs {
+            let run = drained
+                .by_ref()
+                .take(length)
+                .map(|record| (key_of(&record.value), record.value));
+            if window.max_timestamp() > watermark {
                 S::add_run(windows.window(&window), run);
             } else {
                 // Late: dropped, as the window has fired.
                 run.for_each(drop);
             }
         }
+        self.runs = runs;
     }
 
     /// Adds `record` to each of its windows (of a sliding assigner) that
@@ -2443,6 +2479,50 @@ mod tests {
             .iter()
             .map(|&(value, timestamp)| StreamRecord { value, timestamp })
             .collect()
+    }
+
+    #[test]
+    fn a_window_join_takes_a_batch_of_several_windows_out_of_order_run_by_run() {
+        // Runs shorter and longer than eight records, windows revisited,
+        // a window's end right after it, and a run in a window the
+        // watermark has fired (late, dropped).
+        let spans: [(std::ops::Range<u64>, i64); 7] = [
+            (0..13, 100),
+            (13..16, 250),
+            (16..35, 120),
+            (35..37, 40),
+            (37..46, 299),
+            (46..47, 199),
+            // The first millisecond after the window before.
+            (47..50, 200),
+        ];
+        let batch = |base: u64| -> Vec<(u64, Timestamp)> {
+            spans
+                .iter()
+                .flat_map(|(values, at)| values.clone().map(move |value| (base + value, *at)))
+                .collect()
+        };
+        let (lefts, rights) = (batch(1_000), batch(2_000));
+        let emitted = Emissions::default();
+        let mut operator = digit_join(&emitted, Default::default(), 1, 0);
+        operator.watermark(99);
+        operator.push_batch1(&mut records(&lefts));
+        operator.push_batch2(&mut records(&rights));
+        operator.watermark(crate::time::MAX_WATERMARK);
+        let window = |at: i64| at / 100;
+        let mut expected = Vec::new();
+        for &(left, left_at) in &lefts {
+            for &(right, right_at) in &rights {
+                if left % 10 == right % 10 && window(left_at) == window(right_at) && left_at > 99 {
+                    expected.push(left * 1_000 + right);
+                }
+            }
+        }
+        let mut actual: Vec<u64> = emitted.borrow().iter().map(|&(value, _)| value).collect();
+        actual.sort();
+        expected.sort();
+        assert!(expected.len() > 40);
+        assert_eq!(actual, expected);
     }
 
     #[test]
