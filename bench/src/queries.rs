@@ -26,7 +26,7 @@ use strom_core::{
 };
 use strom_scheduler::file_sink::FileSink;
 
-use crate::nexmark::generator::{timestamp, EventKind, BLOCK_SIZE};
+use crate::nexmark::generator::{timestamp, EventKind, AUCTIONS_PER_BLOCK, BLOCK_SIZE};
 use crate::nexmark::model::{
     tumbling_window_start, Q2_AUCTION_DIVISOR, Q3_CATEGORY, Q3_STATES, Q5_WINDOW_SIZE_MS,
     Q5_WINDOW_SLIDE_MS, Q7_WINDOW_SIZE_MS, Q8_WINDOW_SIZE_MS,
@@ -605,13 +605,35 @@ fn generate_run<T: NexmarkRecord, F: SourceFilter<T>, const BID_FIELDS: u8>(
                 }
             };
         }
-        for (kind, taken) in kinds.taken_runs(run) {
-            match kind {
-                EventKind::Person => emit_all(taken, batch, output, make!(EventKind::Person)),
-                EventKind::Auction => emit_all(taken, batch, output, make!(EventKind::Auction)),
-                EventKind::Bid => emit_all(taken, batch, output, make!(EventKind::Bid)),
+        let each_run = |run: Range<u64>,
+                        batch: &mut Vec<StreamRecord<T>>,
+                        output: &mut dyn SourceOutput<T>| {
+            for (kind, taken) in kinds.taken_runs(run) {
+                match kind {
+                    EventKind::Person => emit_all(taken, batch, output, make!(EventKind::Person)),
+                    EventKind::Auction => emit_all(taken, batch, output, make!(EventKind::Auction)),
+                    EventKind::Bid => emit_all(taken, batch, output, make!(EventKind::Bid)),
+                }
             }
+        };
+        // Persons and auctions alone (q8): a block's person and auctions
+        // in one step, for every whole block of the run, rather than a run
+        // of one kind at a time (two runs of at most three records a block,
+        // each found and looped over on its own).
+        let (first_block, end_block) = (run.start.div_ceil(BLOCK_SIZE), run.end / BLOCK_SIZE);
+        if kinds == EventKinds::PERSONS_AND_AUCTIONS && first_block < end_block {
+            each_run(run.start..first_block * BLOCK_SIZE, batch, output);
+            emit_blocks(
+                first_block..end_block,
+                batch,
+                output,
+                make!(EventKind::Person),
+                make!(EventKind::Auction),
+            );
+            each_run(end_block * BLOCK_SIZE..run.end, batch, output);
+            return;
         }
+        each_run(run, batch, output);
         return;
     }
     let made = RecordMaker {
@@ -715,6 +737,44 @@ fn emit_all<T: NexmarkRecord>(
                 timestamp: record.date_time() as Timestamp,
                 value: record,
             }
+        }));
+        from = to;
+        if batch.len() >= CHAIN_BATCH_RECORDS {
+            output.collect_batch(batch);
+        }
+    }
+}
+
+/// Emits the person and auctions of each of `blocks` (whole blocks of
+/// [`BLOCK_SIZE`] indices), as [`emit_all`] does a run of one kind: as many
+/// blocks at a time as the batch has room for, through `extend` over an
+/// iterator of known length.
+#[inline(always)]
+fn emit_blocks<T: NexmarkRecord>(
+    blocks: Range<u64>,
+    batch: &mut Vec<StreamRecord<T>>,
+    output: &mut dyn SourceOutput<T>,
+    person: impl Fn(u64) -> T,
+    auction: impl Fn(u64) -> T,
+) {
+    const RECORDS_PER_BLOCK: usize = 4;
+    const _: () = assert!(1 + AUCTIONS_PER_BLOCK as usize == RECORDS_PER_BLOCK);
+    let stamped = |record: T| StreamRecord {
+        timestamp: record.date_time() as Timestamp,
+        value: record,
+    };
+    let mut from = blocks.start;
+    while from < blocks.end {
+        let room = (CHAIN_BATCH_RECORDS.saturating_sub(batch.len()) / RECORDS_PER_BLOCK).max(1);
+        let to = blocks.end.min(from + room as u64);
+        batch.extend((from..to).flat_map(|block| {
+            let first = block * BLOCK_SIZE;
+            [
+                stamped(person(first)),
+                stamped(auction(first + 1)),
+                stamped(auction(first + 2)),
+                stamped(auction(first + 3)),
+            ]
         }));
         from = to;
         if batch.len() >= CHAIN_BATCH_RECORDS {

@@ -26,7 +26,7 @@ pub const EVENTS_PER_MILLISECOND: u64 = 10;
 pub const BLOCK_SIZE: u64 = 50;
 
 /// Auctions per block.
-const AUCTIONS_PER_BLOCK: u64 = 3;
+pub const AUCTIONS_PER_BLOCK: u64 = 3;
 
 /// Ids of persons and auctions start here.
 pub const FIRST_ID: u64 = 1000;
