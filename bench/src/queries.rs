@@ -645,13 +645,31 @@ fn generate_run<T: NexmarkRecord, F: SourceFilter<T>, const BID_FIELDS: u8>(
     // Filtered: each kind in a loop of its own, the kind a constant in it,
     // and no closure between the loop and the generator (the filter's test
     // made one too large to inline, and q2 took twice the instructions).
-    for (kind, taken) in kinds.taken_runs(run) {
-        match kind {
-            EventKind::Person => emit_run(EventKind::Person, taken, &made, batch, output),
-            EventKind::Auction => emit_run(EventKind::Auction, taken, &made, batch, output),
-            EventKind::Bid => emit_run(EventKind::Bid, taken, &made, batch, output),
+    let each_run =
+        |run: Range<u64>, batch: &mut Vec<StreamRecord<T>>, output: &mut dyn SourceOutput<T>| {
+            for (kind, taken) in kinds.taken_runs(run) {
+                match kind {
+                    EventKind::Person => emit_run(EventKind::Person, taken, &made, batch, output),
+                    EventKind::Auction => emit_run(EventKind::Auction, taken, &made, batch, output),
+                    EventKind::Bid => emit_run(EventKind::Bid, taken, &made, batch, output),
+                }
+            }
+        };
+    // Persons and auctions alone (q3): each whole block's person and
+    // auctions in one step, as for q8 above.
+    let (first_block, end_block) = (run.start.div_ceil(BLOCK_SIZE), run.end / BLOCK_SIZE);
+    if kinds == EventKinds::PERSONS_AND_AUCTIONS && first_block < end_block {
+        each_run(run.start..first_block * BLOCK_SIZE, batch, output);
+        for block in first_block..end_block {
+            let first = block * BLOCK_SIZE;
+            emit_run(EventKind::Person, first..first + 1, &made, batch, output);
+            let auctions = first + 1..first + 1 + AUCTIONS_PER_BLOCK;
+            emit_run(EventKind::Auction, auctions, &made, batch, output);
         }
+        each_run(end_block * BLOCK_SIZE..run.end, batch, output);
+        return;
     }
+    each_run(run, batch, output);
 }
 
 /// How a reader makes its records: with `fields` of each bid, and those
