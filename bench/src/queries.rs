@@ -1697,6 +1697,15 @@ mod tests {
         assert_filtered(&source, &source.records_where(selected), selected, |_| true);
         let selected = Auction::is_q3_selected;
         assert_filtered(&source, &source.records_where(selected), selected, |_| true);
+        // Persons and auctions in one stream (q3's), each block's in one
+        // step where the reader's run holds the whole block.
+        let both = source.only(EventKinds::PERSONS_AND_AUCTIONS);
+        let selected = |event: &Event| match event {
+            Event::Person(person) => person.is_q3_selected(),
+            Event::Auction(auction) => auction.is_q3_selected(),
+            Event::Bid(_) => panic!("a source of persons and auctions made a bid"),
+        };
+        assert_filtered(&both, &both.records_where(selected), selected, |_| true);
     }
 
     #[test]
