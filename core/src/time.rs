@@ -37,10 +37,12 @@ pub struct WatermarkAlignment {
 /// interval, and every window it has not yet fired holds its state: at
 /// 10 ms, a Nexmark source at 350M events/s (350 s of its event time a
 /// second) left 35 of q8's 10 s windows open,
-/// 10 MB of join state that no core's cache held. At 1 ms each watermark
-/// still follows hundreds of full buffers; at 100 µs the shuffling queries
-/// lost throughput at parallelism 2 (BENCHMARKS.md, item 50).
-pub const DEFAULT_WATERMARK_INTERVAL: Duration = Duration::from_millis(1);
+/// 10 MB of join state that no core's cache held; at 1 ms, about 8 (a
+/// window's state left the cache before it fired). At 200 µs a window
+/// fires soon after its last record; 100 µs and 50 µs were no faster, and
+/// none of them cost the shuffling queries at parallelism 2
+/// (BENCHMARKS.md, items 50 and 55).
+pub const DEFAULT_WATERMARK_INTERVAL: Duration = Duration::from_micros(200);
 
 impl<T> Clone for WatermarkStrategy<T> {
     fn clone(&self) -> Self {
@@ -97,7 +99,7 @@ impl<T> WatermarkStrategy<T> {
     }
 
     /// How often a source subtask that keeps producing emits a watermark
-    /// (default 1 ms, [`DEFAULT_WATERMARK_INTERVAL`]). A subtask whose
+    /// (default 200 µs, [`DEFAULT_WATERMARK_INTERVAL`]). A subtask whose
     /// reader pauses or ends emits one at once.
     pub fn with_watermark_interval(mut self, interval: Duration) -> Self {
         self.watermark_interval = interval;
