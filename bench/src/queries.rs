@@ -579,7 +579,10 @@ struct NexmarkReader<T, F, const BID_FIELDS: u8> {
 /// Generates the events of `run` that are of the kinds `kinds`, with the
 /// bid fields `BID_FIELDS`, into `batch` those that `filter` keeps (see
 /// [`emit_run`]). Each kind's run is a loop of its own, with the kind and
-/// the fields constants in it.
+/// the fields constants in it; a stream of persons and auctions alone
+/// takes each whole block of the run in one step instead (its person and
+/// three auctions: two runs of at most three records a block, each found
+/// and looped over on its own, cost q8's source more than making them).
 #[inline(always)]
 fn generate_run<T: NexmarkRecord, F: SourceFilter<T>, const BID_FIELDS: u8>(
     generator: Generator,
@@ -591,6 +594,10 @@ fn generate_run<T: NexmarkRecord, F: SourceFilter<T>, const BID_FIELDS: u8>(
     output: &mut dyn SourceOutput<T>,
 ) {
     let fields = const { BidFields::from_bits(BID_FIELDS) };
+    // The whole blocks of a run of persons and auctions alone, if any.
+    let (first_block, end_block) = (run.start.div_ceil(BLOCK_SIZE), run.end / BLOCK_SIZE);
+    let whole_blocks = (kinds == EventKinds::PERSONS_AND_AUCTIONS && first_block < end_block)
+        .then_some(first_block..end_block);
     if F::KEEPS_ALL {
         // Each record made straight into the batch. (Through `RecordMaker` and
         // an `Option`, q5's and q7's sources took 7% more instructions.)
@@ -605,35 +612,35 @@ fn generate_run<T: NexmarkRecord, F: SourceFilter<T>, const BID_FIELDS: u8>(
                 }
             };
         }
-        let each_run = |run: Range<u64>,
-                        batch: &mut Vec<StreamRecord<T>>,
-                        output: &mut dyn SourceOutput<T>| {
-            for (kind, taken) in kinds.taken_runs(run) {
-                match kind {
-                    EventKind::Person => emit_all(taken, batch, output, make!(EventKind::Person)),
-                    EventKind::Auction => emit_all(taken, batch, output, make!(EventKind::Auction)),
-                    EventKind::Bid => emit_all(taken, batch, output, make!(EventKind::Bid)),
+        macro_rules! each_run {
+            ($run:expr) => {
+                for (kind, taken) in kinds.taken_runs($run) {
+                    match kind {
+                        EventKind::Person => {
+                            emit_all(taken, batch, output, make!(EventKind::Person))
+                        }
+                        EventKind::Auction => {
+                            emit_all(taken, batch, output, make!(EventKind::Auction))
+                        }
+                        EventKind::Bid => emit_all(taken, batch, output, make!(EventKind::Bid)),
+                    }
                 }
-            }
-        };
-        // Persons and auctions alone (q8): a block's person and auctions
-        // in one step, for every whole block of the run, rather than a run
-        // of one kind at a time (two runs of at most three records a block,
-        // each found and looped over on its own).
-        let (first_block, end_block) = (run.start.div_ceil(BLOCK_SIZE), run.end / BLOCK_SIZE);
-        if kinds == EventKinds::PERSONS_AND_AUCTIONS && first_block < end_block {
-            each_run(run.start..first_block * BLOCK_SIZE, batch, output);
-            emit_blocks(
-                first_block..end_block,
-                batch,
-                output,
-                make!(EventKind::Person),
-                make!(EventKind::Auction),
-            );
-            each_run(end_block * BLOCK_SIZE..run.end, batch, output);
-            return;
+            };
         }
-        each_run(run, batch, output);
+        let Some(blocks) = whole_blocks else {
+            each_run!(run);
+            return;
+        };
+        // q8's source.
+        each_run!(run.start..blocks.start * BLOCK_SIZE);
+        emit_blocks(
+            blocks.clone(),
+            batch,
+            output,
+            make!(EventKind::Person),
+            make!(EventKind::Auction),
+        );
+        each_run!(blocks.end * BLOCK_SIZE..run.end);
         return;
     }
     let made = RecordMaker {
@@ -645,9 +652,9 @@ fn generate_run<T: NexmarkRecord, F: SourceFilter<T>, const BID_FIELDS: u8>(
     // Filtered: each kind in a loop of its own, the kind a constant in it,
     // and no closure between the loop and the generator (the filter's test
     // made one too large to inline, and q2 took twice the instructions).
-    let each_run =
-        |run: Range<u64>, batch: &mut Vec<StreamRecord<T>>, output: &mut dyn SourceOutput<T>| {
-            for (kind, taken) in kinds.taken_runs(run) {
+    macro_rules! each_run {
+        ($run:expr) => {
+            for (kind, taken) in kinds.taken_runs($run) {
                 match kind {
                     EventKind::Person => emit_run(EventKind::Person, taken, &made, batch, output),
                     EventKind::Auction => emit_run(EventKind::Auction, taken, &made, batch, output),
@@ -655,21 +662,20 @@ fn generate_run<T: NexmarkRecord, F: SourceFilter<T>, const BID_FIELDS: u8>(
                 }
             }
         };
-    // Persons and auctions alone (q3): each whole block's person and
-    // auctions in one step, as for q8 above.
-    let (first_block, end_block) = (run.start.div_ceil(BLOCK_SIZE), run.end / BLOCK_SIZE);
-    if kinds == EventKinds::PERSONS_AND_AUCTIONS && first_block < end_block {
-        each_run(run.start..first_block * BLOCK_SIZE, batch, output);
-        for block in first_block..end_block {
-            let first = block * BLOCK_SIZE;
-            emit_run(EventKind::Person, first..first + 1, &made, batch, output);
-            let auctions = first + 1..first + 1 + AUCTIONS_PER_BLOCK;
-            emit_run(EventKind::Auction, auctions, &made, batch, output);
-        }
-        each_run(end_block * BLOCK_SIZE..run.end, batch, output);
-        return;
     }
-    each_run(run, batch, output);
+    let Some(blocks) = whole_blocks else {
+        each_run!(run);
+        return;
+    };
+    // q3's source: a call per kind per whole block.
+    each_run!(run.start..blocks.start * BLOCK_SIZE);
+    for block in blocks.clone() {
+        let first = block * BLOCK_SIZE;
+        emit_run(EventKind::Person, first..first + 1, &made, batch, output);
+        let auctions = first + 1..first + 1 + AUCTIONS_PER_BLOCK;
+        emit_run(EventKind::Auction, auctions, &made, batch, output);
+    }
+    each_run!(blocks.end * BLOCK_SIZE..run.end);
 }
 
 /// How a reader makes its records: with `fields` of each bid, and those
@@ -783,7 +789,12 @@ fn emit_blocks<T: NexmarkRecord>(
     };
     let mut from = blocks.start;
     while from < blocks.end {
-        let room = (CHAIN_BATCH_RECORDS.saturating_sub(batch.len()) / RECORDS_PER_BLOCK).max(1);
+        let room = CHAIN_BATCH_RECORDS.saturating_sub(batch.len()) / RECORDS_PER_BLOCK;
+        if room == 0 {
+            // Not a whole block's room left: the batch goes as it is.
+            output.collect_batch(batch);
+            continue;
+        }
         let to = blocks.end.min(from + room as u64);
         batch.extend((from..to).flat_map(|block| {
             let first = block * BLOCK_SIZE;
@@ -1595,6 +1606,8 @@ mod tests {
     struct Recorded<T> {
         records: Vec<(T, Timestamp)>,
         skipped_to: Option<Timestamp>,
+        /// The most records handed over in one batch.
+        largest_batch: usize,
     }
 
     impl<T: NexmarkRecord> SourceOutput<T> for Recorded<T> {
@@ -1608,12 +1621,19 @@ mod tests {
         fn skip_to(&mut self, timestamp: Timestamp) {
             self.skipped_to = self.skipped_to.max(Some(timestamp));
         }
+        fn collect_batch(&mut self, records: &mut Vec<StreamRecord<T>>) {
+            self.largest_batch = self.largest_batch.max(records.len());
+            for record in records.drain(..) {
+                self.collect_with_timestamp(record.value, record.timestamp);
+            }
+        }
     }
 
     fn read_all<T: NexmarkRecord>(reader: &mut dyn SourceReader<T>, budget: usize) -> Recorded<T> {
         let mut recorded = Recorded {
             records: Vec::new(),
             skipped_to: None,
+            largest_batch: 0,
         };
         while reader.poll_next(&mut recorded, budget) != SourceStatus::Finished {}
         recorded
@@ -1666,6 +1686,7 @@ mod tests {
         let mut before = Recorded {
             records: Vec::new(),
             skipped_to: None,
+            largest_batch: 0,
         };
         first.poll_next(&mut before, 10);
         let state = first.snapshot_state().unwrap();
@@ -1673,6 +1694,68 @@ mod tests {
         let all = read_all(&mut *filtered.create_reader(0, 1), 10);
         assert!(!before.records.is_empty() && !after.records.is_empty());
         assert_eq!([before.records, after.records].concat(), all.records);
+    }
+
+    #[test]
+    fn a_source_of_persons_and_auctions_emits_them_in_index_order_in_batches_of_the_chain_size() {
+        // Enough events for many batches, in splits of blocks of 70 indices
+        // (a whole block of 50 and a part of one at either end), read with
+        // a budget that fills batches and ends polls inside a block (so
+        // that a batch starts with a block's last auctions).
+        let config = GeneratorConfig {
+            events: 20_000,
+            seed: 7,
+        };
+        let generator = config.generator();
+        let kinds = EventKinds::PERSONS_AND_AUCTIONS;
+        let source = NexmarkSource::new(config).only(kinds);
+        let person_or_auction = |index: u64| match generator.event(index) {
+            Event::Person(person) => PersonOrSoldAuction::Person(person),
+            Event::Auction(auction) => PersonOrSoldAuction::Auction {
+                auction: SoldAuction::of(&auction),
+                date_time: auction.date_time,
+            },
+            Event::Bid(bid) => panic!("expected no bids, got {bid:?}"),
+        };
+        for (parallelism, block) in [(1, 70), (2, 70), (1, SPLIT_BLOCK_EVENTS)] {
+            let source = source.with_split_block(block);
+            for subtask in 0..parallelism {
+                let mut split =
+                    IndexSplits::fresh_blocks(subtask, parallelism, config.events, block);
+                let indices: Vec<u64> = std::iter::from_fn(|| split.next_index())
+                    .filter(|&index| kinds.includes(index))
+                    .collect();
+                let expected: Vec<_> = indices
+                    .iter()
+                    .map(|&index| (person_or_auction(index), timestamp(index) as Timestamp))
+                    .collect();
+                let reader = &mut *reader::<PersonOrSoldAuction>(&source, subtask, parallelism);
+                let recorded = read_all(reader, 10_001);
+                assert_eq!(
+                    recorded.records, expected,
+                    "subtask {subtask} of {parallelism}"
+                );
+                assert_eq!(recorded.largest_batch, CHAIN_BATCH_RECORDS);
+                // The same as q3 reads them: whole events, filtered.
+                let selected = |event: &Event| match event {
+                    Event::Person(person) => person.is_q3_selected(),
+                    Event::Auction(auction) => auction.is_q3_selected(),
+                    Event::Bid(_) => false,
+                };
+                let filtered = source.records_where(selected);
+                let recorded = read_all(&mut *filtered.create_reader(subtask, parallelism), 10_001);
+                let expected: Vec<_> = indices
+                    .iter()
+                    .map(|&index| (generator.event(index), timestamp(index) as Timestamp))
+                    .filter(|(event, _)| selected(event))
+                    .collect();
+                assert_eq!(
+                    recorded.records, expected,
+                    "q3's, subtask {subtask} of {parallelism}"
+                );
+                assert!(recorded.largest_batch <= CHAIN_BATCH_RECORDS);
+            }
+        }
     }
 
     #[test]
@@ -1716,6 +1799,7 @@ mod tests {
             let mut recorded = Recorded {
                 records: Vec::new(),
                 skipped_to: None,
+                largest_batch: 0,
             };
             reader::<Person>(source, subtask, parallelism).poll_next(&mut recorded, 10);
             recorded.records.len()
@@ -1739,6 +1823,7 @@ mod tests {
         let mut recorded = Recorded {
             records: Vec::new(),
             skipped_to: None,
+            largest_batch: 0,
         };
         let failed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             while failing.poll_next(&mut recorded, 1_000) != SourceStatus::Finished {}

@@ -829,7 +829,7 @@ pub(crate) struct DecodingHead<T> {
 impl<T: Record> TaskHead for DecodingHead<T> {
     fn on_buffer(&mut self, _input: usize, bytes: &[u8]) -> Result<(), String> {
         let (next, batch) = (&mut self.next, &mut self.batch);
-        let decoded = T::decode(bytes, &mut |value, timestamp| {
+        let decoded = T::decode(bytes, |value, timestamp| {
             batch.push(StreamRecord { timestamp, value });
             if batch.len() >= CHAIN_BATCH_RECORDS {
                 next.push_batch(batch);
@@ -890,7 +890,7 @@ impl<I1: Record, I2: Record, Op: TwoInputOperator<I1, I2>> TaskHead for TwoInput
     fn on_buffer(&mut self, input: usize, bytes: &[u8]) -> Result<(), String> {
         if input == 0 {
             let batch = &mut self.batch1;
-            let decoded = I1::decode(bytes, &mut |value, timestamp| {
+            let decoded = I1::decode(bytes, |value, timestamp| {
                 batch.push(StreamRecord { timestamp, value })
             });
             self.operator.push_batch1(batch);
@@ -898,7 +898,7 @@ impl<I1: Record, I2: Record, Op: TwoInputOperator<I1, I2>> TaskHead for TwoInput
             decoded
         } else {
             let batch = &mut self.batch2;
-            let decoded = I2::decode(bytes, &mut |value, timestamp| {
+            let decoded = I2::decode(bytes, |value, timestamp| {
                 batch.push(StreamRecord { timestamp, value })
             });
             self.operator.push_batch2(batch);

@@ -39,9 +39,9 @@ pub struct WatermarkAlignment {
 /// second) left 35 of q8's 10 s windows open,
 /// 10 MB of join state that no core's cache held; at 1 ms, about 8 (a
 /// window's state left the cache before it fired). At 200 µs a window
-/// fires soon after its last record; 100 µs and 50 µs were no faster, and
-/// none of them cost the shuffling queries at parallelism 2
-/// (BENCHMARKS.md, items 50 and 55).
+/// fires soon after its last record, and the shuffling queries at
+/// parallelism 2 lose nothing to the partial buffers each watermark ships;
+/// 100 µs and 50 µs were no faster for q8 (BENCHMARKS.md, items 50 and 55).
 pub const DEFAULT_WATERMARK_INTERVAL: Duration = Duration::from_micros(200);
 
 impl<T> Clone for WatermarkStrategy<T> {

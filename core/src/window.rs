@@ -1463,7 +1463,8 @@ pub(crate) struct WindowJoinOperator<K, L, R, O, J, SL, SR> {
 trait JoinInput<K, L, R, T> {
     /// The key of `record`, one of this side's, by the join's selectors.
     fn key_of(left: &impl Fn(&L) -> K, right: &impl Fn(&R) -> K, record: &T) -> K;
-    /// Adds `run`'s records, each with its key.
+    /// Adds all of `run`'s records, each with its key (the caller's next
+    /// run starts where this one ends).
     fn add_run(window: &mut JoinWindow<K, L, R>, run: impl Iterator<Item = (K, T)>);
 }
 
@@ -1478,8 +1479,10 @@ impl<K: Key, L: Clone, R> JoinInput<K, L, R, L> for LeftSide {
     #[inline]
     fn add_run(window: &mut JoinWindow<K, L, R>, run: impl Iterator<Item = (K, L)>) {
         let lefts = std::rc::Rc::make_mut(&mut window.lefts);
-        // Most of a run's keys are new to the window.
-        lefts.reserve(run.size_hint().0);
+        if lefts.is_empty() {
+            // A new window's first run: room for its keys at once.
+            lefts.reserve(run.size_hint().0);
+        }
         for (key, record) in run {
             match lefts.entry(key) {
                 std::collections::hash_map::Entry::Occupied(mut lefts) => {
@@ -1793,6 +1796,7 @@ where
                 run.for_each(drop);
             }
         }
+        debug_assert_eq!(drained.len(), 0, "a run of the batch was not taken whole");
         self.runs = runs;
     }
 

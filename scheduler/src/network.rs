@@ -1079,7 +1079,7 @@ mod tests {
             panic!("expected records, got {element:?}");
         };
         let mut values = Vec::new();
-        u64::decode(bytes, &mut |value, _| values.push(value)).expect("valid records");
+        u64::decode(bytes, |value, _| values.push(value)).expect("valid records");
         values
     }
 
