@@ -1077,11 +1077,7 @@ pub fn build_query(
                 &source,
                 source
                     .only(EventKinds::PERSONS_AND_AUCTIONS)
-                    .records_where(|event: &Event| match event {
-                        Event::Person(person) => person.is_q3_selected(),
-                        Event::Auction(auction) => auction.is_q3_selected(),
-                        Event::Bid(_) => false,
-                    }),
+                    .records_where(is_q3_selected),
                 &format!(
                     "persons in {} and auctions in category {Q3_CATEGORY}",
                     Q3_STATES.join(", ")
@@ -1194,6 +1190,16 @@ pub fn build_query(
                 .name("q8 new users")
                 .add_sink_with(&sinks);
         }
+    }
+}
+
+/// Whether q3 keeps `event`: a person living in OR, ID or CA, or an
+/// auction of its category.
+fn is_q3_selected(event: &Event) -> bool {
+    match event {
+        Event::Person(person) => person.is_q3_selected(),
+        Event::Auction(auction) => auction.is_q3_selected(),
+        Event::Bid(_) => false,
     }
 }
 
@@ -1629,6 +1635,19 @@ mod tests {
         }
     }
 
+    /// q8's projection of a person or an auction: persons whole, auctions
+    /// as id, seller and time.
+    fn projected(event: Event) -> PersonOrSoldAuction {
+        match event {
+            Event::Person(person) => PersonOrSoldAuction::Person(person),
+            Event::Auction(auction) => PersonOrSoldAuction::Auction {
+                auction: SoldAuction::of(&auction),
+                date_time: auction.date_time,
+            },
+            Event::Bid(bid) => panic!("expected no bids, got {bid:?}"),
+        }
+    }
+
     fn read_all<T: NexmarkRecord>(reader: &mut dyn SourceReader<T>, budget: usize) -> Recorded<T> {
         let mut recorded = Recorded {
             records: Vec::new(),
@@ -1709,14 +1728,6 @@ mod tests {
         let generator = config.generator();
         let kinds = EventKinds::PERSONS_AND_AUCTIONS;
         let source = NexmarkSource::new(config).only(kinds);
-        let person_or_auction = |index: u64| match generator.event(index) {
-            Event::Person(person) => PersonOrSoldAuction::Person(person),
-            Event::Auction(auction) => PersonOrSoldAuction::Auction {
-                auction: SoldAuction::of(&auction),
-                date_time: auction.date_time,
-            },
-            Event::Bid(bid) => panic!("expected no bids, got {bid:?}"),
-        };
         for (parallelism, block) in [(1, 70), (2, 70), (1, SPLIT_BLOCK_EVENTS)] {
             let source = source.with_split_block(block);
             for subtask in 0..parallelism {
@@ -1727,7 +1738,12 @@ mod tests {
                     .collect();
                 let expected: Vec<_> = indices
                     .iter()
-                    .map(|&index| (person_or_auction(index), timestamp(index) as Timestamp))
+                    .map(|&index| {
+                        (
+                            projected(generator.event(index)),
+                            timestamp(index) as Timestamp,
+                        )
+                    })
                     .collect();
                 let reader = &mut *reader::<PersonOrSoldAuction>(&source, subtask, parallelism);
                 let recorded = read_all(reader, 10_001);
@@ -1737,11 +1753,7 @@ mod tests {
                 );
                 assert_eq!(recorded.largest_batch, CHAIN_BATCH_RECORDS);
                 // The same as q3 reads them: whole events, filtered.
-                let selected = |event: &Event| match event {
-                    Event::Person(person) => person.is_q3_selected(),
-                    Event::Auction(auction) => auction.is_q3_selected(),
-                    Event::Bid(_) => false,
-                };
+                let selected = is_q3_selected;
                 let filtered = source.records_where(selected);
                 let recorded = read_all(&mut *filtered.create_reader(subtask, parallelism), 10_001);
                 let expected: Vec<_> = indices
@@ -1967,14 +1979,7 @@ mod tests {
         assert_reads_exactly::<PersonOrSoldAuction>(
             &source.only(EventKinds::ALL),
             EventKinds::PERSONS_AND_AUCTIONS,
-            |index| match generator.event(index) {
-                Event::Person(person) => PersonOrSoldAuction::Person(person),
-                Event::Auction(auction) => PersonOrSoldAuction::Auction {
-                    auction: SoldAuction::of(&auction),
-                    date_time: auction.date_time,
-                },
-                Event::Bid(bid) => panic!("expected no bids, got {bid:?}"),
-            },
+            |index| projected(generator.event(index)),
         );
     }
 }
