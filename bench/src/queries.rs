@@ -751,16 +751,35 @@ fn emit_all<T: NexmarkRecord>(
         }
         return;
     }
-    let mut from = run.start;
-    while from < run.end {
-        let room = CHAIN_BATCH_RECORDS.saturating_sub(batch.len()).max(1) as u64;
-        let to = run.end.min(from + room);
-        batch.extend((from..to).map(|index| {
-            let record = make(index);
-            StreamRecord {
+    extend_in_batches(run, batch, output, |index| [make(index)]);
+}
+
+/// Extends `batch` with the records `make` makes of each of `steps` (`N`
+/// a step), stamped with their event time, as many steps at a time as the
+/// batch has room for, handing it to `output` when it is full. Through
+/// `extend` over an iterator of known length, the batch is written
+/// without a capacity check or a length update per record.
+#[inline(always)]
+fn extend_in_batches<T: NexmarkRecord, const N: usize>(
+    steps: Range<u64>,
+    batch: &mut Vec<StreamRecord<T>>,
+    output: &mut dyn SourceOutput<T>,
+    make: impl Fn(u64) -> [T; N],
+) {
+    let mut from = steps.start;
+    while from < steps.end {
+        let room = CHAIN_BATCH_RECORDS.saturating_sub(batch.len()) / N;
+        if room == 0 {
+            // Not a whole step's room left: the batch goes as it is.
+            output.collect_batch(batch);
+            continue;
+        }
+        let to = steps.end.min(from + room as u64);
+        batch.extend((from..to).flat_map(|step| {
+            make(step).map(|record| StreamRecord {
                 timestamp: record.date_time() as Timestamp,
                 value: record,
-            }
+            })
         }));
         from = to;
         if batch.len() >= CHAIN_BATCH_RECORDS {
@@ -770,9 +789,7 @@ fn emit_all<T: NexmarkRecord>(
 }
 
 /// Emits the person and auctions of each of `blocks` (whole blocks of
-/// [`BLOCK_SIZE`] indices), as [`emit_all`] does a run of one kind: as many
-/// blocks at a time as the batch has room for, through `extend` over an
-/// iterator of known length.
+/// [`BLOCK_SIZE`] indices), as [`emit_all`] does a run of one kind.
 #[inline(always)]
 fn emit_blocks<T: NexmarkRecord>(
     blocks: Range<u64>,
@@ -781,35 +798,16 @@ fn emit_blocks<T: NexmarkRecord>(
     person: impl Fn(u64) -> T,
     auction: impl Fn(u64) -> T,
 ) {
-    const RECORDS_PER_BLOCK: usize = 4;
-    const _: () = assert!(1 + AUCTIONS_PER_BLOCK as usize == RECORDS_PER_BLOCK);
-    let stamped = |record: T| StreamRecord {
-        timestamp: record.date_time() as Timestamp,
-        value: record,
-    };
-    let mut from = blocks.start;
-    while from < blocks.end {
-        let room = CHAIN_BATCH_RECORDS.saturating_sub(batch.len()) / RECORDS_PER_BLOCK;
-        if room == 0 {
-            // Not a whole block's room left: the batch goes as it is.
-            output.collect_batch(batch);
-            continue;
-        }
-        let to = blocks.end.min(from + room as u64);
-        batch.extend((from..to).flat_map(|block| {
-            let first = block * BLOCK_SIZE;
-            [
-                stamped(person(first)),
-                stamped(auction(first + 1)),
-                stamped(auction(first + 2)),
-                stamped(auction(first + 3)),
-            ]
-        }));
-        from = to;
-        if batch.len() >= CHAIN_BATCH_RECORDS {
-            output.collect_batch(batch);
-        }
-    }
+    const _: () = assert!(AUCTIONS_PER_BLOCK == 3);
+    extend_in_batches(blocks, batch, output, |block| {
+        let first = block * BLOCK_SIZE;
+        [
+            person(first),
+            auction(first + 1),
+            auction(first + 2),
+            auction(first + 3),
+        ]
+    });
 }
 
 /// Adds `record`, stamped with its event time, to `batch`, handing the
