@@ -937,7 +937,7 @@ pub struct TaskSetup {
 impl TaskSetup {
     pub fn new(restore: TaskRestore) -> Self {
         TaskSetup {
-            queue: Rc::new(RefCell::new(VecDeque::new())),
+            queue: Rc::default(),
             accumulators: Rc::new(RefCell::new(Accumulators::default())),
             tracker: Rc::new(Cell::new(0)),
             restore: Rc::new(RefCell::new(restore)),

@@ -29,6 +29,7 @@ use crate::snapshot::{
 use crate::source::{SourceOutput, SourceReader, SourceStatus};
 use crate::state::{KeyedStateStore, TimerService};
 use crate::time::{Timestamp, WatermarkStrategy, MAX_WATERMARK, MIN_WATERMARK, NO_TIMESTAMP};
+use rkyv::util::AlignedVec;
 
 /// The most records a writer gathers into one buffer per channel.
 pub const BATCH_RECORDS_MAX: usize = 1024;
@@ -141,10 +142,56 @@ impl OperatorContext {
     }
 }
 
+/// A task's output, shared by its writers and the runtime.
+pub type OutputQueue = Rc<TaskOutput>;
+
+/// How many spare buffers a task keeps for its writers to encode into.
+const SPARE_BUFFERS_MAX: usize = 64;
+
 /// Elements a task has produced and not yet handed to its channels, tagged
 /// with the index of the output channel. The runtime drains it, waiting
 /// where a channel is full, so backpressure reaches the task between batches.
-pub type OutputQueue = Rc<RefCell<VecDeque<(usize, StreamElement)>>>;
+///
+/// With them, spare buffers: buffers the channels' consumers have read and
+/// given back, which the writers encode their next buffers into. A buffer
+/// is allocated once and goes round between its producer and consumer, as
+/// Flink's network buffers go back to their pool. Allocated on one core
+/// and freed on another, each buffer cost two calls into the allocator
+/// that contended for the producer's arena lock (`futex` calls), grew
+/// through `realloc` and faulted its pages in afresh.
+#[derive(Default)]
+pub struct TaskOutput {
+    elements: RefCell<VecDeque<(usize, StreamElement)>>,
+    spares: RefCell<Vec<AlignedVec>>,
+}
+
+impl TaskOutput {
+    /// Queues `element` for output channel `channel`.
+    pub fn push(&self, channel: usize, element: StreamElement) {
+        self.elements.borrow_mut().push_back((channel, element));
+    }
+
+    /// The oldest queued element and its channel.
+    pub fn pop(&self) -> Option<(usize, StreamElement)> {
+        self.elements.borrow_mut().pop_front()
+    }
+
+    /// Whether the task takes more spare buffers.
+    pub fn wants_spares(&self) -> bool {
+        self.spares.borrow().len() < SPARE_BUFFERS_MAX
+    }
+
+    /// Keeps `buffer` (emptied) for a writer's next buffer.
+    pub fn add_spare(&self, mut buffer: AlignedVec) {
+        buffer.clear();
+        self.spares.borrow_mut().push(buffer);
+    }
+
+    /// A spare buffer, if there is one.
+    fn take_spare(&self) -> Option<AlignedVec> {
+        self.spares.borrow_mut().pop()
+    }
+}
 
 /// The head of a task whose input comes from channels.
 pub trait TaskHead {
@@ -668,15 +715,17 @@ impl<T: Record> ChannelBuffers<T> {
         if buffer.is_empty() {
             return;
         }
+        let into = self
+            .queue
+            .take_spare()
+            .unwrap_or_else(|| AlignedVec::with_capacity(self.encoded_sizes[channel]));
         // Encoding into an AlignedVec cannot fail for our record types short
         // of running out of memory, which aborts anyway.
-        let bytes =
-            T::encode(buffer, self.encoded_sizes[channel]).expect("encoding records into a buffer");
+        let bytes = T::encode(buffer, into).expect("encoding records into a buffer");
         self.encoded_sizes[channel] = bytes.len();
         buffer.clear();
         self.queue
-            .borrow_mut()
-            .push_back((self.channel_base + channel, StreamElement::Records(bytes)));
+            .push(self.channel_base + channel, StreamElement::Records(bytes));
     }
 
     fn ship_all(&mut self) {
@@ -687,9 +736,8 @@ impl<T: Record> ChannelBuffers<T> {
 
     fn broadcast_event(&mut self, event: impl Fn() -> StreamElement) {
         self.ship_all();
-        let mut queue = self.queue.borrow_mut();
         for channel in 0..self.buffers.len() {
-            queue.push_back((self.channel_base + channel, event()));
+            self.queue.push(self.channel_base + channel, event());
         }
     }
 }

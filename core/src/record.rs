@@ -46,12 +46,12 @@ pub enum StreamElement {
 /// What the engine needs of a record type. Implemented for every `Clone +
 /// Send + 'static` type that derives rkyv's traits; users never implement it.
 pub trait Record: Clone + Send + 'static {
-    /// Archives `records` into a new buffer of at least `capacity` bytes
-    /// (a good guess, such as the size of the channel's previous buffer,
-    /// makes it one allocation instead of one per doubling). (A `Vec`, not
+    /// Archives `records` into `into`, an empty buffer (one with room
+    /// enough, such as a spare buffer or one with the capacity of the
+    /// channel's previous buffer, is written without growing). (A `Vec`, not
     /// a slice: the archived root is an `ArchivedVec`.)
     #[allow(clippy::ptr_arg)]
-    fn encode(records: &Vec<StreamRecord<Self>>, capacity: usize) -> Result<AlignedVec, String>;
+    fn encode(records: &Vec<StreamRecord<Self>>, into: AlignedVec) -> Result<AlignedVec, String>;
     /// Validates `bytes` and hands every record, deserialized, to `each`
     /// (compiled into the loop over the records: a call through a `dyn
     /// FnMut` per record cost the join of q8 at parallelism 2 about 5% of
@@ -73,8 +73,9 @@ where
     T::Archived: Deserialize<T, HighDeserializer<RkyvError>>,
 {
     #[allow(clippy::ptr_arg)]
-    fn encode(records: &Vec<StreamRecord<Self>>, capacity: usize) -> Result<AlignedVec, String> {
-        rkyv::api::high::to_bytes_in::<_, RkyvError>(records, AlignedVec::with_capacity(capacity))
+    fn encode(records: &Vec<StreamRecord<Self>>, into: AlignedVec) -> Result<AlignedVec, String> {
+        debug_assert!(into.is_empty());
+        rkyv::api::high::to_bytes_in::<_, RkyvError>(records, into)
             .map_err(|error| error.to_string())
     }
 
@@ -157,7 +158,7 @@ mod tests {
                     },
                 })
                 .collect();
-            let bytes = Sample::encode(&records, 0).expect("encodes");
+            let bytes = Sample::encode(&records, AlignedVec::new()).expect("encodes");
             assert_eq!(buffer_record_count(&bytes), count);
             let numbers: Vec<StreamRecord<u64>> = (0..count)
                 .map(|value| StreamRecord {
@@ -166,7 +167,7 @@ mod tests {
                 })
                 .collect();
             assert_eq!(
-                buffer_record_count(&u64::encode(&numbers, 0).expect("encodes")),
+                buffer_record_count(&u64::encode(&numbers, AlignedVec::new()).expect("encodes")),
                 count
             );
         }
@@ -184,7 +185,7 @@ mod tests {
                 },
             })
             .collect();
-        let bytes = Sample::encode(&records, 0).unwrap();
+        let bytes = Sample::encode(&records, AlignedVec::new()).unwrap();
         let mut decoded = Vec::new();
         Sample::decode(&bytes, &mut |value, timestamp| {
             decoded.push(StreamRecord { timestamp, value })
@@ -202,7 +203,7 @@ mod tests {
                 name: "x".into(),
             },
         }];
-        let bytes = Sample::encode(&records, 0).unwrap();
+        let bytes = Sample::encode(&records, AlignedVec::new()).unwrap();
         let truncated = &bytes[..bytes.len() / 2];
         let mut aligned = AlignedVec::<16>::new();
         aligned.extend_from_slice(truncated);

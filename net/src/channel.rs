@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use atomic_waker::AtomicWaker;
 use crossbeam_queue::ArrayQueue;
 use crossbeam_utils::CachePadded;
+use rkyv::util::AlignedVec;
 use strom_core::record::StreamElement;
 
 /// How many elements (buffers of records or events) a channel holds before
@@ -50,6 +51,9 @@ pub const BUSY_POLL_SPIN: Duration = Duration::from_micros(200);
 #[derive(Debug)]
 struct Shared {
     ring: ArrayQueue<StreamElement>,
+    /// Buffers the consumer has read, given back for the producer to
+    /// encode into ([`ConnectedChannelReceiver::recycle`]).
+    spares: ArrayQueue<AlignedVec>,
     /// The consumer's task, while it waits for an element.
     consumer: CachePadded<AtomicWaker>,
     /// The producer's task, while it waits for room.
@@ -108,6 +112,7 @@ impl Drop for ConsumerEnd {
 pub fn channel() -> (ChannelSender, ChannelReceiver) {
     let shared = Arc::new(Shared {
         ring: ArrayQueue::new(CHANNEL_CAPACITY_BUFFERS),
+        spares: ArrayQueue::new(CHANNEL_CAPACITY_BUFFERS),
         consumer: CachePadded::new(AtomicWaker::new()),
         producer: CachePadded::new(AtomicWaker::new()),
         producer_gone: AtomicBool::new(false),
@@ -179,6 +184,11 @@ impl ConnectedChannelSender {
         }
     }
 
+    /// A buffer the consumer has read and given back, if there is one.
+    pub fn take_spare(&self) -> Option<AlignedVec> {
+        self.end.0.spares.pop()
+    }
+
     /// Ready once the ring has room or the consumer is gone.
     fn poll_room(&self, context: &mut Context<'_>) -> Poll<()> {
         let shared = &self.end.0;
@@ -225,6 +235,17 @@ impl ConnectedChannelReceiver {
         // Checked again after registering: a push in between would have
         // found no waker to wake.
         self.try_recv()
+    }
+
+    /// Gives a buffer this end has read back to the producer, to encode a
+    /// later buffer into (dropped if the producer already has enough), so
+    /// that buffers go round instead of being allocated by one core and
+    /// freed by another.
+    pub fn recycle(&self, mut buffer: AlignedVec) {
+        buffer.clear();
+        // Full: the producer does not take spares (a network link's
+        // receiving end) or has enough; the buffer is freed here.
+        let _ = self.end.0.spares.push(buffer);
     }
 
     /// The next element, or `None` at the end of the channel.
@@ -297,6 +318,41 @@ mod tests {
         LocalExecutorBuilder::new(Placement::Unbound)
             .name(name)
             .io_memory(256 * 1024)
+    }
+
+    /// A buffer the consumer gives back reaches the producer as a spare,
+    /// the same allocation, emptied; past the ring's size, given-back
+    /// buffers are dropped rather than kept.
+    #[test]
+    fn buffers_given_back_come_round_to_the_producer() {
+        let (sender, receiver) = channel();
+        let (sender, receiver) = futures_lite::future::block_on(async {
+            (sender.connect().await, receiver.connect().await)
+        });
+        assert!(sender.take_spare().is_none());
+        let mut bytes = AlignedVec::<16>::with_capacity(4096);
+        bytes.extend_from_slice(&[7; 100]);
+        let address = bytes.as_ptr();
+        sender
+            .try_send(StreamElement::Records(bytes))
+            .expect("room in the ring");
+        let Poll::Ready(Some(StreamElement::Records(read))) = receiver.try_recv() else {
+            panic!("the buffer was not received");
+        };
+        receiver.recycle(read);
+        let spare = sender.take_spare().expect("the buffer came back");
+        assert_eq!(spare.as_ptr(), address);
+        assert!(spare.is_empty());
+        assert!(spare.capacity() >= 4096);
+        assert!(sender.take_spare().is_none());
+        for _ in 0..CHANNEL_CAPACITY_BUFFERS + 5 {
+            receiver.recycle(AlignedVec::with_capacity(64));
+        }
+        let mut kept = 0;
+        while sender.take_spare().is_some() {
+            kept += 1;
+        }
+        assert_eq!(kept, CHANNEL_CAPACITY_BUFFERS);
     }
 
     /// Every element arrives, in order, across two executors, through a

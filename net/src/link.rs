@@ -905,7 +905,7 @@ mod tests {
                 value,
             })
             .collect();
-        StreamElement::Records(u64::encode(&records, 0).unwrap())
+        StreamElement::Records(u64::encode(&records, rkyv::util::AlignedVec::new()).unwrap())
     }
 
     fn decode_records(element: &StreamElement) -> Vec<u64> {

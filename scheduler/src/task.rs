@@ -293,8 +293,7 @@ impl TaskRun<'_> {
     /// Sends every queued element, waiting where a channel is full.
     async fn drain(&self, queue: &OutputQueue) -> Result<(), Stop> {
         loop {
-            let next = queue.borrow_mut().pop_front();
-            let Some((channel, element)) = next else {
+            let Some((channel, element)) = queue.pop() else {
                 return Ok(());
             };
             match &element {
@@ -313,6 +312,13 @@ impl TaskRun<'_> {
                     sender.send(element).await.map_err(|_| Stop::Cancelled)?;
                 }
                 Err(TrySendError::Closed(_)) => return Err(Stop::Cancelled),
+            }
+            // A buffer given back for each one sent, while the writers
+            // have too few.
+            if queue.wants_spares() {
+                if let Some(spare) = sender.take_spare() {
+                    queue.add_spare(spare);
+                }
             }
         }
     }
@@ -465,6 +471,7 @@ impl TaskRun<'_> {
                             message,
                         })
                     })?;
+                    inputs[channel].0.recycle(bytes);
                 }
                 StreamElement::Watermark(watermark) => {
                     let output = valve.on_watermark(channel, watermark);
