@@ -489,40 +489,33 @@ impl NexmarkRecord for PersonOrSoldAuction {
 
 /// A stream of persons and auctions, for [`split_persons_and_auctions`].
 trait PersonsAndAuctions: NexmarkRecord {
-    fn person(self) -> Option<Person>;
-    fn sold_auction(self) -> Option<SoldAuction>;
+    fn join_input(self) -> JoinInput;
+}
+
+/// A person or an auction as the joins of q3 and q8 read it, or neither.
+enum JoinInput {
+    Person(Person),
+    Auction(SoldAuction),
+    Neither,
 }
 
 impl PersonsAndAuctions for Event {
     #[inline(always)]
-    fn person(self) -> Option<Person> {
+    fn join_input(self) -> JoinInput {
         match self {
-            Event::Person(person) => Some(person),
-            _ => None,
-        }
-    }
-    #[inline(always)]
-    fn sold_auction(self) -> Option<SoldAuction> {
-        match self {
-            Event::Auction(auction) => Some(SoldAuction::of(&auction)),
-            _ => None,
+            Event::Person(person) => JoinInput::Person(person),
+            Event::Auction(auction) => JoinInput::Auction(SoldAuction::of(&auction)),
+            Event::Bid(_) => JoinInput::Neither,
         }
     }
 }
 
 impl PersonsAndAuctions for PersonOrSoldAuction {
     #[inline(always)]
-    fn person(self) -> Option<Person> {
+    fn join_input(self) -> JoinInput {
         match self {
-            PersonOrSoldAuction::Person(person) => Some(person),
-            PersonOrSoldAuction::Auction { .. } => None,
-        }
-    }
-    #[inline(always)]
-    fn sold_auction(self) -> Option<SoldAuction> {
-        match self {
-            PersonOrSoldAuction::Auction { auction, .. } => Some(auction),
-            PersonOrSoldAuction::Person(_) => None,
+            PersonOrSoldAuction::Person(person) => JoinInput::Person(person),
+            PersonOrSoldAuction::Auction { auction, .. } => JoinInput::Auction(auction),
         }
     }
 }
@@ -1201,31 +1194,28 @@ fn is_q3_selected(event: &Event) -> bool {
     }
 }
 
-/// Splits a stream of persons and auctions in two: `person` of each
-/// person, and of each auction only its id and seller (the rest is left
-/// out before the shuffle, as Flink SQL projects a join's inputs to the
-/// columns it uses). The two flat maps are named `names`.
+/// Splits a stream of persons and auctions in two, reading each event
+/// once (a side output): `person` of each person, and of each auction
+/// only its id and seller (the rest is left out before the shuffle, as
+/// Flink SQL projects a join's inputs to the columns it uses). The
+/// operator and its side output are named `names`.
 fn split_persons_and_auctions<E: PersonsAndAuctions, P: strom_core::Record>(
     events: DataStream<E>,
     person: impl Fn(Person) -> P + Send + Sync + 'static,
     [persons_name, auctions_name]: [&str; 2],
 ) -> (DataStream<P>, DataStream<SoldAuction>) {
-    let persons = events
-        .clone()
-        .flat_map(move |event: E, out: &mut dyn Collector<P>| {
-            if let Some(kept) = event.person() {
-                out.collect(person(kept));
+    let (persons, auctions) = events.split(
+        move |event: E,
+              persons: &mut dyn Collector<P>,
+              auctions: &mut dyn Collector<SoldAuction>| {
+            match event.join_input() {
+                JoinInput::Person(kept) => persons.collect(person(kept)),
+                JoinInput::Auction(auction) => auctions.collect(auction),
+                JoinInput::Neither => {}
             }
-        })
-        .name(persons_name);
-    let auctions = events
-        .flat_map(|event: E, out: &mut dyn Collector<SoldAuction>| {
-            if let Some(auction) = event.sold_auction() {
-                out.collect(auction);
-            }
-        })
-        .name(auctions_name);
-    (persons, auctions)
+        },
+    );
+    (persons.name(persons_name), auctions.name(auctions_name))
 }
 
 /// Counts the records of a window.

@@ -31,7 +31,7 @@ use crate::error::GraphError;
 use crate::key::{KeyGroupRange, DEFAULT_MAX_PARALLELISM, MAX_PARALLELISM_UPPER_BOUND};
 use crate::operator::{
     ChannelSelector, Discard, FanOut, OperatorContext, Output, OutputQueue, RecordWriter,
-    SourceHead, TaskHead,
+    SourceHead, SplitOutputs, TaskHead,
 };
 use crate::record::Record;
 use crate::snapshot::{Committable, TaskRestore};
@@ -185,13 +185,17 @@ pub(crate) enum NodeKind {
         head: HeadFactory,
     },
     Union(HeadFactory),
+    /// The side output of the operator it is chained to (its one input): a
+    /// stream of its own, fed by that operator's second output, with no
+    /// operator of its own (`DataStream::split`).
+    SideOutput,
 }
 
 impl NodeKind {
     fn input_count(&self) -> Option<usize> {
         match self {
             NodeKind::Source(_) => Some(0),
-            NodeKind::OneInput { .. } => Some(1),
+            NodeKind::OneInput { .. } | NodeKind::SideOutput => Some(1),
             NodeKind::TwoInput { .. } => Some(2),
             NodeKind::Union(_) => None,
         }
@@ -321,9 +325,20 @@ impl StreamGraph {
     }
 
     /// Checks the graph and fuses it into a JobGraph.
-    pub fn build(self) -> Result<JobGraph, GraphError> {
+    pub fn build(mut self) -> Result<JobGraph, GraphError> {
         if let Some(error) = self.errors.first() {
             return Err(error.clone());
+        }
+        // A side output runs with its operator, at its parallelism.
+        for index in 0..self.edges.len() {
+            let (source, target) = (self.edges[index].source, self.edges[index].target);
+            if source < self.nodes.len()
+                && target < self.nodes.len()
+                && matches!(self.nodes[target].kind, NodeKind::SideOutput)
+                && self.nodes[target].parallelism.is_none()
+            {
+                self.nodes[target].parallelism = self.nodes[source].parallelism;
+            }
         }
         if self.max_parallelism == 0 || self.max_parallelism > MAX_PARALLELISM_UPPER_BOUND {
             return Err(GraphError::MaxParallelism {
@@ -416,6 +431,25 @@ impl StreamGraph {
                     });
                 }
                 _ => {}
+            }
+        }
+        for edge in &self.edges {
+            let side = &self.nodes[edge.target];
+            if !matches!(side.kind, NodeKind::SideOutput) {
+                continue;
+            }
+            let operator = &self.nodes[edge.source];
+            if self.parallelism_of(edge.source) != self.parallelism_of(edge.target)
+                || (side.slot_sharing_group.is_some()
+                    && side.slot_sharing_group != operator.slot_sharing_group)
+            {
+                return Err(GraphError::Invalid {
+                    operator: side.name.clone(),
+                    reason: format!(
+                        "a side output runs in the tasks of its operator '{}': set its parallelism and slot sharing group on that operator",
+                        operator.name
+                    ),
+                });
             }
         }
         if !self
@@ -599,6 +633,9 @@ impl JobGraph {
                 (NodeKind::OneInput { .. }, [input]) if chainable(input) => {
                     Some(vertex_of_node[input.source])
                 }
+                // Always in its operator's chain: it is that operator's
+                // second output.
+                (NodeKind::SideOutput, [input]) => Some(vertex_of_node[input.source]),
                 (NodeKind::TwoInput { .. }, [first, second])
                     if chainable(first)
                         && chainable(second)
@@ -846,6 +883,9 @@ impl JobGraph {
         for (position, node_id) in vertex.operators.iter().enumerate().rev() {
             let node = &self.stream.nodes[*node_id];
             let mut outputs = Vec::new();
+            // The consumers of its side output, if it splits its stream (a
+            // side output node is always chained behind its operator).
+            let mut side = None;
             for (edge_index, edge) in self
                 .stream
                 .edges
@@ -853,6 +893,10 @@ impl JobGraph {
                 .enumerate()
                 .filter(|(_, edge)| edge.source == *node_id)
             {
+                if matches!(self.stream.nodes[edge.target].kind, NodeKind::SideOutput) {
+                    side = built.remove(&(edge.target, 0));
+                    continue;
+                }
                 if let Some(input) = built
                     .remove(&(edge.target, edge.input))
                     .filter(|_| vertex.operators.contains(&edge.target))
@@ -873,7 +917,13 @@ impl JobGraph {
                     setup.queue.clone(),
                 ));
             }
-            let downstream = node.output_type.fan_out(outputs);
+            let mut downstream = node.output_type.fan_out(outputs);
+            if let Some(side) = side {
+                downstream = Box::new(SplitOutputs {
+                    main: downstream,
+                    side,
+                });
+            }
             let context = OperatorContext {
                 operator_name: node.name.clone(),
                 subtask_index: subtask,
@@ -902,6 +952,9 @@ impl JobGraph {
                     NodeKind::TwoInput { head, .. } | NodeKind::Union(head) => {
                         TaskInstance::Input(head(&context, downstream))
                     }
+                    NodeKind::SideOutput => {
+                        unreachable!("a side output is chained behind its operator")
+                    }
                 };
             }
             match &node.kind {
@@ -912,6 +965,10 @@ impl JobGraph {
                     let [first, second] = chained(&context, downstream);
                     built.insert((*node_id, 0), first);
                     built.insert((*node_id, 1), second);
+                }
+                // Its consumers, for its operator to feed.
+                NodeKind::SideOutput => {
+                    built.insert((*node_id, 0), downstream);
                 }
                 NodeKind::Source(_) | NodeKind::Union(_) => {
                     unreachable!("sources and unions are not chained behind a head")

@@ -21,7 +21,7 @@ use crate::function::{
     TimestampedCollector,
 };
 use crate::key::{subtask_for_key_group, Key, KeyGroupAssigner, KeyGroupRange};
-use crate::record::{Record, StreamElement, StreamRecord};
+use crate::record::{LocalRecords, Record, StreamElement, StreamRecord};
 use crate::snapshot::{
     CheckpointBarrier, Committable, KeyedCapture, OperatorCapture, OperatorRestore, TaskRestore,
     TaskSnapshot,
@@ -163,6 +163,12 @@ const SPARE_BUFFERS_MAX: usize = 64;
 pub struct TaskOutput {
     elements: RefCell<VecDeque<(usize, StreamElement)>>,
     spares: RefCell<Vec<AlignedVec>>,
+    /// Vectors of records given back by consumers of this slot, by output
+    /// channel ([`StreamElement::Local`]).
+    local_spares: RefCell<Vec<(usize, Box<dyn std::any::Any + Send>)>>,
+    /// Which output channels lead to a task of the same slot (set by the
+    /// runtime before the task's operators are built; none by default).
+    local_channels: RefCell<Vec<bool>>,
 }
 
 impl TaskOutput {
@@ -191,12 +197,48 @@ impl TaskOutput {
     fn take_spare(&self) -> Option<AlignedVec> {
         self.spares.borrow_mut().pop()
     }
+
+    /// Says which output channels lead to a task of the same slot: their
+    /// writers hand records over as they are.
+    pub fn set_local_channels(&self, local: Vec<bool>) {
+        *self.local_channels.borrow_mut() = local;
+    }
+
+    /// Whether output channel `channel` leads to a task of the same slot.
+    fn is_local(&self, channel: usize) -> bool {
+        self.local_channels
+            .borrow()
+            .get(channel)
+            .copied()
+            .unwrap_or(false)
+    }
+
+    /// Keeps `records`, given back on output channel `channel`, for that
+    /// channel's writer.
+    pub fn add_local_spare(&self, channel: usize, records: Box<dyn std::any::Any + Send>) {
+        let mut spares = self.local_spares.borrow_mut();
+        if spares.len() < SPARE_BUFFERS_MAX {
+            spares.push((channel, records));
+        }
+    }
+
+    /// A vector of records given back on `channel`, if there is one (in
+    /// its box: the box goes round too, as the `dyn Any` it travels in).
+    #[allow(clippy::box_collection)]
+    fn take_local_spare<T: Record>(&self, channel: usize) -> Option<Box<Vec<StreamRecord<T>>>> {
+        let mut spares = self.local_spares.borrow_mut();
+        let at = spares.iter().position(|(of, _)| *of == channel)?;
+        spares.swap_remove(at).1.downcast().ok()
+    }
 }
 
 /// The head of a task whose input comes from channels.
 pub trait TaskHead {
     /// A buffer of records from a channel of logical input `input`.
     fn on_buffer(&mut self, input: usize, bytes: &[u8]) -> Result<(), String>;
+    /// Records from a task of the same slot on logical input `input`,
+    /// taken out of `records`.
+    fn on_local(&mut self, input: usize, records: &mut LocalRecords) -> Result<(), String>;
     fn on_watermark(&mut self, watermark: Timestamp);
     fn on_idle(&mut self, idle: bool);
     fn flush(&mut self);
@@ -363,6 +405,107 @@ impl<I, O, F> FlatMapOperator<I, O, F> {
             collected: Vec::new(),
             _input: PhantomData,
         }
+    }
+}
+
+/// A function that emits to a main output and a side output (Flink's side
+/// outputs, `ProcessFunction` with an `OutputTag`): each record is read
+/// once, however many streams it is split into.
+pub(crate) struct SplitOperator<I, A, B, F> {
+    pub(crate) function: Arc<F>,
+    pub(crate) main: Box<dyn Output<A>>,
+    pub(crate) side: Box<dyn Output<B>>,
+    /// Where a batch's results gather before they go on (empty between
+    /// calls; kept for their capacity).
+    pub(crate) main_collected: Vec<StreamRecord<A>>,
+    pub(crate) side_collected: Vec<StreamRecord<B>>,
+    pub(crate) _input: PhantomData<fn(I)>,
+}
+
+/// The two outputs a split operator is built with, type-erased as one
+/// (see graph.rs).
+pub(crate) struct SplitOutputs {
+    pub(crate) main: crate::graph::ErasedOutput,
+    pub(crate) side: crate::graph::ErasedOutput,
+}
+
+impl<I, A, B, F> Output<I> for SplitOperator<I, A, B, F>
+where
+    F: Fn(I, &mut dyn Collector<A>, &mut dyn Collector<B>),
+{
+    fn push(&mut self, record: I, timestamp: Timestamp) {
+        let mut main = TimestampedCollector {
+            output: &mut *self.main,
+            timestamp,
+        };
+        let mut side = TimestampedCollector {
+            output: &mut *self.side,
+            timestamp,
+        };
+        (self.function)(record, &mut main, &mut side);
+    }
+    fn push_batch(&mut self, batch: &mut Vec<StreamRecord<I>>) {
+        let function = &*self.function;
+        let mut main = ShippingCollector {
+            output: &mut *self.main,
+            batch: &mut self.main_collected,
+            timestamp: NO_TIMESTAMP,
+        };
+        let mut side = ShippingCollector {
+            output: &mut *self.side,
+            batch: &mut self.side_collected,
+            timestamp: NO_TIMESTAMP,
+        };
+        for record in batch.drain(..) {
+            main.timestamp = record.timestamp;
+            side.timestamp = record.timestamp;
+            function(record.value, &mut main, &mut side);
+        }
+    }
+    fn push_batch_cloned(&mut self, batch: &[StreamRecord<I>], _: &mut Vec<StreamRecord<I>>)
+    where
+        I: Clone,
+    {
+        let function = &*self.function;
+        let mut main = ShippingCollector {
+            output: &mut *self.main,
+            batch: &mut self.main_collected,
+            timestamp: NO_TIMESTAMP,
+        };
+        let mut side = ShippingCollector {
+            output: &mut *self.side,
+            batch: &mut self.side_collected,
+            timestamp: NO_TIMESTAMP,
+        };
+        for record in batch {
+            main.timestamp = record.timestamp;
+            side.timestamp = record.timestamp;
+            function(record.value.clone(), &mut main, &mut side);
+        }
+    }
+    fn watermark(&mut self, watermark: Timestamp) {
+        self.main.watermark(watermark);
+        self.side.watermark(watermark);
+    }
+    fn idle(&mut self, idle: bool) {
+        self.main.idle(idle);
+        self.side.idle(idle);
+    }
+    fn flush(&mut self) {
+        self.main.flush();
+        self.side.flush();
+    }
+    fn end_of_input(&mut self) {
+        self.main.end_of_input();
+        self.side.end_of_input();
+    }
+    fn snapshot(&mut self, barrier: &CheckpointBarrier, snapshot: &mut TaskSnapshot) {
+        self.main.snapshot(barrier, snapshot);
+        self.side.snapshot(barrier, snapshot);
+    }
+    fn checkpoint_complete(&mut self, checkpoint_id: u64) {
+        self.main.checkpoint_complete(checkpoint_id);
+        self.side.checkpoint_complete(checkpoint_id);
     }
 }
 
@@ -656,6 +799,9 @@ pub(crate) struct ChannelBuffers<T> {
     /// The size of each channel's last encoded buffer: the capacity to
     /// encode its next one into, so that a buffer is one allocation.
     encoded_sizes: Vec<usize>,
+    /// Which channels lead to a task of the same slot: their records are
+    /// handed over as they are, not encoded.
+    local: Vec<bool>,
     queue: OutputQueue,
 }
 
@@ -674,6 +820,9 @@ impl<T: Record> RecordWriter<T> {
                     .map(|_| Vec::with_capacity(BATCH_RECORDS_MAX))
                     .collect(),
                 encoded_sizes: vec![0; channel_count],
+                local: (0..channel_count)
+                    .map(|channel| queue.is_local(channel_base + channel))
+                    .collect(),
                 queue,
             },
         }
@@ -715,6 +864,17 @@ impl<T: Record> ChannelBuffers<T> {
         if buffer.is_empty() {
             return;
         }
+        let channel_index = self.channel_base + channel;
+        if self.local[channel] {
+            let spare = self
+                .queue
+                .take_local_spare::<T>(channel_index)
+                .unwrap_or_else(|| Box::new(Vec::with_capacity(BATCH_RECORDS_MAX)));
+            let records = LocalRecords::take(buffer, spare);
+            self.queue
+                .push(channel_index, StreamElement::Local(records));
+            return;
+        }
         let into = self
             .queue
             .take_spare()
@@ -725,7 +885,7 @@ impl<T: Record> ChannelBuffers<T> {
         self.encoded_sizes[channel] = bytes.len();
         buffer.clear();
         self.queue
-            .push(self.channel_base + channel, StreamElement::Records(bytes));
+            .push(channel_index, StreamElement::Records(bytes));
     }
 
     fn ship_all(&mut self) {
@@ -890,6 +1050,14 @@ impl<T: Record> TaskHead for DecodingHead<T> {
         }
         decoded
     }
+    fn on_local(&mut self, _input: usize, records: &mut LocalRecords) -> Result<(), String> {
+        let records = records.records_mut::<T>()?;
+        if !records.is_empty() {
+            self.next.push_batch(records);
+            records.clear();
+        }
+        Ok(())
+    }
     head_control!(next);
 }
 
@@ -935,6 +1103,18 @@ impl<I1, I2, Op> TwoInputHead<I1, I2, Op> {
 }
 
 impl<I1: Record, I2: Record, Op: TwoInputOperator<I1, I2>> TaskHead for TwoInputHead<I1, I2, Op> {
+    fn on_local(&mut self, input: usize, records: &mut LocalRecords) -> Result<(), String> {
+        if input == 0 {
+            let records = records.records_mut::<I1>()?;
+            self.operator.push_batch1(records);
+            records.clear();
+        } else {
+            let records = records.records_mut::<I2>()?;
+            self.operator.push_batch2(records);
+            records.clear();
+        }
+        Ok(())
+    }
     fn on_buffer(&mut self, input: usize, bytes: &[u8]) -> Result<(), String> {
         if input == 0 {
             let batch = &mut self.batch1;
@@ -1565,6 +1745,69 @@ mod tests {
                 .borrow_mut()
                 .push(format!("complete {checkpoint_id}"));
         }
+    }
+
+    /// A writer whose channel leads to a task of its own slot hands its
+    /// records over as they are, in order, with their timestamps; the
+    /// consumer's head takes them, and the vector given back is the one
+    /// the writer fills next. A consumer of another type gets an error
+    /// naming its type. The other channel of the writer still gets bytes.
+    #[test]
+    fn records_for_a_task_of_the_same_slot_are_handed_over_as_they_are() {
+        let queue: OutputQueue = Rc::default();
+        queue.set_local_channels(vec![false, true]);
+        let mut writer =
+            RecordWriter::<u64>::new(ChannelSelector::Rebalance { next: 0 }, 0, 2, queue.clone());
+        for value in 0..6u64 {
+            writer.push(value, 100 + value as Timestamp);
+        }
+        writer.flush();
+        let (first, second) = (queue.pop().unwrap(), queue.pop().unwrap());
+        assert!(queue.pop().is_none());
+        assert!(matches!(first, (0, StreamElement::Records(_))));
+        let (1, StreamElement::Local(mut local)) = second else {
+            panic!("channel 1 leads to the same slot: {second:?}");
+        };
+        assert_eq!(local.count(), 3);
+        let sink = Batches::default();
+        let records = sink.records.clone();
+        let mut head = DecodingHead {
+            next: Box::new(sink),
+            batch: Vec::new(),
+        };
+        head.on_local(0, &mut local).unwrap();
+        assert_eq!(*records.borrow(), [(1, 101), (3, 103), (5, 105)]);
+        let address = local.records_mut::<u64>().unwrap().as_ptr();
+        // A head of another record type refuses them.
+        let mut strings = DecodingHead::<String> {
+            next: Box::new(Discard),
+            batch: Vec::new(),
+        };
+        let error = strings.on_local(0, &mut local).unwrap_err();
+        assert!(error.contains("String"), "{error}");
+        // Given back, the vector becomes the writer's next one to fill (it
+        // swaps its full vector for the spare): the two go round.
+        let mut handed = vec![address];
+        for round in 0..2u64 {
+            queue.add_local_spare(1, local.into_spare());
+            assert_eq!(queue.local_spares.borrow().len(), 1);
+            writer.push(6 + 2 * round, 106);
+            writer.push(7 + 2 * round, 107);
+            writer.flush();
+            assert!(
+                queue.local_spares.borrow().is_empty(),
+                "the spare was taken"
+            );
+            queue.pop().unwrap();
+            let Some((1, StreamElement::Local(next))) = queue.pop() else {
+                panic!("no records for the same slot");
+            };
+            local = next;
+            assert_eq!(local.count(), 1);
+            handed.push(local.records_mut::<u64>().unwrap().as_ptr());
+        }
+        assert_ne!(handed[0], handed[1]);
+        assert_eq!(handed[0], handed[2]);
     }
 
     #[test]

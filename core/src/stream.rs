@@ -31,8 +31,8 @@ use crate::graph::{
 use crate::key::{Key, RecordKeyHash};
 use crate::operator::{
     DecodingHead, FilterOperator, FlatMapOperator, Junction, KeyedCoProcessOperator,
-    KeyedProcessOperator, KeyedRuntime, MapOperator, Output, SinkOperator, SourceTask, Tracked,
-    TwoInputHead, TwoInputOperator,
+    KeyedProcessOperator, KeyedRuntime, MapOperator, Output, SinkOperator, SourceTask,
+    SplitOperator, SplitOutputs, Tracked, TwoInputHead, TwoInputOperator,
 };
 use crate::record::Record;
 use crate::source::{CollectionSource, Source};
@@ -385,6 +385,65 @@ impl<T: Record> DataStream<T> {
             move |_, next| FlatMapOperator::new(function.clone(), next),
         );
         DataStream::new(self.env, node)
+    }
+
+    /// Splits the stream in two in one pass: `function` emits what it makes
+    /// of each record to the main output (the first stream returned) or to
+    /// the side output (the second), as Flink's side outputs do (a
+    /// `ProcessFunction` calling `ctx.output(tag, value)`, and
+    /// `getSideOutput(tag)`). Where two flat maps over one stream would
+    /// each read every record, this reads each once. The side output runs
+    /// in its operator's tasks: its parallelism and slot sharing group are
+    /// the operator's.
+    pub fn split<A: Record, B: Record>(
+        self,
+        function: impl Fn(T, &mut dyn Collector<A>, &mut dyn Collector<B>) + Send + Sync + 'static,
+    ) -> (DataStream<A>, DataStream<B>) {
+        let function = Arc::new(function);
+        let make = move |outputs: crate::graph::ErasedOutput| {
+            let outputs = outputs
+                .downcast::<SplitOutputs>()
+                .unwrap_or_else(|_| panic!("a split operator is built with its two outputs"));
+            SplitOperator {
+                function: function.clone(),
+                main: unerase::<A>(outputs.main),
+                side: unerase::<B>(outputs.side),
+                main_collected: Vec::new(),
+                side_collected: Vec::new(),
+                _input: PhantomData::<fn(T)>,
+            }
+        };
+        let make = Arc::new(make);
+        let chained: ChainFactory = {
+            let make = make.clone();
+            Arc::new(move |context, outputs| Tracked::<T, _>::erased(context, make(outputs)))
+        };
+        let head: HeadFactory = Arc::new(move |_, outputs| {
+            Box::new(DecodingHead::<T> {
+                batch: Vec::new(),
+                next: Box::new(make(outputs)),
+            })
+        });
+        let mut graph = self.env.graph.borrow_mut();
+        let node = graph.add_node(
+            "Split",
+            NodeKind::OneInput { chained, head },
+            TypedStream::<A>::shared(),
+            vec![type_of::<T>()],
+        );
+        graph.add_edge(self.node, node, 0, self.partitioning.clone());
+        let side = graph.add_node(
+            "Split (side output)",
+            NodeKind::SideOutput,
+            TypedStream::<B>::shared(),
+            vec![type_of::<A>()],
+        );
+        graph.add_edge(node, side, 0, None);
+        drop(graph);
+        (
+            DataStream::new(self.env.clone(), node),
+            DataStream::new(self.env, side),
+        )
     }
 
     /// Partitions the stream by key: records with equal keys go to the same

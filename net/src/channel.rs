@@ -54,6 +54,9 @@ struct Shared {
     /// Buffers the consumer has read, given back for the producer to
     /// encode into ([`ConnectedChannelReceiver::recycle`]).
     spares: ArrayQueue<AlignedVec>,
+    /// The same for records handed over within a slot
+    /// ([`StreamElement::Local`]).
+    local_spares: ArrayQueue<Box<dyn std::any::Any + Send>>,
     /// The consumer's task, while it waits for an element.
     consumer: CachePadded<AtomicWaker>,
     /// The producer's task, while it waits for room.
@@ -113,6 +116,7 @@ pub fn channel() -> (ChannelSender, ChannelReceiver) {
     let shared = Arc::new(Shared {
         ring: ArrayQueue::new(CHANNEL_CAPACITY_BUFFERS),
         spares: ArrayQueue::new(CHANNEL_CAPACITY_BUFFERS),
+        local_spares: ArrayQueue::new(CHANNEL_CAPACITY_BUFFERS),
         consumer: CachePadded::new(AtomicWaker::new()),
         producer: CachePadded::new(AtomicWaker::new()),
         producer_gone: AtomicBool::new(false),
@@ -189,6 +193,12 @@ impl ConnectedChannelSender {
         self.end.0.spares.pop()
     }
 
+    /// A vector of records the consumer (of the same slot) has taken and
+    /// given back, if there is one.
+    pub fn take_local_spare(&self) -> Option<Box<dyn std::any::Any + Send>> {
+        self.end.0.local_spares.pop()
+    }
+
     /// Ready once the ring has room or the consumer is gone.
     fn poll_room(&self, context: &mut Context<'_>) -> Poll<()> {
         let shared = &self.end.0;
@@ -246,6 +256,12 @@ impl ConnectedChannelReceiver {
         // Full: the producer does not take spares (a network link's
         // receiving end) or has enough; the buffer is freed here.
         let _ = self.end.0.spares.push(buffer);
+    }
+
+    /// Gives the emptied vector of a [`StreamElement::Local`] back to the
+    /// producer (dropped if it already has enough).
+    pub fn recycle_local(&self, records: Box<dyn std::any::Any + Send>) {
+        let _ = self.end.0.local_spares.push(records);
     }
 
     /// The next element, or `None` at the end of the channel.

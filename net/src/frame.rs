@@ -371,6 +371,16 @@ pub fn data_payload_length(element: &StreamElement) -> Result<usize, NetError> {
             1 + BARRIER_FIXED_SIZE + path.len()
         }
         StreamElement::EndOfInput => 1,
+        // Made only for a consumer of the same slot, never for a link.
+        StreamElement::Local(records) => {
+            return Err(NetError::MalformedPayload {
+                kind: FrameKind::Data,
+                reason: format!(
+                    "{} records handed over within a slot cannot be sent over a link",
+                    records.count()
+                ),
+            })
+        }
     };
     Ok(length)
 }
@@ -403,6 +413,7 @@ fn encode_element(element: &StreamElement, payload: &mut Vec<u8>) -> Result<(), 
             payload.extend_from_slice(path.as_bytes());
         }
         StreamElement::EndOfInput => payload.push(TAG_END_OF_INPUT),
+        StreamElement::Local(_) => unreachable!("refused by data_payload_length"),
     }
     assert_eq!(payload.len() - start, length, "data payload length");
     Ok(())
@@ -840,6 +851,25 @@ mod tests {
             }
         ));
         assert!(matches!(&frames[3 + elements.len()], Frame::Close { reason } if reason == "bye"));
+    }
+
+    /// Records handed over within a slot are never framed: a link
+    /// refuses them with an error that says so, and writes nothing.
+    #[test]
+    fn records_handed_over_within_a_slot_are_refused_by_a_link() {
+        let mut records = vec![strom_core::record::StreamRecord {
+            timestamp: 1,
+            value: 5u64,
+        }];
+        let local = StreamElement::Local(strom_core::record::LocalRecords::take(
+            &mut records,
+            Box::default(),
+        ));
+        let error = data_payload_length(&local).unwrap_err().to_string();
+        assert!(error.contains("within a slot"), "{error}");
+        let mut bytes = Vec::new();
+        assert!(encode_data(9, &local, &mut bytes).is_err());
+        assert!(bytes.is_empty());
     }
 
     #[test]

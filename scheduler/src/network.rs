@@ -1100,6 +1100,7 @@ mod tests {
             StreamElement::Idle(is_idle) => format!("idle {is_idle}"),
             StreamElement::Barrier(barrier) => format!("barrier {}", barrier.checkpoint_id),
             StreamElement::EndOfInput => "end of input".to_string(),
+            StreamElement::Local(records) => format!("{} local records", records.count()),
         }
     }
 

@@ -225,6 +225,9 @@ pub struct TaskDeployment {
     pub inputs: Vec<(ChannelReceiver, usize)>,
     /// Output channels, in the order the task's writers index them.
     pub outputs: Vec<ChannelSender>,
+    /// For each output channel, whether its consumer runs in the same
+    /// slot (its records are then handed over as they are).
+    pub local_outputs: Vec<bool>,
     pub reports: Sender<ToTaskManager>,
     /// Where the TaskManager leaves the task its commands.
     pub mailbox: TaskMailbox,
@@ -300,6 +303,9 @@ impl TaskRun<'_> {
                 StreamElement::Records(bytes) => {
                     TaskMetrics::add(&self.metrics.records_out, buffer_record_count(bytes))
                 }
+                StreamElement::Local(records) => {
+                    TaskMetrics::add(&self.metrics.records_out, records.count() as u64)
+                }
                 StreamElement::Watermark(watermark) if self.is_source => {
                     self.metrics.watermark.store(*watermark, Ordering::Relaxed)
                 }
@@ -319,6 +325,9 @@ impl TaskRun<'_> {
                 if let Some(spare) = sender.take_spare() {
                     queue.add_spare(spare);
                 }
+            }
+            if let Some(records) = sender.take_local_spare() {
+                queue.add_local_spare(channel, records);
             }
         }
     }
@@ -472,6 +481,19 @@ impl TaskRun<'_> {
                         })
                     })?;
                     inputs[channel].0.recycle(bytes);
+                }
+                StreamElement::Local(mut records) => {
+                    TaskMetrics::add(&self.metrics.records_in, records.count() as u64);
+                    let taken = self.guarded(|| head.on_local(input, &mut records))?;
+                    taken.map_err(|message| {
+                        let (operator, subtask) = self.operator_at(0);
+                        Stop::Failed(TaskError::Decode {
+                            operator,
+                            subtask,
+                            message,
+                        })
+                    })?;
+                    inputs[channel].0.recycle_local(records.into_spare());
                 }
                 StreamElement::Watermark(watermark) => {
                     let output = valve.on_watermark(channel, watermark);
@@ -777,6 +799,7 @@ pub async fn run_task(graph: Arc<JobGraph>, deployment: TaskDeployment) {
         restore,
         inputs,
         outputs,
+        local_outputs,
         reports,
         mailbox,
         buffer_timeout,
@@ -797,6 +820,7 @@ pub async fn run_task(graph: Arc<JobGraph>, deployment: TaskDeployment) {
         metrics,
         is_source: graph.vertices[vertex].is_source,
     };
+    run.setup.queue.set_local_channels(local_outputs);
     let result = match run.guarded(|| graph.instantiate(vertex, subtask, &run.setup)) {
         Err(stop) => Err(stop),
         Ok(TaskInstance::Source(head)) => run.run_source(head).await,

@@ -529,8 +529,18 @@ impl TaskManager {
                 if !is_here(vertex.id, subtask) {
                     continue;
                 }
-                let outputs = graph
-                    .output_channels(vertex.id, subtask)
+                let output_ends = graph.output_channels(vertex.id, subtask);
+                // Same slot: both ends here, on one slot (one thread).
+                let local_outputs = output_ends
+                    .iter()
+                    .map(|end| {
+                        let target = graph.edges[end.edge].target;
+                        is_here(target, end.subtask)
+                            && slots[target][end.subtask as usize].slot
+                                == slots[vertex.id][subtask as usize].slot
+                    })
+                    .collect();
+                let outputs = output_ends
                     .into_iter()
                     .map(|end| {
                         senders
@@ -602,6 +612,7 @@ impl TaskManager {
                     restore: task_restore,
                     inputs,
                     outputs,
+                    local_outputs,
                     reports: self.inbox_sender.clone(),
                 });
             }

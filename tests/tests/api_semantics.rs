@@ -1495,6 +1495,168 @@ fn a_window_join_of_one_split_stream_is_chained_at_parallelism_1_with_the_same_r
     }
 }
 
+const SIDE_OUTPUT_WINDOW_JOIN: &str = "side-output-window-join";
+
+/// As [`build_split_window_join`], split by one operator with a side
+/// output instead of two flat maps.
+fn build_side_output_window_join(
+    env: &StreamExecutionEnvironment,
+    _: &ArgMatches,
+) -> Result<(), String> {
+    let mut sides: Vec<(bool, Named)> = (0..LEFT_COUNT)
+        .map(|index| (true, left_record(index)))
+        .chain((0..RIGHT_COUNT).map(|index| (false, right_record(index))))
+        .collect();
+    sides.sort_by_key(|(_, record)| record.1);
+    let count = sides.len() as u64;
+    let (left, right) = env
+        .from_source(
+            GeneratorSource::bounded(count, move |index| sides[index as usize].clone()),
+            WatermarkStrategy::for_monotonous_timestamps()
+                .with_timestamp_assigner(|event: &(bool, Named)| event.1 .1),
+            "left and right",
+        )
+        .split(
+            |(is_left, record): (bool, Named),
+             left: &mut dyn Collector<Named>,
+             right: &mut dyn Collector<Named>| {
+                if is_left {
+                    left.collect(record);
+                } else {
+                    right.collect(record);
+                }
+            },
+        );
+    join_left_and_right(
+        left.name("left"),
+        right.name("right"),
+        SIDE_OUTPUT_WINDOW_JOIN,
+    );
+    Ok(())
+}
+
+const SIDE_OUTPUT_WINDOW_JOIN_PROGRAM: Program =
+    program(SIDE_OUTPUT_WINDOW_JOIN, build_side_output_window_join);
+
+#[test]
+fn a_window_join_of_a_stream_split_by_a_side_output_has_the_same_results() {
+    // At parallelism 1 the split, its side output and the join are one
+    // task with the source.
+    assert_eq!(
+        job_graph(SIDE_OUTPUT_WINDOW_JOIN_PROGRAM, 1).vertices.len(),
+        1
+    );
+    assert_eq!(
+        job_graph(SIDE_OUTPUT_WINDOW_JOIN_PROGRAM, 2).vertices.len(),
+        2
+    );
+    for parallelism in [1, 2] {
+        assert_rows(
+            &run(SIDE_OUTPUT_WINDOW_JOIN_PROGRAM, parallelism),
+            expected_pairs(),
+            &format!("parallelism {parallelism}"),
+        );
+    }
+}
+
+const SIDE_OUTPUT: &str = "side-output";
+const SIDE_OUTPUT_COUNT: u64 = 5_000;
+
+/// Numbers split by one operator: each even number twice on the main
+/// output, each odd one as text on the side output, which goes on at a
+/// parallelism of its own; both end in one sink.
+fn build_side_output(env: &StreamExecutionEnvironment, _: &ArgMatches) -> Result<(), String> {
+    let (evens, odds) = env
+        .from_source(
+            GeneratorSource::bounded(SIDE_OUTPUT_COUNT, |index| index),
+            WatermarkStrategy::no_watermarks(),
+            "numbers",
+        )
+        .split(
+            |number: u64, evens: &mut dyn Collector<u64>, odds: &mut dyn Collector<String>| {
+                if number % 2 == 1 {
+                    odds.collect(format!("odd {number}"));
+                } else {
+                    evens.collect(number);
+                    evens.collect(number);
+                }
+            },
+        );
+    let odds = odds
+        .name("odds")
+        .rebalance()
+        .map(|text: String| text)
+        .set_parallelism(1);
+    evens
+        .name("evens")
+        .map(|number: u64| format!("even {number}"))
+        .union(vec![odds])
+        .add_sink(strings(SIDE_OUTPUT));
+    Ok(())
+}
+
+const SIDE_OUTPUT_PROGRAM: Program = program(SIDE_OUTPUT, build_side_output);
+
+#[test]
+fn a_side_output_gets_what_its_operator_emits_to_it_and_runs_in_its_tasks() {
+    let expected: Vec<String> = (0..SIDE_OUTPUT_COUNT)
+        .flat_map(|number| {
+            if number % 2 == 1 {
+                vec![format!("odd {number}")]
+            } else {
+                vec![format!("even {number}"); 2]
+            }
+        })
+        .collect();
+    for parallelism in [1, 2] {
+        let graph = job_graph(SIDE_OUTPUT_PROGRAM, parallelism);
+        // The side output is chained to its operator, which is chained to
+        // the source.
+        let names: Vec<&str> = graph
+            .vertices
+            .iter()
+            .map(|vertex| vertex.name.as_str())
+            .collect();
+        let with_source = names
+            .iter()
+            .find(|name| name.contains("numbers"))
+            .expect("a vertex of the source");
+        assert!(
+            with_source.contains("odds") && with_source.contains("evens"),
+            "{names:?}"
+        );
+        assert_rows(
+            &run(SIDE_OUTPUT_PROGRAM, parallelism),
+            expected.clone(),
+            &format!("parallelism {parallelism}"),
+        );
+    }
+}
+
+#[test]
+fn a_side_output_at_another_parallelism_than_its_operator_is_refused() {
+    let env = StreamExecutionEnvironment::new();
+    let (main, side) = env.from_collection(vec![1u64, 2, 3]).split(
+        |number: u64, main: &mut dyn Collector<u64>, side: &mut dyn Collector<u64>| {
+            main.collect(number);
+            side.collect(number);
+        },
+    );
+    main.add_sink(CollectSink::new("unused main", |row: &u64, _, _| {
+        row.to_string()
+    }));
+    side.name("side")
+        .set_parallelism(3)
+        .add_sink(CollectSink::new("unused side", |row: &u64, _, _| {
+            row.to_string()
+        }));
+    let error = env.build().map(|_| ()).unwrap_err().to_string();
+    assert!(
+        error.contains("side") && error.contains("side output runs in the tasks"),
+        "{error}"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // 6. Union, partitioning, parallelism per operator, chaining and slot
 //    sharing.
