@@ -439,10 +439,7 @@ impl StreamGraph {
                 continue;
             }
             let operator = &self.nodes[edge.source];
-            if self.parallelism_of(edge.source) != self.parallelism_of(edge.target)
-                || (side.slot_sharing_group.is_some()
-                    && side.slot_sharing_group != operator.slot_sharing_group)
-            {
+            if self.parallelism_of(edge.source) != self.parallelism_of(edge.target) {
                 return Err(GraphError::Invalid {
                     operator: side.name.clone(),
                     reason: format!(
@@ -462,6 +459,21 @@ impl StreamGraph {
         let order = self.topological_order()?;
         let mut graph = self;
         graph.resolve_slot_sharing_groups(&order);
+        // Resolved: a side output without a group has its operator's.
+        for edge in &graph.edges {
+            let (operator, side) = (&graph.nodes[edge.source], &graph.nodes[edge.target]);
+            if matches!(side.kind, NodeKind::SideOutput)
+                && side.slot_sharing_group != operator.slot_sharing_group
+            {
+                return Err(GraphError::Invalid {
+                    operator: side.name.clone(),
+                    reason: format!(
+                        "a side output runs in the tasks of its operator '{}': set its parallelism and slot sharing group on that operator",
+                        operator.name
+                    ),
+                });
+            }
+        }
         let stream = graph;
         for edge in &stream.edges {
             if let Partitioning::Forward = stream.resolved_partitioning(edge) {
@@ -604,7 +616,13 @@ impl JobGraph {
         // Whether `edge` may be a direct call inside one task, whatever
         // the operator's other inputs.
         let chainable = |edge: &StreamEdge| -> bool {
-            let source = &stream.nodes[edge.source];
+            let mut source = &stream.nodes[edge.source];
+            // A side output chains as its operator does.
+            if matches!(source.kind, NodeKind::SideOutput) {
+                if let Some(operator) = stream.edges.iter().find(|into| into.target == source.id) {
+                    source = &stream.nodes[operator.source];
+                }
+            }
             let target = &stream.nodes[edge.target];
             let pointwise = match stream.resolved_partitioning(edge) {
                 Partitioning::Forward => true,

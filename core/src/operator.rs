@@ -37,7 +37,10 @@ pub const BATCH_RECORDS_MAX: usize = 1024;
 /// The most records a source hands down its chain at once (see
 /// [`Output::push_batch`]): enough to pay one call per operator for many
 /// records, few enough that the batch stays in the L1 cache between
-/// operators.
+/// operators. A task head passes on a buffer from another slot in batches
+/// of this size; records from a task of the same slot, and a two-input
+/// operator's buffers, go on whole (up to [`BATCH_RECORDS_MAX`]), as
+/// moving them into smaller batches would cost more than it saves.
 pub const CHAIN_BATCH_RECORDS: usize = 256;
 
 /// The receiving end of an operator: records, event time and the end.
@@ -148,6 +151,10 @@ pub type OutputQueue = Rc<TaskOutput>;
 /// How many spare buffers a task keeps for its writers to encode into.
 const SPARE_BUFFERS_MAX: usize = 64;
 
+/// Spare buffers larger than this are freed, not kept: a burst of large
+/// records does not pin its buffers' memory for the rest of the job.
+const SPARE_BUFFER_BYTES_MAX: usize = 1 << 20;
+
 /// Elements a task has produced and not yet handed to its channels, tagged
 /// with the index of the output channel. The runtime drains it, waiting
 /// where a channel is full, so backpressure reaches the task between batches.
@@ -187,10 +194,13 @@ impl TaskOutput {
         self.spares.borrow().len() < SPARE_BUFFERS_MAX
     }
 
-    /// Keeps `buffer` (emptied) for a writer's next buffer.
+    /// Keeps `buffer` (emptied) for a writer's next buffer, unless it is
+    /// larger than [`SPARE_BUFFER_BYTES_MAX`].
     pub fn add_spare(&self, mut buffer: AlignedVec) {
-        buffer.clear();
-        self.spares.borrow_mut().push(buffer);
+        if buffer.capacity() <= SPARE_BUFFER_BYTES_MAX {
+            buffer.clear();
+            self.spares.borrow_mut().push(buffer);
+        }
     }
 
     /// A spare buffer, if there is one.
@@ -796,8 +806,8 @@ pub(crate) struct ChannelBuffers<T> {
     /// Index of this writer's first channel in the task's output queue.
     channel_base: usize,
     buffers: Vec<Vec<StreamRecord<T>>>,
-    /// The size of each channel's last encoded buffer: the capacity to
-    /// encode its next one into, so that a buffer is one allocation.
+    /// The size of each channel's last encoded buffer: the capacity of a
+    /// new buffer when no spare is at hand, so that it is one allocation.
     encoded_sizes: Vec<usize>,
     /// Which channels lead to a task of the same slot: their records are
     /// handed over as they are, not encoded.

@@ -124,7 +124,11 @@ where
 }
 
 /// A `Vec<StreamRecord<T>>` handed from one task to another of the same
-/// slot (one thread): [`StreamElement::Local`]. Between tasks of one slot
+/// slot (one thread): [`StreamElement::Local`]. The consumer reads the
+/// values the producer made, not their archived copies, so a type whose
+/// archive leaves out or changes fields (rkyv's `with` wrappers such as
+/// `Skip`) reads differently within a slot than across slots; record types
+/// should archive whole, as the Nexmark types do. Between tasks of one slot
 /// a buffer was encoded, validated and decoded again for nothing: about a
 /// fifth of q8's time at parallelism 2, where half of each shuffle stays
 /// in its slot. The consumer takes the records and gives the emptied

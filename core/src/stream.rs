@@ -304,7 +304,21 @@ impl<T: Record> DataStream<T> {
         self.modify(|node| node.name = name.to_string())
     }
 
+    /// The operator's parallelism (and its side output's, see [`Self::split`]).
     pub fn set_parallelism(self, parallelism: u32) -> Self {
+        {
+            let mut graph = self.env.graph.borrow_mut();
+            let sides: Vec<NodeId> = graph
+                .edges
+                .iter()
+                .filter(|edge| edge.source == self.node)
+                .map(|edge| edge.target)
+                .filter(|target| matches!(graph.nodes[*target].kind, NodeKind::SideOutput))
+                .collect();
+            for side in sides {
+                graph.nodes[side].parallelism = Some(parallelism);
+            }
+        }
         self.modify(|node| node.parallelism = Some(parallelism))
     }
 

@@ -57,6 +57,10 @@ struct Shared {
     /// The same for records handed over within a slot
     /// ([`StreamElement::Local`]).
     local_spares: ArrayQueue<Box<dyn std::any::Any + Send>>,
+    /// Whether the producer takes spares: set at its first look. A
+    /// network link's receiving end never looks, and the buffers given
+    /// back on its channel are freed rather than kept for no one.
+    producer_recycles: AtomicBool,
     /// The consumer's task, while it waits for an element.
     consumer: CachePadded<AtomicWaker>,
     /// The producer's task, while it waits for room.
@@ -117,6 +121,7 @@ pub fn channel() -> (ChannelSender, ChannelReceiver) {
         ring: ArrayQueue::new(CHANNEL_CAPACITY_BUFFERS),
         spares: ArrayQueue::new(CHANNEL_CAPACITY_BUFFERS),
         local_spares: ArrayQueue::new(CHANNEL_CAPACITY_BUFFERS),
+        producer_recycles: AtomicBool::new(false),
         consumer: CachePadded::new(AtomicWaker::new()),
         producer: CachePadded::new(AtomicWaker::new()),
         producer_gone: AtomicBool::new(false),
@@ -189,14 +194,25 @@ impl ConnectedChannelSender {
     }
 
     /// A buffer the consumer has read and given back, if there is one.
+    /// From the first call on, the consumer gives buffers back.
     pub fn take_spare(&self) -> Option<AlignedVec> {
+        self.recycles();
         self.end.0.spares.pop()
     }
 
     /// A vector of records the consumer (of the same slot) has taken and
     /// given back, if there is one.
     pub fn take_local_spare(&self) -> Option<Box<dyn std::any::Any + Send>> {
+        self.recycles();
         self.end.0.local_spares.pop()
+    }
+
+    fn recycles(&self) {
+        let flag = &self.end.0.producer_recycles;
+        // Read first: the cache line is not written on every call.
+        if !flag.load(Ordering::Relaxed) {
+            flag.store(true, Ordering::Relaxed);
+        }
     }
 
     /// Ready once the ring has room or the consumer is gone.
@@ -248,20 +264,23 @@ impl ConnectedChannelReceiver {
     }
 
     /// Gives a buffer this end has read back to the producer, to encode a
-    /// later buffer into (dropped if the producer already has enough), so
-    /// that buffers go round instead of being allocated by one core and
-    /// freed by another.
+    /// later buffer into, so that buffers go round instead of being
+    /// allocated by one core and freed by another. Freed here instead if
+    /// the producer takes no spares (a network link's receiving end) or
+    /// already has a ring's worth (as many as can be in flight).
     pub fn recycle(&self, mut buffer: AlignedVec) {
-        buffer.clear();
-        // Full: the producer does not take spares (a network link's
-        // receiving end) or has enough; the buffer is freed here.
-        let _ = self.end.0.spares.push(buffer);
+        if self.end.0.producer_recycles.load(Ordering::Relaxed) {
+            buffer.clear();
+            let _ = self.end.0.spares.push(buffer);
+        }
     }
 
     /// Gives the emptied vector of a [`StreamElement::Local`] back to the
-    /// producer (dropped if it already has enough).
+    /// producer (freed here instead, as [`Self::recycle`]'s buffers).
     pub fn recycle_local(&self, records: Box<dyn std::any::Any + Send>) {
-        let _ = self.end.0.local_spares.push(records);
+        if self.end.0.producer_recycles.load(Ordering::Relaxed) {
+            let _ = self.end.0.local_spares.push(records);
+        }
     }
 
     /// The next element, or `None` at the end of the channel.
@@ -337,14 +356,17 @@ mod tests {
     }
 
     /// A buffer the consumer gives back reaches the producer as a spare,
-    /// the same allocation, emptied; past the ring's size, given-back
-    /// buffers are dropped rather than kept.
+    /// the same allocation, emptied, once the producer looks for spares;
+    /// past the ring's size, given-back buffers are dropped rather than
+    /// kept.
     #[test]
     fn buffers_given_back_come_round_to_the_producer() {
         let (sender, receiver) = channel();
         let (sender, receiver) = futures_lite::future::block_on(async {
             (sender.connect().await, receiver.connect().await)
         });
+        // A producer that never looks for spares gets none kept for it.
+        receiver.recycle(AlignedVec::with_capacity(64));
         assert!(sender.take_spare().is_none());
         let mut bytes = AlignedVec::<16>::with_capacity(4096);
         bytes.extend_from_slice(&[7; 100]);

@@ -1633,6 +1633,46 @@ fn a_side_output_gets_what_its_operator_emits_to_it_and_runs_in_its_tasks() {
     }
 }
 
+/// The operator's parallelism, set on its main stream after the split, is
+/// its side output's too; and disabling the operator's chaining keeps the
+/// side output's consumers out of its task as well as the main output's.
+#[test]
+fn a_side_output_takes_its_operators_parallelism_and_chaining() {
+    let env = StreamExecutionEnvironment::new();
+    env.set_parallelism(2);
+    let (main, side) = env.from_collection(vec![1u64, 2, 3]).rebalance().split(
+        |number: u64, main: &mut dyn Collector<u64>, side: &mut dyn Collector<u64>| {
+            main.collect(number);
+            side.collect(number);
+        },
+    );
+    let main = main.name("split").set_parallelism(3).disable_chaining();
+    main.map(|number: u64| number)
+        .name("after main")
+        .add_sink(CollectSink::new("unused main", |row: &u64, _, _| {
+            row.to_string()
+        }));
+    side.name("side")
+        .map(|number: u64| number)
+        .name("after side")
+        .set_parallelism(3)
+        .add_sink(CollectSink::new("unused side", |row: &u64, _, _| {
+            row.to_string()
+        }));
+    let graph = env.build().unwrap_or_else(|error| panic!("{error}"));
+    let vertex_of = |name: &str| {
+        graph
+            .vertices
+            .iter()
+            .find(|vertex| vertex.name.split(" -> ").any(|part| part == name))
+            .unwrap_or_else(|| panic!("no vertex runs '{name}'"))
+    };
+    assert_eq!(vertex_of("split").id, vertex_of("side").id);
+    assert_eq!(vertex_of("split").parallelism, 3);
+    assert_ne!(vertex_of("after side").id, vertex_of("side").id);
+    assert_ne!(vertex_of("after main").id, vertex_of("split").id);
+}
+
 #[test]
 fn a_side_output_at_another_parallelism_than_its_operator_is_refused() {
     let env = StreamExecutionEnvironment::new();
