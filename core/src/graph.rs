@@ -324,20 +324,29 @@ impl StreamGraph {
         }
     }
 
+    /// Each side output with the operator it is the side output of, as
+    /// (operator, side output).
+    fn side_outputs(&self) -> impl Iterator<Item = (NodeId, NodeId)> + '_ {
+        self.edges
+            .iter()
+            .filter(|edge| {
+                edge.source < self.nodes.len()
+                    && edge.target < self.nodes.len()
+                    && matches!(self.nodes[edge.target].kind, NodeKind::SideOutput)
+            })
+            .map(|edge| (edge.source, edge.target))
+    }
+
     /// Checks the graph and fuses it into a JobGraph.
     pub fn build(mut self) -> Result<JobGraph, GraphError> {
         if let Some(error) = self.errors.first() {
             return Err(error.clone());
         }
         // A side output runs with its operator, at its parallelism.
-        for index in 0..self.edges.len() {
-            let (source, target) = (self.edges[index].source, self.edges[index].target);
-            if source < self.nodes.len()
-                && target < self.nodes.len()
-                && matches!(self.nodes[target].kind, NodeKind::SideOutput)
-                && self.nodes[target].parallelism.is_none()
-            {
-                self.nodes[target].parallelism = self.nodes[source].parallelism;
+        let sides: Vec<(NodeId, NodeId)> = self.side_outputs().collect();
+        for &(operator, side) in &sides {
+            if self.nodes[side].parallelism.is_none() {
+                self.nodes[side].parallelism = self.nodes[operator].parallelism;
             }
         }
         if self.max_parallelism == 0 || self.max_parallelism > MAX_PARALLELISM_UPPER_BOUND {
@@ -433,22 +442,6 @@ impl StreamGraph {
                 _ => {}
             }
         }
-        for edge in &self.edges {
-            let side = &self.nodes[edge.target];
-            if !matches!(side.kind, NodeKind::SideOutput) {
-                continue;
-            }
-            let operator = &self.nodes[edge.source];
-            if self.parallelism_of(edge.source) != self.parallelism_of(edge.target) {
-                return Err(GraphError::Invalid {
-                    operator: side.name.clone(),
-                    reason: format!(
-                        "a side output runs in the tasks of its operator '{}': set its parallelism and slot sharing group on that operator",
-                        operator.name
-                    ),
-                });
-            }
-        }
         if !self
             .nodes
             .iter()
@@ -459,17 +452,18 @@ impl StreamGraph {
         let order = self.topological_order()?;
         let mut graph = self;
         graph.resolve_slot_sharing_groups(&order);
-        // Resolved: a side output without a group has its operator's.
-        for edge in &graph.edges {
-            let (operator, side) = (&graph.nodes[edge.source], &graph.nodes[edge.target]);
-            if matches!(side.kind, NodeKind::SideOutput)
-                && side.slot_sharing_group != operator.slot_sharing_group
+        // Resolved (a side output without a group has its operator's), a
+        // side output must run where its operator does.
+        for &(operator, side) in &sides {
+            let (operator_node, side_node) = (&graph.nodes[operator], &graph.nodes[side]);
+            if graph.parallelism_of(operator) != graph.parallelism_of(side)
+                || side_node.slot_sharing_group != operator_node.slot_sharing_group
             {
                 return Err(GraphError::Invalid {
-                    operator: side.name.clone(),
+                    operator: side_node.name.clone(),
                     reason: format!(
                         "a side output runs in the tasks of its operator '{}': set its parallelism and slot sharing group on that operator",
-                        operator.name
+                        operator_node.name
                     ),
                 });
             }
@@ -618,10 +612,9 @@ impl JobGraph {
         let chainable = |edge: &StreamEdge| -> bool {
             let mut source = &stream.nodes[edge.source];
             // A side output chains as its operator does.
-            if matches!(source.kind, NodeKind::SideOutput) {
-                if let Some(operator) = stream.edges.iter().find(|into| into.target == source.id) {
-                    source = &stream.nodes[operator.source];
-                }
+            if let Some((operator, _)) = stream.side_outputs().find(|&(_, side)| side == source.id)
+            {
+                source = &stream.nodes[operator];
             }
             let target = &stream.nodes[edge.target];
             let pointwise = match stream.resolved_partitioning(edge) {

@@ -439,6 +439,32 @@ pub(crate) struct SplitOutputs {
     pub(crate) side: crate::graph::ErasedOutput,
 }
 
+impl<I, A, B, F> SplitOperator<I, A, B, F>
+where
+    F: Fn(I, &mut dyn Collector<A>, &mut dyn Collector<B>),
+{
+    /// Splits each record of a batch, its results shipped a batch at a
+    /// time to each output.
+    fn split_all(&mut self, records: impl Iterator<Item = StreamRecord<I>>) {
+        let function = &*self.function;
+        let mut main = ShippingCollector {
+            output: &mut *self.main,
+            batch: &mut self.main_collected,
+            timestamp: NO_TIMESTAMP,
+        };
+        let mut side = ShippingCollector {
+            output: &mut *self.side,
+            batch: &mut self.side_collected,
+            timestamp: NO_TIMESTAMP,
+        };
+        for record in records {
+            main.timestamp = record.timestamp;
+            side.timestamp = record.timestamp;
+            function(record.value, &mut main, &mut side);
+        }
+    }
+}
+
 impl<I, A, B, F> Output<I> for SplitOperator<I, A, B, F>
 where
     F: Fn(I, &mut dyn Collector<A>, &mut dyn Collector<B>),
@@ -455,43 +481,13 @@ where
         (self.function)(record, &mut main, &mut side);
     }
     fn push_batch(&mut self, batch: &mut Vec<StreamRecord<I>>) {
-        let function = &*self.function;
-        let mut main = ShippingCollector {
-            output: &mut *self.main,
-            batch: &mut self.main_collected,
-            timestamp: NO_TIMESTAMP,
-        };
-        let mut side = ShippingCollector {
-            output: &mut *self.side,
-            batch: &mut self.side_collected,
-            timestamp: NO_TIMESTAMP,
-        };
-        for record in batch.drain(..) {
-            main.timestamp = record.timestamp;
-            side.timestamp = record.timestamp;
-            function(record.value, &mut main, &mut side);
-        }
+        self.split_all(batch.drain(..));
     }
     fn push_batch_cloned(&mut self, batch: &[StreamRecord<I>], _: &mut Vec<StreamRecord<I>>)
     where
         I: Clone,
     {
-        let function = &*self.function;
-        let mut main = ShippingCollector {
-            output: &mut *self.main,
-            batch: &mut self.main_collected,
-            timestamp: NO_TIMESTAMP,
-        };
-        let mut side = ShippingCollector {
-            output: &mut *self.side,
-            batch: &mut self.side_collected,
-            timestamp: NO_TIMESTAMP,
-        };
-        for record in batch {
-            main.timestamp = record.timestamp;
-            side.timestamp = record.timestamp;
-            function(record.value.clone(), &mut main, &mut side);
-        }
+        self.split_all(batch.iter().cloned());
     }
     fn watermark(&mut self, watermark: Timestamp) {
         self.main.watermark(watermark);
@@ -809,9 +805,6 @@ pub(crate) struct ChannelBuffers<T> {
     /// The size of each channel's last encoded buffer: the capacity of a
     /// new buffer when no spare is at hand, so that it is one allocation.
     encoded_sizes: Vec<usize>,
-    /// Which channels lead to a task of the same slot: their records are
-    /// handed over as they are, not encoded.
-    local: Vec<bool>,
     queue: OutputQueue,
 }
 
@@ -830,9 +823,6 @@ impl<T: Record> RecordWriter<T> {
                     .map(|_| Vec::with_capacity(BATCH_RECORDS_MAX))
                     .collect(),
                 encoded_sizes: vec![0; channel_count],
-                local: (0..channel_count)
-                    .map(|channel| queue.is_local(channel_base + channel))
-                    .collect(),
                 queue,
             },
         }
@@ -875,7 +865,9 @@ impl<T: Record> ChannelBuffers<T> {
             return;
         }
         let channel_index = self.channel_base + channel;
-        if self.local[channel] {
+        // A channel to a task of the same slot gets the records as they
+        // are, not encoded.
+        if self.queue.is_local(channel_index) {
             let spare = self
                 .queue
                 .take_local_spare::<T>(channel_index)

@@ -279,6 +279,16 @@ impl TaskRun<'_> {
         )
     }
 
+    /// An input that could not be read as the head operator's records.
+    fn decode_failed(&self, message: String) -> Stop {
+        let (operator, subtask) = self.operator_at(0);
+        Stop::Failed(TaskError::Decode {
+            operator,
+            subtask,
+            message,
+        })
+    }
+
     /// Runs user code; a panic becomes a failure naming the operator.
     fn guarded<R>(&self, call: impl FnOnce() -> R) -> Result<R, Stop> {
         self.setup.tracker.set(0);
@@ -472,27 +482,13 @@ impl TaskRun<'_> {
                 StreamElement::Records(bytes) => {
                     TaskMetrics::add(&self.metrics.records_in, buffer_record_count(&bytes));
                     let decoded = self.guarded(|| head.on_buffer(input, &bytes))?;
-                    decoded.map_err(|message| {
-                        let (operator, subtask) = self.operator_at(0);
-                        Stop::Failed(TaskError::Decode {
-                            operator,
-                            subtask,
-                            message,
-                        })
-                    })?;
+                    decoded.map_err(|message| self.decode_failed(message))?;
                     inputs[channel].0.recycle(bytes);
                 }
                 StreamElement::Local(mut records) => {
                     TaskMetrics::add(&self.metrics.records_in, records.count() as u64);
                     let taken = self.guarded(|| head.on_local(input, &mut records))?;
-                    taken.map_err(|message| {
-                        let (operator, subtask) = self.operator_at(0);
-                        Stop::Failed(TaskError::Decode {
-                            operator,
-                            subtask,
-                            message,
-                        })
-                    })?;
+                    taken.map_err(|message| self.decode_failed(message))?;
                     inputs[channel].0.recycle_local(records.into_spare());
                 }
                 StreamElement::Watermark(watermark) => {

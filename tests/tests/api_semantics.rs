@@ -1448,23 +1448,29 @@ fn window_join_pairs_records_with_equal_keys_in_the_same_window() {
     }
 }
 
-const SPLIT_WINDOW_JOIN: &str = "split-window-join";
-
 /// The window join's left and right records from one source, in event
-/// time order, split in two and joined again (chained at parallelism 1).
-fn build_split_window_join(env: &StreamExecutionEnvironment, _: &ArgMatches) -> Result<(), String> {
+/// time order, each marked with whether it is a left one.
+fn left_and_right(env: &StreamExecutionEnvironment) -> strom_core::DataStream<(bool, Named)> {
     let mut sides: Vec<(bool, Named)> = (0..LEFT_COUNT)
         .map(|index| (true, left_record(index)))
         .chain((0..RIGHT_COUNT).map(|index| (false, right_record(index))))
         .collect();
     sides.sort_by_key(|(_, record)| record.1);
     let count = sides.len() as u64;
-    let events = env.from_source(
+    env.from_source(
         GeneratorSource::bounded(count, move |index| sides[index as usize].clone()),
         WatermarkStrategy::for_monotonous_timestamps()
             .with_timestamp_assigner(|event: &(bool, Named)| event.1 .1),
         "left and right",
-    );
+    )
+}
+
+const SPLIT_WINDOW_JOIN: &str = "split-window-join";
+
+/// The window join's left and right records from one source, in event
+/// time order, split in two and joined again (chained at parallelism 1).
+fn build_split_window_join(env: &StreamExecutionEnvironment, _: &ArgMatches) -> Result<(), String> {
+    let events = left_and_right(env);
     let side = |left: bool| {
         move |(is_left, record): (bool, Named), out: &mut dyn Collector<Named>| {
             if is_left == left {
@@ -1503,30 +1509,17 @@ fn build_side_output_window_join(
     env: &StreamExecutionEnvironment,
     _: &ArgMatches,
 ) -> Result<(), String> {
-    let mut sides: Vec<(bool, Named)> = (0..LEFT_COUNT)
-        .map(|index| (true, left_record(index)))
-        .chain((0..RIGHT_COUNT).map(|index| (false, right_record(index))))
-        .collect();
-    sides.sort_by_key(|(_, record)| record.1);
-    let count = sides.len() as u64;
-    let (left, right) = env
-        .from_source(
-            GeneratorSource::bounded(count, move |index| sides[index as usize].clone()),
-            WatermarkStrategy::for_monotonous_timestamps()
-                .with_timestamp_assigner(|event: &(bool, Named)| event.1 .1),
-            "left and right",
-        )
-        .split(
-            |(is_left, record): (bool, Named),
-             left: &mut dyn Collector<Named>,
-             right: &mut dyn Collector<Named>| {
-                if is_left {
-                    left.collect(record);
-                } else {
-                    right.collect(record);
-                }
-            },
-        );
+    let (left, right) = left_and_right(env).split(
+        |(is_left, record): (bool, Named),
+         left: &mut dyn Collector<Named>,
+         right: &mut dyn Collector<Named>| {
+            if is_left {
+                left.collect(record);
+            } else {
+                right.collect(record);
+            }
+        },
+    );
     join_left_and_right(
         left.name("left"),
         right.name("right"),
