@@ -34,11 +34,16 @@ use strom_core::record::StreamElement;
 
 /// How many elements (buffers of records or events) a channel holds before
 /// its producer waits. With buffers of up to 1024 records this bounds the
-/// records in flight per channel. At 16, q5 at parallelism 2 kept its
-/// two slots busy 156-167% of two cores (the slots slept 14-19% of the
-/// time, each sleep about 1.4 ms); at 32, 184-191% and a fifth more
-/// events/s; 64 gained nothing more.
-pub const CHANNEL_CAPACITY_BUFFERS: usize = 32;
+/// records in flight per channel, and the buffers that go round between
+/// its two ends (as many again come back as spares). With glommio's
+/// channel, whose consumer learned of a buffer only on a turn of its
+/// executor, q5 at parallelism 2 needed 32 to keep both slots busy. With
+/// this ring, 32 kept over a megabyte of q8's records in flight per
+/// channel, more than a core's L2 holds, and q8 at parallelism 2 took 15%
+/// more cycles than at 8 (167M against 144M, median of 8 runs at
+/// 10,000,000 events); at 4, q5 and q7 took 6-8% more than at 32, each
+/// producer waiting more often; at 8 they took the same.
+pub const CHANNEL_CAPACITY_BUFFERS: usize = 8;
 
 /// In a busy-polling slot, how long a task with nothing to read polls its
 /// rings itself before it waits the executor's way
