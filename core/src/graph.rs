@@ -326,7 +326,7 @@ impl StreamGraph {
 
     /// Each side output with the operator it is the side output of, as
     /// (operator, side output).
-    fn side_outputs(&self) -> impl Iterator<Item = (NodeId, NodeId)> + '_ {
+    pub(crate) fn side_outputs(&self) -> impl Iterator<Item = (NodeId, NodeId)> + '_ {
         self.edges
             .iter()
             .filter(|edge| {

@@ -309,11 +309,9 @@ impl<T: Record> DataStream<T> {
         {
             let mut graph = self.env.graph.borrow_mut();
             let sides: Vec<NodeId> = graph
-                .edges
-                .iter()
-                .filter(|edge| edge.source == self.node)
-                .map(|edge| edge.target)
-                .filter(|target| matches!(graph.nodes[*target].kind, NodeKind::SideOutput))
+                .side_outputs()
+                .filter(|&(operator, _)| operator == self.node)
+                .map(|(_, side)| side)
                 .collect();
             for side in sides {
                 graph.nodes[side].parallelism = Some(parallelism);

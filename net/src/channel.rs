@@ -42,7 +42,8 @@ use strom_core::record::StreamElement;
 /// channel, more than a core's L2 holds, and q8 at parallelism 2 took 15%
 /// more cycles than at 8 (167M against 144M, median of 8 runs at
 /// 10,000,000 events); at 4, q5 and q7 took 6-8% more than at 32, each
-/// producer waiting more often; at 8 they took the same.
+/// producer waiting more often; at 8, q5 took the same and q7 differed by
+/// less than this machine's noise.
 pub const CHANNEL_CAPACITY_BUFFERS: usize = 8;
 
 /// In a busy-polling slot, how long a task with nothing to read polls its
