@@ -1586,7 +1586,7 @@ mod tests {
     use crate::messages::NetworkCounts;
     use std::io::{Read, Write};
     use std::net::TcpStream;
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::Mutex;
     use std::time::Instant;
     use strom_core::Accumulators;
@@ -1926,6 +1926,8 @@ mod tests {
         jobs: Mutex<Vec<JobStatus>>,
         task_managers: Mutex<Vec<TaskManagerStatus>>,
         savepoint_released: AtomicBool,
+        /// Savepoint requests that reached the fake (before they wait).
+        savepoints_started: AtomicUsize,
         savepoints: Mutex<Vec<(JobId, Option<PathBuf>, bool)>>,
         submissions: Mutex<Vec<JobSubmission>>,
         cancellations: Mutex<Vec<JobId>>,
@@ -1937,6 +1939,7 @@ mod tests {
                 jobs: Mutex::new(vec![status()]),
                 task_managers: Mutex::new(vec![task_manager()]),
                 savepoint_released: AtomicBool::new(true),
+                savepoints_started: AtomicUsize::new(0),
                 savepoints: Mutex::new(Vec::new()),
                 submissions: Mutex::new(Vec::new()),
                 cancellations: Mutex::new(Vec::new()),
@@ -1945,6 +1948,18 @@ mod tests {
 
         fn submissions(&self) -> Vec<JobSubmission> {
             self.submissions.lock().unwrap().clone()
+        }
+
+        /// Waits until `count` savepoint requests have reached the fake.
+        fn wait_for_savepoint_requests(&self, count: usize) {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while self.savepoints_started.load(Ordering::Acquire) < count {
+                assert!(
+                    Instant::now() < deadline,
+                    "the request never reached the handler"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
         }
     }
 
@@ -1959,6 +1974,7 @@ mod tests {
             target: Option<PathBuf>,
             stop: bool,
         ) -> Result<PathBuf, String> {
+            self.savepoints_started.fetch_add(1, Ordering::AcqRel);
             let deadline = Instant::now() + Duration::from_secs(10);
             while !self.savepoint_released.load(Ordering::Acquire) && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(5));
@@ -2297,7 +2313,7 @@ mod tests {
                 )
             })
         };
-        std::thread::sleep(Duration::from_millis(50));
+        fake.wait_for_savepoint_requests(1);
         assert_eq!(
             exchange(&server, &request("GET", "/jobs/overview", "")).0,
             200
@@ -2386,7 +2402,8 @@ mod tests {
         stream
             .write_all(&request("POST", &target, r#"{"targetDirectory": "/sp"}"#))
             .unwrap();
-        std::thread::sleep(Duration::from_millis(50));
+        // In flight: the server has read the request and is handling it.
+        fake.wait_for_savepoint_requests(1);
         let releaser = {
             let fake = fake.clone();
             std::thread::spawn(move || {
