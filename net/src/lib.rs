@@ -24,10 +24,12 @@
 //!   reports, shutdown): rkyv messages in checksummed frames with their own
 //!   magic over a blocking TCP stream, after the same kind of HMAC handshake.
 //! - [`error`]: [`NetError`], the crate's one error type.
+//! - [`watchdog`]: signals an executor that sleeps through its own timer
+//!   (a wake-up lost in `io_uring_enter` under heavy load).
 //!
 //! Depends on strom-core (the element type), crossbeam-queue,
 //! crossbeam-utils and atomic-waker (the rings between slots and their wake-ups), glommio
-//! (io_uring sockets), crc32fast (frame checksums), rkyv (aligned record
+//! (io_uring sockets), nix and signal-hook (the watchdog's signal), crc32fast (frame checksums), rkyv (aligned record
 //! buffers) and hmac/sha2/getrandom (the handshake proof). It never
 //! depends on strom-state; strom-scheduler wires the two together.
 #![forbid(unsafe_code)]
@@ -39,5 +41,6 @@ pub mod error;
 pub mod frame;
 pub mod link;
 mod proof;
+pub mod watchdog;
 
 pub use error::NetError;

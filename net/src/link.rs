@@ -867,6 +867,7 @@ mod tests {
         LocalExecutorBuilder::new(Placement::Unbound)
             .io_memory(TEST_IO_MEMORY_BYTES)
             .spawn(move || async move {
+                let _watch = crate::watchdog::watch("link test").unwrap();
                 futures_lite::future::or(test(), async {
                     sleep(TEST_TIMEOUT).await;
                     panic!("test timed out after {TEST_TIMEOUT:?}");

@@ -292,7 +292,16 @@ impl NetworkService {
             let thread = LocalExecutorBuilder::new(Placement::Unbound)
                 .name(&format!("strom-network-{local_id}"))
                 .io_memory(NETWORK_IO_MEMORY_BYTES)
-                .spawn(service)
+                .spawn(move || async move {
+                    // Signalled if it sleeps through its own timers (a
+                    // hosted service is on a slot, which is watched).
+                    let watch = strom_net::watchdog::watch(&format!("network service {local_id}"));
+                    if let Err(error) = &watch {
+                        eprintln!("strom: {error}; the network service runs unwatched");
+                    }
+                    service().await;
+                    drop(watch);
+                })
                 .map_err(|error| format!("cannot start the network service: {error}"))?;
             Ok(ServiceRunner::Thread(thread))
         })
@@ -1054,6 +1063,7 @@ mod tests {
         LocalExecutorBuilder::new(Placement::Unbound)
             .io_memory(TEST_IO_MEMORY_BYTES)
             .spawn(move || async move {
+                let _watch = strom_net::watchdog::watch("network test").unwrap();
                 future::or(body(), async {
                     glommio::timer::sleep(TEST_TIMEOUT).await;
                     panic!("test executor timed out after {TEST_TIMEOUT:?}");
@@ -1489,6 +1499,7 @@ mod tests {
             .remote_input(2, second.local_addr(), input_id)
             .unwrap();
         let (up, wait_up) = mpsc::channel();
+        let local_up = up.clone();
         let (peer_gone, wait_peer_gone) = mpsc::channel::<()>();
         let peer_tasks = on_executor(move || async move {
             let receiver = remote_receiver.connect().await;
@@ -1512,6 +1523,7 @@ mod tests {
                 receiver.recv().await,
                 Some(StreamElement::Watermark(1))
             ));
+            local_up.send(()).unwrap();
             // The input closes without end-of-input.
             assert!(receiver.recv().await.is_none());
             // The output closes once its forwarding task hits the dead link.
@@ -1522,6 +1534,9 @@ mod tests {
             }
             sent_count
         });
+        // Both sides received before the link goes: under load, the
+        // peer's watermark could still be on its way when it stopped.
+        wait_up.recv().unwrap();
         wait_up.recv().unwrap();
         second.stop();
         peer_gone.send(()).unwrap();

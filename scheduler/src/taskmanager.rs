@@ -204,6 +204,14 @@ impl TaskManager {
                     async move {
                         // Dropped, so disconnected, however the slot ends.
                         let _ending = ending;
+                        // Signalled if it sleeps through its own timers.
+                        let _watch = match strom_net::watchdog::watch(&format!("slot {index}")) {
+                            Ok(watch) => watch,
+                            Err(error) => {
+                                let _ = ready.send(Err(error));
+                                return;
+                            }
+                        };
                         slot_main(command_inbox, ready).await
                     }
                 })
@@ -212,7 +220,11 @@ impl TaskManager {
             // wait for the slot to say it runs, so that a job is never
             // deployed into a dead slot (and never waits for it forever).
             match slot_ready.recv_timeout(SLOT_START_TIMEOUT) {
-                Ok(()) => {}
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => {
+                    let _ = thread.join();
+                    return Err(format!("cannot start slot {index} on CPU {cpu}: {error}"));
+                }
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     let cause = match thread.join() {
                         Ok(()) => "its executor stopped".to_string(),
@@ -643,8 +655,8 @@ struct SlotJob {
 /// The life of a slot: run the subtasks deployed into it; cancelling a job
 /// drops its subtasks, which closes their channels so that their peers in
 /// other slots stop too.
-async fn slot_main(commands: CommandReceiver<SlotCommand>, ready: Sender<()>) {
-    let _ = ready.send(());
+async fn slot_main(commands: CommandReceiver<SlotCommand>, ready: Sender<Result<(), String>>) {
+    let _ = ready.send(Ok(()));
     let mut running: HashMap<JobId, SlotJob> = HashMap::new();
     loop {
         match commands.next().await {
