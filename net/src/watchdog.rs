@@ -36,8 +36,11 @@ pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(10);
 /// How often the watchdog thread looks at the beats.
 pub const CHECK_INTERVAL: Duration = Duration::from_millis(20);
 
-/// How old a beat may get before its executor is signalled: ten beats.
-pub const STALL_AFTER: Duration = Duration::from_millis(100);
+/// How old a beat may get before its executor is signalled. A slot's
+/// task may run up to its preemption interval (100 ms) before the executor
+/// gets back to its timers, so a busy slot beats about that often; this is
+/// over twice as long, so that a busy thread is not signalled for nothing.
+pub const STALL_AFTER: Duration = Duration::from_millis(250);
 
 /// A stall this long is reported on stderr when it ends with a signal.
 const REPORT_STALL_AFTER: Duration = Duration::from_secs(1);
