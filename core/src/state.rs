@@ -619,6 +619,7 @@ impl<V> Clone for ReducingState<V> {
 }
 
 impl<V: Record> ValueState<V> {
+    #[inline]
     pub fn value<'c, K: Key>(&self, context: &'c KeyedContext<'_, K>) -> Option<&'c V> {
         let (store, group, key) = context.state_scope();
         store.table::<V>(self.index).get(group, key)
@@ -629,6 +630,7 @@ impl<V: Record> ValueState<V> {
         store.table_mut::<V>(self.index).get_mut(group, key)
     }
 
+    #[inline]
     pub fn update<K: Key>(&self, context: &mut KeyedContext<'_, K>, value: V) {
         let (store, group, key) = context.state_scope_mut();
         store.table_mut::<V>(self.index).insert(group, key, value);
@@ -650,6 +652,7 @@ impl<V: Record> ListState<V> {
             .unwrap_or(&[])
     }
 
+    #[inline]
     pub fn add<K: Key>(&self, context: &mut KeyedContext<'_, K>, value: V) {
         let (store, group, key) = context.state_scope_mut();
         store.table_mut::<ListValues<V>>(self.index).add_or_insert(
@@ -663,6 +666,7 @@ impl<V: Record> ListState<V> {
 
     /// Removes the list of the current key and returns its values, in the
     /// order they were added.
+    #[inline]
     pub fn take<K: Key>(
         &self,
         context: &mut KeyedContext<'_, K>,
