@@ -224,6 +224,7 @@ impl<K: Key, V: Clone + 'static> StateTable<K, V> {
         );
     }
 
+    #[inline]
     pub fn remove(&mut self, group_index: usize, key: &K) -> Option<V> {
         let group = &mut self.groups[group_index];
         if let Some(map) = Rc::get_mut(group) {
