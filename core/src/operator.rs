@@ -1341,9 +1341,35 @@ impl<T> SourceOutput<T> for SourceCollector<T> {
     }
 
     fn collect_batch(&mut self, records: &mut Vec<StreamRecord<T>>) {
-        let Some(latest) = records.iter().map(|record| record.timestamp).max() else {
-            return;
-        };
+        if let Some(latest) = records.iter().map(|record| record.timestamp).max() {
+            self.hand_over(records, latest);
+        }
+    }
+
+    fn collect_ordered_batch(&mut self, records: &mut Vec<StreamRecord<T>>) {
+        debug_assert!(
+            records
+                .windows(2)
+                .all(|pair| pair[0].timestamp <= pair[1].timestamp),
+            "an ordered batch out of event-time order"
+        );
+        // The scan for the latest of an unordered batch was 4% of q7's
+        // instructions (5 a bid).
+        if let Some(latest) = records.last().map(|record| record.timestamp) {
+            self.hand_over(records, latest);
+        }
+    }
+
+    fn skip_to(&mut self, timestamp: Timestamp) {
+        self.max_timestamp = self.max_timestamp.max(timestamp);
+    }
+}
+
+impl<T> SourceCollector<T> {
+    /// Hands `records` (not empty), the latest of them at `latest`, down
+    /// the chain after what was collected before them.
+    #[inline]
+    fn hand_over(&mut self, records: &mut Vec<StreamRecord<T>>, latest: Timestamp) {
         self.max_timestamp = self.max_timestamp.max(latest);
         self.emitted += records.len() as u64;
         if self.batch.is_empty() {
@@ -1356,12 +1382,6 @@ impl<T> SourceOutput<T> for SourceCollector<T> {
         }
     }
 
-    fn skip_to(&mut self, timestamp: Timestamp) {
-        self.max_timestamp = self.max_timestamp.max(timestamp);
-    }
-}
-
-impl<T> SourceCollector<T> {
     /// Hands the records collected so far down the chain.
     fn ship(&mut self) {
         if !self.batch.is_empty() {

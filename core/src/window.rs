@@ -165,6 +165,17 @@ impl WindowAssigner {
 pub trait AggregateFunction<I, A, R>: Clone + Send + Sync + 'static {
     fn create_accumulator(&self) -> A;
     fn add(&self, value: I, accumulator: &mut A);
+    /// Adds a value read in place, which the caller keeps (as Flink's
+    /// `add` is handed a reference): by default [`add`](Self::add) of a
+    /// clone. An aggregate that keeps few of its values (a maximum, the
+    /// top rows) overrides it to clone only those it keeps.
+    #[inline]
+    fn add_ref(&self, value: &I, accumulator: &mut A)
+    where
+        I: Clone,
+    {
+        self.add(value.clone(), accumulator);
+    }
     fn get_result(&self, accumulator: A) -> R;
     /// Merges two accumulators (session windows).
     fn merge(&self, first: A, second: A) -> A;
@@ -370,7 +381,7 @@ where
                 Err(last) => {
                     // Late here: ship it alone, for the global phase to judge.
                     let mut accumulator = self.aggregate.create_accumulator();
-                    self.aggregate.add(record.value.clone(), &mut accumulator);
+                    self.aggregate.add_ref(&record.value, &mut accumulator);
                     let key = key_selector(&record.value);
                     self.next.push(WindowPartial { key, accumulator }, last);
                     continue;
@@ -388,7 +399,7 @@ where
             let mut accumulator = pane
                 .entry(key.clone())
                 .or_insert_with(|| aggregate.create_accumulator());
-            aggregate.add(record.value.clone(), accumulator);
+            aggregate.add_ref(&record.value, accumulator);
             while let Some(next) =
                 records.next_if(|next| start <= next.timestamp && next.timestamp < end)
             {
@@ -399,7 +410,7 @@ where
                         .entry(key.clone())
                         .or_insert_with(|| aggregate.create_accumulator());
                 }
-                aggregate.add(next.value.clone(), accumulator);
+                aggregate.add_ref(&next.value, accumulator);
             }
             self.entries += pane.len() - entries_before;
             if self.entries >= LOCAL_AGGREGATION_MAX_ENTRIES {
