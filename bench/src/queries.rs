@@ -1231,6 +1231,14 @@ impl<T> AggregateFunction<T, u64, u64> for Count {
     fn add(&self, _value: T, accumulator: &mut u64) {
         *accumulator += 1;
     }
+    /// A record counted is not cloned.
+    #[inline]
+    fn add_ref(&self, _value: &T, accumulator: &mut u64)
+    where
+        T: Clone,
+    {
+        *accumulator += 1;
+    }
     fn get_result(&self, accumulator: u64) -> u64 {
         accumulator
     }
@@ -1267,7 +1275,7 @@ impl AggregateFunction<Bid, Highest, Vec<Bid>> for HighestBids {
         }
     }
     /// A bid is cloned only if it is kept: most are below the window's
-    /// highest so far (a clone each was 1% of q7's instructions).
+    /// highest so far (a clone each was 0.8% of q7's instructions).
     #[inline]
     fn add_ref(&self, bid: &Bid, highest: &mut Highest) {
         if bid.price < highest.price {
@@ -1333,6 +1341,17 @@ where
                 top.push(row);
             }
         }
+    }
+    /// A row is cloned only if it is kept.
+    #[inline]
+    fn add_ref(&self, row: &R, top: &mut Vec<R>) {
+        if top
+            .first()
+            .is_some_and(|largest| (self.measure)(row) < (self.measure)(largest))
+        {
+            return;
+        }
+        self.add(row.clone(), top);
     }
     fn get_result(&self, top: Vec<R>) -> Vec<R> {
         top
@@ -1615,6 +1634,73 @@ pub const NEXMARK_PROGRAM: Program = Program {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn bid_at(price: u64, auction: u64) -> Bid {
+        Bid {
+            auction,
+            bidder: auction + 100,
+            price,
+            channel: 0,
+            url_id: 0,
+            date_time: 1_700_000_000_000,
+        }
+    }
+
+    #[test]
+    fn the_highest_bids_are_the_same_added_by_value_by_reference_or_merged() {
+        // Ties, a lower price after a higher one, a price of 0 first.
+        let prices = [0, 0, 5, 3, 5, 9, 2, 9, 9, 1, 0];
+        let bids: Vec<Bid> = (0..)
+            .zip(prices)
+            .map(|(auction, price)| bid_at(price, auction))
+            .collect();
+        let by_value = bids
+            .iter()
+            .fold(HighestBids.create_accumulator(), |mut acc, bid| {
+                HighestBids.add(bid.clone(), &mut acc);
+                acc
+            });
+        let by_reference = bids
+            .iter()
+            .fold(HighestBids.create_accumulator(), |mut acc, bid| {
+                HighestBids.add_ref(bid, &mut acc);
+                acc
+            });
+        assert_eq!(by_reference, by_value);
+        let highest = HighestBids.get_result(by_value);
+        let auctions: Vec<u64> = highest.iter().map(|bid| bid.auction).collect();
+        assert_eq!(auctions, [5, 7, 8], "the three bids at 9, in order");
+        // Split anywhere and merged, the same.
+        for at in 0..=bids.len() {
+            let partial = |part: &[Bid]| {
+                let mut acc = HighestBids.create_accumulator();
+                part.iter()
+                    .for_each(|bid| HighestBids.add_ref(bid, &mut acc));
+                acc
+            };
+            let merged = HighestBids.merge(partial(&bids[..at]), partial(&bids[at..]));
+            assert_eq!(HighestBids.get_result(merged), highest, "split at {at}");
+        }
+        // Only bids at 0: all of them.
+        let mut zeros = HighestBids.create_accumulator();
+        HighestBids.add_ref(&bid_at(0, 1), &mut zeros);
+        HighestBids.add_ref(&bid_at(0, 2), &mut zeros);
+        assert_eq!(HighestBids.get_result(zeros).len(), 2);
+    }
+
+    #[test]
+    fn the_top_rows_are_the_same_added_by_value_or_by_reference() {
+        let top = TopRows::new(|row: &(u64, u64)| row.1);
+        let rows = [(1, 4), (2, 7), (3, 7), (4, 2), (5, 7), (6, 0)];
+        let mut by_value = top.create_accumulator();
+        let mut by_reference = top.create_accumulator();
+        for row in rows {
+            top.add(row, &mut by_value);
+            top.add_ref(&row, &mut by_reference);
+        }
+        assert_eq!(by_reference, by_value);
+        assert_eq!(by_value, [(2, 7), (3, 7), (5, 7)]);
+    }
 
     /// What a reader emitted, and how far it said event time went.
     struct Recorded<T> {

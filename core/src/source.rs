@@ -59,11 +59,13 @@ pub trait SourceOutput<T> {
     }
     /// [`SourceOutput::collect_batch`] for records in event-time order
     /// (each timestamp at least the one before, as a reader of a log
-    /// ordered by time emits them): the last record's timestamp is taken
-    /// as the latest, without reading the others' (Flink's
-    /// `WatermarkStrategy.forMonotonousTimestamps`, for one batch). A batch
-    /// out of order only holds the watermark back, to the last record's
-    /// time, until a later record moves it: it never makes a record late.
+    /// ordered by time emits them, and as Flink's
+    /// `WatermarkStrategy.forMonotonousTimestamps` assumes): the last
+    /// record's timestamp is taken as the latest, without reading the
+    /// others'. A batch out of order is the reader's bug, which a debug
+    /// build asserts; in a release build it only holds the watermark
+    /// back, to the last record's time, until a later record moves it, and
+    /// never makes a record late.
     fn collect_ordered_batch(&mut self, records: &mut Vec<StreamRecord<T>>) {
         self.collect_batch(records);
     }

@@ -365,9 +365,10 @@ where
     /// Adds `records` a run at a time: records one after another with the
     /// same key in the same pane (all of a pane's records when the key is
     /// the window, as q7's) go to one accumulator found once. The records
-    /// are read in place and cloned into the aggregate (a copy, for plain
-    /// records): moving each out of the batch first costs a copy through
-    /// the stack that the next load stalls on.
+    /// are read in place and added by reference
+    /// ([`AggregateFunction::add_ref`]: cloned only if the aggregate keeps
+    /// them): moving each out of the batch first costs a copy through the
+    /// stack that the next load stalls on.
     #[inline]
     fn add_records(&mut self, records: &[StreamRecord<I>]) {
         // The selector out of `self`, once per batch: a plain call through
