@@ -1266,7 +1266,8 @@ impl AggregateFunction<Bid, Highest, Vec<Bid>> for HighestBids {
         Highest::default()
     }
     fn add(&self, bid: Bid, highest: &mut Highest) {
-        if highest.bids.is_empty() || bid.price > highest.price {
+        // With no bids the price is 0, so the first bid is kept either way.
+        if bid.price > highest.price {
             highest.price = bid.price;
             highest.bids.clear();
             highest.bids.push(bid);
